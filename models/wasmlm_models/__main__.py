@@ -1,0 +1,61 @@
+"""python -m wasmlm_models bundle REF --out DIR | baselines BUNDLE... --out FILE (models/README.md).
+
+Imports stay inside the commands: a baseline row's process must hold only what it measures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .files import DEFAULT_TEXT
+
+PRESETS = ("report", "q8b32", "pc8", "wo8")  # quantize.PRESETS, without importing onnx here
+DEFAULT_PRESETS = ["report", "q8b32"]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m wasmlm_models")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bundle", help="export, quantize, check: model reference -> bundle folder")
+    b.add_argument("ref", help="smollm2-135m | distilgpt2-shape | tiny-gpt2 | tiny-llama | "
+                               "a .gguf file | a Hugging Face folder | a hub id")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--text", type=Path, default=DEFAULT_TEXT,
+                   help="text for the INT8 fidelity check (default: tinyshakespeare)")
+    b.add_argument("--presets", nargs="+", choices=PRESETS, default=DEFAULT_PRESETS)
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    t = sub.add_parser("baselines", help="measure the native baseline rows of built bundles")
+    t.add_argument("bundles", nargs="+", type=Path)
+    t.add_argument("--out", type=Path, required=True, help="baselines.json (rows are merged in)")
+    t.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompt source")
+    t.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    t.add_argument("--backends", nargs="+", choices=["pytorch", "bitsandbytes", "onnxruntime"])
+    t.add_argument("--cache-dir", type=Path, default=Path("build/hf"),
+                   help="where the FP32 Hugging Face copies for the PyTorch rows are kept")
+    r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
+    r.add_argument("spec")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.cmd == "row":
+        from . import baseline_runs
+        baseline_runs.main(args.spec)
+        return 0
+    from . import baselines, bundle, sources
+    try:
+        if args.cmd == "bundle":
+            bundle.build(args.ref, args.out, args.text, args.presets, args.force)
+        else:
+            baselines.build(args.bundles, args.out, args.text, args.threads,
+                            args.cache_dir.resolve(), args.backends)
+    except (sources.SourceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The native baseline table: the report's rows, re-measured on our bundles, one process per row.
+
+baselines.json = {schema, machine, protocol, models: {id: prompt}, rows: [row...]}; a row is keyed
+by (model, backend, precision, preset, cache, threads), so the Rust bench can append or replace
+its own rows ("tract native") in the same file. baselines.md renders it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import baseline_runs, files, machine, sources
+
+SCHEMA = 1
+PROMPT_TOKENS = 32
+KEY = ("model", "backend", "precision", "preset", "cache", "threads")
+
+
+def log(msg: str) -> None:
+    print(f"[baselines {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prompt_ids(bundle: Path, text: Path) -> list[int]:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    ids = tok.encode(text.read_text(encoding="utf-8")[:2000], add_special_tokens=False).ids
+    return ids[:PROMPT_TOKENS]
+
+
+def hf_folder(manifest: dict, cache_dir: Path) -> Path:
+    """The bundle's model as an FP32 Hugging Face folder, saved once, for the PyTorch rows."""
+    out = cache_dir / manifest["id"]
+    if (out / "config.json").exists():
+        return out
+    src = sources.load(manifest["id"])
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    src.model.save_pretrained(str(staging))
+    src.tokenizer.save_pretrained(str(staging))
+    staging.rename(out)
+    return out
+
+
+def specs(bundle: Path, manifest: dict, hf: Path, prompt: list[int], threads: list[int]) -> list:
+    base = {"model": manifest["id"], "real_weights": manifest["real_weights"], "prompt_ids": prompt,
+            "shape": manifest["architecture"], "hf_folder": str(hf)}
+    out = []
+    for t in threads:
+        for backend, precision in (("pytorch", "fp32"), ("pytorch", "int8"), ("bitsandbytes", "int8")):
+            out.append({**base, "backend": backend, "precision": precision, "cache": "with_past",
+                        "preset": {"fp32": None, "int8": "torch dynamic qint8"}[precision]
+                        if backend == "pytorch" else "LLM.int8 (load_in_8bit)", "threads": t})
+        for f in manifest["files"]:
+            if f["kind"] == "onnx":
+                out.append({**base, "backend": "onnxruntime", "precision": f["precision"],
+                            "preset": f["preset"], "cache": f["cache"], "threads": t,
+                            "file": str(bundle / f["name"]), "file_bytes": f["bytes"]})
+    return out
+
+
+def measure(spec: dict) -> dict:
+    """Run one row in a fresh process; a failure becomes a row that says why, not a number."""
+    proc = subprocess.run([sys.executable, "-m", "wasmlm_models", "row", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    row = {k: spec.get(k) for k in (*KEY, "real_weights", "file_bytes")}
+    row["file"] = Path(spec["file"]).name if "file" in spec else None
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        return {**row, "error": err[-1] if err else f"exit code {proc.returncode}"}
+    return {**row, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def versions() -> dict:
+    import bitsandbytes, onnxruntime, torch, transformers  # noqa: E401
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "bitsandbytes": bitsandbytes.__version__}
+
+
+def merge(path: Path, new_rows: list[dict], header: dict) -> dict:
+    """Replace rows with the same key, keep the others (e.g. the Rust bench's)."""
+    table = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    keys = {tuple(r.get(k) for k in KEY) for r in new_rows}
+    kept = [r for r in table.get("rows", []) if tuple(r.get(k) for k in KEY) not in keys]
+    models = {**table.get("models", {}), **header.pop("models")}
+    return {"schema": SCHEMA, **header, "models": models, "rows": kept + new_rows}
+
+
+def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_dir: Path,
+          backends: list[str] | None = None) -> dict:
+    rows, models = [], {}
+    for bundle in map(Path.resolve, bundles):
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        prompt = prompt_ids(bundle, text)
+        models[manifest["id"]] = {"prompt_ids": prompt, "prompt_source": f"first tokens of {text.name}",
+                                  "real_weights": manifest["real_weights"]}
+        hf = hf_folder(manifest, cache_dir)
+        for spec in specs(bundle, manifest, hf, prompt, threads):
+            if backends and spec["backend"] not in backends:
+                continue
+            log(f"{spec['model']}: {spec['backend']} {spec['precision']} {spec.get('preset') or ''} "
+                f"{spec['cache']} x{spec['threads']} thread(s)")
+            rows.append(measure(spec))
+            log(f"  -> {summary_of(rows[-1])}")
+    header = {"machine": machine.cpu(), "versions": versions(), "models": models,
+              "protocol": {"batch": 1, "prompt_tokens": PROMPT_TOKENS,
+                           "new_tokens": baseline_runs.NEW_TOKENS, "eos": "ignored",
+                           "warmup_runs": 1, "runs": baseline_runs.RUNS,
+                           "statistics": "median and p90 over runs; a run's decode ms/token is "
+                                         "the mean of its 63 decode steps",
+                           "no_past": "latency of one inference over the prompt",
+                           "peak_rss": "whole process, Python and libraries included"}}
+    table = merge(out, rows, header)
+    files.write_json(out, table)
+    files.write_text(out.with_suffix(".md"), render(table))
+    return table
+
+
+def summary_of(row: dict) -> str:
+    if "error" in row:
+        return f"error: {row['error']}"
+    if "latency_ms" in row:
+        return f"{row['latency_ms']['median']} ms per {row['prompt_tokens']}-token inference"
+    return (f"decode {row['decode_ms_per_token']['median']} ms/token, "
+            f"prefill {row['prefill_ms']['median']} ms")
+
+
+def render(table: dict) -> str:
+    m = table["machine"]
+    lines = [f"# Native baselines\n",
+             f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {' '.join(m['simd'])}. "
+             f"Protocol: {json.dumps(table['protocol'])}\n",
+             "| model | backend | precision | preset | cache | threads | decode ms/token (median / p90) "
+             "| prefill or no-cache ms (median / p90) | file MiB | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        real = table.get("models", {}).get(r["model"], {}).get("real_weights", r.get("real_weights"))
+        label = r["model"] + (" (random weights)" if real is False else "")
+        head = f"| {label} | {r['backend']} | {r['precision']} | {r.get('preset') or ''} | " \
+               f"{r['cache']} | {r['threads']} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error']} | | | |")
+            continue
+        dec = r.get("decode_ms_per_token")
+        pre = r.get("prefill_ms") or r.get("latency_ms")
+        size = files.mib(r["file_bytes"]) if r.get("file_bytes") else ""
+        decode = f"{dec['median']} / {dec['p90']}" if dec else "-"
+        first = f"{pre['median']} / {pre['p90']}" if pre else "-"
+        lines.append(f"{head} {decode} | {first} | {size} | "
+                     f"{r.get('peak_rss_mib', '')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+"""Artifacts on disk: atomic writes (temporary name, then rename) and sha256.
+
+An interrupted run must leave no file that looks finished, so every output is written under
+a temporary name in the same folder and renamed into place only once complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# ../shared/data beside the repository (the brief's text for accuracy checks).
+DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_of_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary path next to `final`; rename it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def file_entry(path: Path) -> dict:
+    """What the manifest says of one file: its name, bytes and sha256."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def mib(n_bytes: int) -> float:
+    return round(n_bytes / (1 << 20), 1)

@@ -1,0 +1,46 @@
+"""The baseline table on a tiny model: every backend's row measured in its own process."""
+from __future__ import annotations
+
+import json
+
+from wasmlm_models import baselines
+
+
+def test_rows_for_every_backend_with_measured_numbers(tiny_bundles, tmp_path):
+    out = tmp_path / "baselines.json"
+    foreign = {"model": "tiny-llama", "backend": "tract native", "precision": "int8",
+               "preset": "q8b32", "cache": "with_past", "threads": 1,
+               "decode_ms_per_token": {"median": 1.0, "p90": 1.0, "runs": 5}}
+    out.write_text(json.dumps({"rows": [foreign]}))          # a row the Rust bench appended
+    table = baselines.build([tiny_bundles["tiny-llama"]], out, baselines.files.DEFAULT_TEXT,
+                            threads=[1], cache_dir=tmp_path / "hf")
+    rows = table["rows"]
+    assert foreign in rows                                    # kept: another backend's row
+    ours = [r for r in rows if r is not foreign and r["backend"] != "tract native"]
+    kinds = {(r["backend"], r["precision"], r.get("preset"), r["cache"]) for r in ours}
+    assert kinds == {
+        ("pytorch", "fp32", None, "with_past"),
+        ("pytorch", "int8", "torch dynamic qint8", "with_past"),
+        ("bitsandbytes", "int8", "LLM.int8 (load_in_8bit)", "with_past"),
+        *{("onnxruntime", p, s, c) for p, s in (("fp32", None), ("int8", "report"), ("int8", "q8b32"))
+          for c in ("no_past", "with_past")}}
+    for r in ours:
+        assert "error" not in r, r
+        stat = r.get("decode_ms_per_token") or r["latency_ms"]
+        assert 0 < stat["median"] <= stat["p90"] and stat["runs"] >= 5
+        assert r["peak_rss_mib"] > 10 and r["threads"] == 1
+    assert table["models"]["tiny-llama"]["prompt_ids"].__len__() == 32
+    assert table["machine"]["cores"] >= 1 and table["machine"]["cpu"]
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| tiny-llama (random weights) |") == len(ours) + 1
+
+
+def test_dynamic_int8_rewrites_gpt2_conv1d(tiny_bundles):
+    """FINDINGS 12: torch's quantize_dynamic skips GPT-2's Conv1D unless rewritten as Linear."""
+    import torch
+    from wasmlm_models import baseline_runs, sources
+    model = baseline_runs.dynamic_int8(sources.load("tiny-gpt2").model)
+    dynamic = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(dynamic) == 2 * 4 + 1      # 4 per layer (c_attn, c_proj, c_fc, mlp c_proj) + LM head
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -1,0 +1,58 @@
+// Tables built with DOM calls; cell contents are always set with textContent.
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+function table(headers, rows) {
+  const t = el("table");
+  const head = t.createTHead().insertRow();
+  for (const h of headers) head.appendChild(el("th", h));
+  const body = t.createTBody();
+  for (const cells of rows) {
+    const tr = body.insertRow();
+    for (const c of cells) tr.appendChild(el("td", c, typeof c === "number" ? "num" : undefined));
+  }
+  return t;
+}
+
+const mib = (bytes) => Math.round(bytes / 1048576 * 10) / 10;
+const stat = (s) => (s ? `${s.median} / ${s.p90}` : "-");
+
+export function renderBundles(container, manifests) {
+  const rows = [];
+  for (const m of manifests) {
+    if (m.error) {
+      rows.push([m.id, "not built", m.error, "", "", ""]);
+      continue;
+    }
+    for (const f of m.files.filter((f) => f.kind === "onnx")) {
+      const fid = f.preset ? m.fidelity.by_preset[f.preset] : null;
+      rows.push([
+        m.id + (m.real_weights ? "" : " (random weights)"),
+        `${f.precision}${f.preset ? " " + f.preset : ""}, ${f.cache}`,
+        f.name, mib(f.bytes),
+        fid ? fid.top1_agreement : "", fid ? fid.ppl_ratio : "",
+      ]);
+    }
+  }
+  container.replaceChildren(table(
+    ["model", "file is", "file", "MiB", "top-1 agreement with FP32", "perplexity ratio"], rows));
+}
+
+export function renderBaselines(container, machineEl, data) {
+  const m = data.machine;
+  machineEl.textContent = `Measured on ${m.cpu}, ${m.cores} cores (${m.simd.join(" ")}); ` +
+    `batch 1, ${data.protocol.prompt_tokens}-token prompt, ${data.protocol.new_tokens} new tokens.`;
+  const rows = data.rows.map((r) => [
+    r.model, r.backend, r.precision, r.preset || "", r.cache, r.threads,
+    r.error ? `failed: ${r.error}` : stat(r.decode_ms_per_token),
+    stat(r.prefill_ms || r.latency_ms), r.peak_rss_mib ?? "",
+  ]);
+  container.replaceChildren(table(
+    ["model", "backend", "precision", "preset", "cache", "threads",
+     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB"], rows));
+}
