@@ -3,10 +3,12 @@
 #   all (default)  setup, model bundles, native baselines, dist/, then serve dist/ on localhost
 #   setup          Python venv in models/.venv with the pinned packages (models/requirements.lock)
 #   models [REF…]  bundles into build/models/<ref> (default: smollm2-135m distilgpt2-shape)
-#   baselines      build/baselines.json + .md from the built bundles (one process per row)
+#   engine         the Rust engine and its native CLI (target/release/wasmlm)
+#   baselines      build/baselines.json + .md from the built bundles (one process per row;
+#                  PyTorch, bitsandbytes, ONNX Runtime, then tract native through the engine)
 #   dist           assemble dist/: www/ + bundles + baselines
 #   serve          serve dist/ on http://127.0.0.1:$PORT (default 8080)
-#   test           setup, then the test suite (pytest on tests/models)
+#   test           setup, then the tests: pytest (tests/models), then cargo nextest (tests/*.rs)
 # Work whose inputs did not change is skipped; outputs appear only once complete.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,11 +46,14 @@ models() {
 }
 
 baselines() {
-  local dirs=()
-  for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); done
-  say "native baselines (each row in its own process; several minutes)"
+  local dirs=() flags=()
+  for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); flags+=(--bundle "build/models/$ref"); done
+  say "native baselines: PyTorch, bitsandbytes, ONNX Runtime (each row in its own process; minutes)"
   (cd models && ../"$PY" -m wasmlm_models baselines "${dirs[@]}" --out ../build/baselines.json \
       --cache-dir ../build/hf)
+  say "native baselines: tract native (this engine), same protocol, same machine, same run"
+  ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text ../shared/data/tinyshakespeare.txt
+  (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json)
 }
 
 dist() {
@@ -69,20 +74,38 @@ serve() {
   exec python3 -m http.server "$PORT" --bind 127.0.0.1 --directory dist
 }
 
+rust_setup() {
+  command -v cargo >/dev/null || { echo "error: cargo (Rust 1.91+, via rustup) is needed" >&2; exit 1; }
+}
+
+engine() {
+  rust_setup
+  say "engine: cargo build --release (native CLI: target/release/wasmlm)"
+  cargo build --release --locked
+}
+
 run_tests() {
-  say "tests: model pipeline (tiny random GPT-2 and Llama; the default model, marked slow)"
-  "$PY" -m pytest tests/models -v -p no:cacheprovider "$@"
+  say "tests 1/2: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
+  "$PY" -m pytest tests/models -v -p no:cacheprovider
+  rust_setup
+  say "tests 2/2: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --release --locked --no-fail-fast
+  else
+    cargo test --release --locked --no-fail-fast
+  fi
 }
 
 cmd=${1:-all}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
-  all) setup; models; baselines; dist; serve ;;
+  all) setup; models; engine; baselines; dist; serve ;;
   setup) setup ;;
   models) setup; models "$@" ;;
-  baselines) setup; baselines ;;
+  engine) engine ;;
+  baselines) setup; engine; baselines ;;
   dist) dist ;;
   serve) serve ;;
   test) setup; run_tests "$@" ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|baselines|dist|serve|test]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|baselines|dist|serve|test]" >&2; exit 2 ;;
 esac

@@ -33,6 +33,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--backends", nargs="+", choices=["pytorch", "bitsandbytes", "onnxruntime"])
     t.add_argument("--cache-dir", type=Path, default=Path("build/hf"),
                    help="where the FP32 Hugging Face copies for the PyTorch rows are kept")
+    f = sub.add_parser("reference", help="ONNX Runtime reference logits and greedy tokens (JSON)")
+    f.add_argument("bundle", type=Path)
+    f.add_argument("--file", required=True)
+    f.add_argument("--prompt", type=int, nargs="+", required=True, help="token ids")
+    f.add_argument("--decode", type=int, default=3, help="decode steps whose logits are given")
+    f.add_argument("--greedy", type=int, default=32)
+    k = sub.add_parser("tokenize", help="token ids of a text by the Python tokenizers (JSON)")
+    k.add_argument("bundle", type=Path)
+    k.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    k.add_argument("--chars", type=int, default=200_000)
+    m = sub.add_parser("render", help="rewrite baselines.md from baselines.json")
+    m.add_argument("table", type=Path)
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
     r.add_argument("spec")
     return ap
@@ -43,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "row":
         from . import baseline_runs
         baseline_runs.main(args.spec)
+        return 0
+    if args.cmd in ("reference", "tokenize"):
+        import json
+        from . import reference
+        out = (reference.reference(args.bundle, args.file, args.prompt, args.decode, args.greedy)
+               if args.cmd == "reference" else reference.tokenize(args.bundle, args.text, args.chars))
+        print(json.dumps(out))
+        return 0
+    if args.cmd == "render":
+        import json
+        from . import baselines, files
+        files.write_text(args.table.with_suffix(".md"),
+                         baselines.render(json.loads(args.table.read_text())))
         return 0
     from . import baselines, bundle, sources
     try:

@@ -88,8 +88,13 @@ class NoPast(torch.nn.Module):
 
     def forward(self, input_ids):
         seq = input_ids.shape[1]
-        zero = torch.zeros((), dtype=torch.long)
-        mask, positions = causal_mask(seq, zero, torch.float32)
+        # Lower-triangular (Trilu), not the two-Range comparison of causal_mask: with no past
+        # both Ranges are the same node, and tract 0.23.9 then mis-evaluates the comparison
+        # ("Can not broadcast 7 against 2" at run time).
+        allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+        mask = torch.where(allowed, torch.zeros((), dtype=torch.float32),
+                           torch.full((), torch.finfo(torch.float32).min))[None, None]
+        positions = torch.arange(seq)
         out = self.model(input_ids=input_ids, attention_mask=mask,
                          position_ids=positions[None].expand(input_ids.shape[0], -1),
                          cache_position=positions, use_cache=False)

@@ -1,0 +1,99 @@
+//! The native bench: the baseline protocol of models/wasmlm_models/baseline_runs.py, run by this
+//! engine, producing rows in baselines.json's format (backend "tract native").
+//!
+//! Batch 1, the same 32 prompt tokens, exactly 64 new tokens with EOS ignored (greedy), one
+//! warm-up run then `runs` measured runs; a run's decode ms/token is its 63 decode steps' mean;
+//! median and p90 over runs. Without a cache: the latency of one inference over the prompt.
+
+use serde_json::{json, Value};
+
+use crate::clock::now_ms;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::generate::percentile;
+use crate::sampler::argmax;
+
+pub const NEW_TOKENS: usize = 64;
+pub const PROMPT_TOKENS: usize = 32;
+pub const KEY: [&str; 6] = ["model", "backend", "precision", "preset", "cache", "threads"];
+
+pub fn summary(values: &[f64]) -> Value {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({"median": r(percentile(&v, 50.0)), "p90": r(percentile(&v, 90.0)), "runs": v.len()})
+}
+
+/// The bench prompt: the first 32 tokens of the text's first 2,000 characters.
+pub fn prompt_ids(engine: &Engine, text: &str) -> Result<Vec<u32>> {
+    let head: String = text.chars().take(2000).collect();
+    let mut ids = engine.text.encode(&head)?;
+    ids.truncate(PROMPT_TOKENS);
+    Ok(ids)
+}
+
+/// (prefill ms, decode step ms...) of one greedy run.
+fn one_run(engine: &Engine, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
+    let mut session = engine.session()?;
+    let t = now_ms();
+    let mut logits = session.prefill(prompt)?;
+    let prefill = now_ms() - t;
+    let mut steps = Vec::with_capacity(NEW_TOKENS - 1);
+    for _ in 0..NEW_TOKENS - 1 {
+        let next = argmax(&logits);
+        let t = now_ms();
+        logits = session.step(next)?;
+        steps.push(now_ms() - t);
+    }
+    Ok((prefill, steps))
+}
+
+/// One bench row for the loaded engine.
+pub fn row(engine: &Engine, prompt: &[u32], runs: usize, threads: usize) -> Result<Value> {
+    let info = &engine.info;
+    let mut row = json!({
+        "model": info.model, "backend": "tract native", "precision": info.precision,
+        "preset": info.preset, "cache": info.cache, "threads": threads,
+        "real_weights": info.real_weights, "file": info.file, "file_bytes": info.file_bytes,
+        "load_ms": (info.load_ms * 10.0).round() / 10.0, "prompt_tokens": prompt.len(),
+        "engine": format!("wasmlm {} (tract 0.23.9)", env!("CARGO_PKG_VERSION")),
+    });
+    if engine.graph.conv.has_cache() {
+        one_run(engine, prompt)?; // warm-up
+        let results: Vec<(f64, Vec<f64>)> = (0..runs).map(|_| one_run(engine, prompt)).collect::<Result<_>>()?;
+        let prefill: Vec<f64> = results.iter().map(|r| r.0).collect();
+        let decode: Vec<f64> = results.iter().map(|r| r.1.iter().sum::<f64>() / r.1.len() as f64).collect();
+        row["prefill_ms"] = summary(&prefill);
+        row["decode_ms_per_token"] = summary(&decode);
+        row["new_tokens"] = json!(NEW_TOKENS);
+    } else {
+        let mut latency = vec![];
+        for i in 0..=runs.max(10) {
+            let mut session = engine.session()?;
+            let t = now_ms();
+            session.prefill(prompt)?;
+            if i > 0 {
+                latency.push(now_ms() - t); // the first one is the warm-up
+            }
+        }
+        row["latency_ms"] = summary(&latency);
+    }
+    Ok(row)
+}
+
+/// Rows of `table` (baselines.json) with `new` added, replacing rows with the same key.
+pub fn merge(mut table: Value, new: Vec<Value>) -> Value {
+    let key = |r: &Value| KEY.iter().map(|k| r.get(*k).cloned().unwrap_or(Value::Null)).collect::<Vec<_>>();
+    let new_keys: Vec<_> = new.iter().map(key).collect();
+    let mut rows: Vec<Value> = table
+        .get("rows")
+        .and_then(|r| r.as_array())
+        .map(|rows| rows.iter().filter(|r| !new_keys.contains(&key(r))).cloned().collect())
+        .unwrap_or_default();
+    rows.extend(new);
+    if !table.is_object() {
+        table = json!({});
+    }
+    table["rows"] = Value::Array(rows);
+    table
+}

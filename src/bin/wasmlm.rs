@@ -1,0 +1,165 @@
+//! wasmlm's native CLI: a thin shell over the library.
+//!
+//!   wasmlm generate --bundle DIR [--file NAME] [--chat] [--max-new-tokens N] [--temperature T]
+//!                   [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop STR]… PROMPT
+//!   wasmlm bench --bundle DIR… --out baselines.json [--runs N] [--text FILE]
+//!   wasmlm bench-row --bundle DIR --file NAME --runs N --text FILE   (one row; bench runs it)
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use wasmlm::{bench, Engine, GenerateOptions, Generation, Prepare, RunStats};
+
+type Res<T> = std::result::Result<T, String>;
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&mut self, name: &str) -> bool {
+        let found = self.0.iter().position(|a| a == name);
+        found.map(|i| self.0.remove(i)).is_some()
+    }
+    fn values(&mut self, name: &str) -> Res<Vec<String>> {
+        let mut out = vec![];
+        while let Some(i) = self.0.iter().position(|a| a == name) {
+            if i + 1 >= self.0.len() {
+                return Err(format!("{name} needs a value"));
+            }
+            out.push(self.0.remove(i + 1));
+            self.0.remove(i);
+        }
+        Ok(out)
+    }
+    fn value(&mut self, name: &str) -> Res<Option<String>> {
+        Ok(self.values(name)?.pop())
+    }
+    fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Res<Option<T>> {
+        match self.value(name)? {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| format!("{name}: cannot read {v:?}")),
+        }
+    }
+    fn required(&mut self, name: &str) -> Res<String> {
+        self.value(name)?.ok_or_else(|| format!("{name} is required"))
+    }
+}
+
+fn generate(mut a: Args) -> Res<()> {
+    let bundle = PathBuf::from(a.required("--bundle")?);
+    let file = a.value("--file")?;
+    // --no-fold: tract's own preparation only (to compare against the folded fast path).
+    let prep = Prepare { fold_constants: !a.flag("--no-fold"), ..Prepare::default() };
+    let mut opts = GenerateOptions { chat: a.flag("--chat"), stop: a.values("--stop")?, ..Default::default() };
+    opts.max_new_tokens = a.parsed("--max-new-tokens")?.unwrap_or(opts.max_new_tokens);
+    let s = &mut opts.sampling;
+    s.temperature = a.parsed("--temperature")?.unwrap_or(s.temperature);
+    s.top_k = a.parsed("--top-k")?.unwrap_or(s.top_k);
+    s.top_p = a.parsed("--top-p")?.unwrap_or(s.top_p);
+    s.repetition_penalty = a.parsed("--repetition-penalty")?.unwrap_or(s.repetition_penalty);
+    s.seed = a.parsed("--seed")?.unwrap_or(s.seed);
+    let prompt = match a.0.as_slice() {
+        [p] => p.clone(),
+        _ => return Err(format!("expected one PROMPT, got {:?}", a.0)),
+    };
+    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+    eprintln!("[{} {} loaded in {:.0} ms]", engine.info.model, engine.info.file, engine.info.load_ms);
+    let mut session = engine.session().map_err(|e| e.to_string())?;
+    let mut gen = Generation::new(&engine, &prompt, opts).map_err(|e| e.to_string())?;
+    let mut events = vec![];
+    let mut out = std::io::stdout();
+    while let Some(ev) = gen.next(&engine, &mut session).map_err(|e| e.to_string())? {
+        print!("{}", ev.text);
+        out.flush().ok();
+        events.push(ev);
+    }
+    let st = RunStats::from_events(gen.prompt_tokens(), &events);
+    println!();
+    eprintln!(
+        "[{} prompt tokens, {} new ({:?}); TTFT {:.1} ms; decode {:.2} ms/token median, {:.2} p90; {:.1} tokens/s]",
+        st.prompt_tokens, st.new_tokens, gen.stopped.unwrap(), st.ttft_ms, st.decode_ms_median,
+        st.decode_ms_p90, st.tokens_per_s
+    );
+    Ok(())
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+fn bench_row(mut a: Args) -> Res<()> {
+    let bundle = PathBuf::from(a.required("--bundle")?);
+    let file = a.required("--file")?;
+    let runs: usize = a.parsed("--runs")?.unwrap_or(5);
+    let text = std::fs::read_to_string(a.required("--text")?).map_err(|e| e.to_string())?;
+    let engine = Engine::from_dir(&bundle, Some(&file), Prepare::default()).map_err(|e| e.to_string())?;
+    let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
+    let mut row = bench::row(&engine, &prompt, runs, 1).map_err(|e| e.to_string())?;
+    row["peak_rss_mib"] = serde_json::json!(peak_rss_mib());
+    println!("{row}");
+    Ok(())
+}
+
+fn onnx_files(bundle: &Path) -> Res<Vec<String>> {
+    let text = std::fs::read_to_string(bundle.join("manifest.json")).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let m = wasmlm::Manifest::from_json(&text).map_err(|e| e.to_string())?;
+    Ok(m.files.iter().filter(|f| f.kind == "onnx").map(|f| f.name.clone()).collect())
+}
+
+fn bench_all(mut a: Args) -> Res<()> {
+    let out = PathBuf::from(a.required("--out")?);
+    let runs = a.value("--runs")?.unwrap_or_else(|| "5".into());
+    let text = a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into());
+    let bundles = a.values("--bundle")?;
+    let mut rows = vec![];
+    for bundle in &bundles {
+        for file in onnx_files(Path::new(bundle))? {
+            eprintln!("[bench] {bundle} {file}");
+            // Each row in its own process, so its peak RSS is its own.
+            let o = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+                .args(["bench-row", "--bundle", bundle, "--file", &file, "--runs", &runs, "--text", &text])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let row: serde_json::Value = if o.status.success() {
+                serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?
+            } else {
+                let err = String::from_utf8_lossy(&o.stderr).trim().lines().last().unwrap_or("failed").to_string();
+                serde_json::json!({"backend": "tract native", "file": file, "error": err})
+            };
+            eprintln!("[bench]   -> {}", row.get("decode_ms_per_token").or(row.get("latency_ms")).or(row.get("error")).unwrap_or(&row));
+            rows.push(row);
+        }
+    }
+    let table = std::fs::read_to_string(&out).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let merged = bench::merge(table, rows);
+    let tmp = out.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&merged).unwrap()).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        eprintln!("usage: wasmlm generate|bench|bench-row … (see src/bin/wasmlm.rs)");
+        return ExitCode::from(2);
+    }
+    let cmd = args.remove(0);
+    let a = Args(args);
+    let result = match cmd.as_str() {
+        "generate" => generate(a),
+        "bench" => bench_all(a),
+        "bench-row" => bench_row(a),
+        other => Err(format!("unknown command {other:?}: generate, bench")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

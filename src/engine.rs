@@ -1,0 +1,86 @@
+//! Engine = a prepared graph + its tokenizer + what the manifest says of the model.
+//! Sessions (KV caches) are made from it; it is shared, they are not.
+
+use std::sync::Arc;
+
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use crate::graph::{self, Graph, Prepare};
+use crate::manifest::Manifest;
+use crate::session::Session;
+use crate::text::Text;
+
+/// What was loaded, for display and for bench rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedInfo {
+    pub model: String,
+    pub real_weights: bool,
+    pub file: String,
+    pub file_bytes: u64,
+    pub precision: Option<String>,
+    pub preset: Option<String>,
+    pub cache: Option<String>,
+    pub load_ms: f64,
+    pub nodes: usize,
+}
+
+pub struct Engine {
+    pub graph: Arc<Graph>,
+    pub text: Text,
+    pub eos_ids: Vec<u32>,
+    pub context: usize,
+    pub info: LoadedInfo,
+}
+
+impl Engine {
+    /// From bytes (what a browser has): each file is checked against the manifest first.
+    pub fn from_bytes(
+        manifest: &Manifest,
+        onnx_name: &str,
+        onnx: &[u8],
+        tokenizer_json: &[u8],
+        prep: Prepare,
+    ) -> Result<Engine> {
+        let t0 = now_ms();
+        manifest.verify(onnx_name, onnx)?;
+        manifest.verify("tokenizer.json", tokenizer_json)?;
+        let entry = manifest.file(onnx_name)?;
+        if entry.kind != "onnx" {
+            return Err(Error::Manifest(format!("{onnx_name} is a {} file, not an ONNX graph", entry.kind)));
+        }
+        let arch = &manifest.architecture;
+        let graph = graph::load(onnx, Some((arch.kv_heads, arch.head_dim)), prep)?;
+        let text = Text::from_bytes(tokenizer_json, manifest.tokens.chat_template.clone())?;
+        let info = LoadedInfo {
+            model: manifest.id.clone(),
+            real_weights: manifest.real_weights,
+            file: onnx_name.into(),
+            file_bytes: entry.bytes,
+            precision: entry.precision.clone(),
+            preset: entry.preset.clone(),
+            cache: entry.cache.clone(),
+            load_ms: now_ms() - t0,
+            nodes: graph.nodes,
+        };
+        Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
+    }
+
+    /// From a bundle folder (native): reads manifest.json, the chosen ONNX file, tokenizer.json.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_dir(dir: &std::path::Path, file: Option<&str>, prep: Prepare) -> Result<Engine> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingFile(path.display().to_string()),
+                _ => Error::Io(e),
+            })
+        };
+        let manifest = Manifest::from_json(&String::from_utf8_lossy(&read("manifest.json")?))?;
+        let name = file.unwrap_or(&manifest.default.file).to_string();
+        Engine::from_bytes(&manifest, &name, &read(&name)?, &read("tokenizer.json")?, prep)
+    }
+
+    pub fn session(&self) -> Result<Session> {
+        Session::new(self.graph.clone(), self.context)
+    }
+}

@@ -1,0 +1,179 @@
+//! The generation loop, pulled one token at a time (so a caller can stop between tokens):
+//! prefill the prompt, then decode_one until EOS, a stop string, max_new_tokens or a full context.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_ms;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::sampler::{Sampler, SamplingOptions};
+use crate::session::Session;
+use crate::text::{DecodeStream, Message};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    #[serde(flatten)]
+    pub sampling: SamplingOptions,
+    /// Generation stops when the text contains one of these (it is not emitted).
+    pub stop: Vec<String>,
+    /// Keep going through EOS (benchmarks: always exactly max_new_tokens).
+    pub ignore_eos: bool,
+    /// Wrap the prompt in the model's chat template as one user message.
+    pub chat: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 64, sampling: SamplingOptions::default(), stop: vec![],
+                          ignore_eos: false, chat: false }
+    }
+}
+
+/// One new token: its id, the text it completes (may be empty mid-character), and the engine
+/// time it took (for the first token: prefill + sampling, i.e. time to first token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenEvent {
+    pub id: u32,
+    pub text: String,
+    pub ms: f64,
+    pub prefill: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+}
+
+pub struct Generation {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    prompt: Vec<u32>,
+    last: Option<u32>,
+    produced: usize,
+    stream: DecodeStream,
+    text: String,
+    emitted: usize,
+    pub stopped: Option<StopReason>,
+}
+
+impl Generation {
+    /// Tokenize the prompt (through the chat template if asked); nothing runs yet.
+    pub fn new(engine: &Engine, prompt: &str, opts: GenerateOptions) -> Result<Generation> {
+        let text = if opts.chat {
+            engine.text.chat_prompt(&[Message { role: "user".into(), content: prompt.into() }])?
+        } else {
+            prompt.to_string()
+        };
+        let ids = engine.text.encode(&text)?;
+        Generation::from_ids(ids, opts)
+    }
+
+    pub fn from_ids(prompt: Vec<u32>, opts: GenerateOptions) -> Result<Generation> {
+        let sampler = Sampler::new(opts.sampling.clone())?;
+        Ok(Generation { opts, sampler, prompt, last: None, produced: 0, stream: DecodeStream::default(),
+                        text: String::new(), emitted: 0, stopped: None })
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt.len()
+    }
+
+    /// The next token, or None once stopped (see `stopped` for why).
+    pub fn next(&mut self, engine: &Engine, session: &mut Session) -> Result<Option<TokenEvent>> {
+        if self.stopped.is_some() {
+            return Ok(None);
+        }
+        if self.produced >= self.opts.max_new_tokens {
+            return self.stop(StopReason::MaxTokens);
+        }
+        let t0 = now_ms();
+        let logits = match self.last {
+            None => session.prefill(&self.prompt)?,
+            Some(_) if session.len() >= session.context() => return self.stop(StopReason::ContextFull),
+            Some(id) => session.step(id)?,
+        };
+        let id = self.sampler.sample(&logits, session.tokens());
+        let ms = now_ms() - t0;
+        let prefill = self.last.is_none();
+        self.last = Some(id);
+        self.produced += 1;
+        if !self.opts.ignore_eos && engine.eos_ids.contains(&id) {
+            return self.stop(StopReason::Eos);
+        }
+        self.text.push_str(&engine.text.decode_step(&mut self.stream, id)?);
+        let text = self.take_text();
+        Ok(Some(TokenEvent { id, text, ms, prefill }))
+    }
+
+    /// New text since the last event, held back where it could be the start of a stop string.
+    fn take_text(&mut self) -> String {
+        let pending = &self.text[self.emitted..];
+        if let Some(at) = self.opts.stop.iter().filter_map(|s| pending.find(s.as_str())).min() {
+            let out = pending[..at].to_string();
+            self.emitted = self.text.len();
+            self.stopped = Some(StopReason::StopString);
+            return out;
+        }
+        let mut keep = 0;
+        for s in &self.opts.stop {
+            for n in (1..s.len()).rev() {
+                if s.is_char_boundary(n) && pending.ends_with(&s[..n]) {
+                    keep = keep.max(n);
+                    break;
+                }
+            }
+        }
+        let cut = pending.len() - keep;
+        let out = pending[..cut].to_string();
+        self.emitted += cut;
+        out
+    }
+
+    fn stop(&mut self, why: StopReason) -> Result<Option<TokenEvent>> {
+        self.stopped = Some(why);
+        Ok(None)
+    }
+}
+
+/// Timing summary of one generation, from its events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub ttft_ms: f64,
+    pub decode_ms_median: f64,
+    pub decode_ms_p90: f64,
+    pub tokens_per_s: f64,
+}
+
+impl RunStats {
+    pub fn from_events(prompt_tokens: usize, events: &[TokenEvent]) -> RunStats {
+        let ttft_ms = events.iter().find(|e| e.prefill).map(|e| e.ms).unwrap_or(0.0);
+        let mut decode: Vec<f64> = events.iter().filter(|e| !e.prefill).map(|e| e.ms).collect();
+        let total: f64 = decode.iter().sum();
+        decode.sort_by(f64::total_cmp);
+        RunStats {
+            prompt_tokens,
+            new_tokens: events.len(),
+            ttft_ms,
+            decode_ms_median: percentile(&decode, 50.0),
+            decode_ms_p90: percentile(&decode, 90.0),
+            tokens_per_s: if total > 0.0 { decode.len() as f64 * 1e3 / total } else { 0.0 },
+        }
+    }
+}
+
+/// Linear-interpolated percentile of sorted values (numpy's default), 0 for none.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let pos = q / 100.0 * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}

@@ -1,0 +1,122 @@
+//! ONNX bytes -> a tract plan, optimized once at load with symbolic lengths.
+//!
+//! Sequence (S) and past (P) lengths stay symbols, so one optimized plan serves the prefill
+//! (S = prompt, P = 0) and every decode step (S = 1, P = tokens so far): never re-optimized.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::convention::Convention;
+use crate::error::{Error, Result};
+use crate::fold;
+
+pub type Plan = Arc<TypedSimplePlan>;
+
+/// What the engine needs to know of a graph besides its plan.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    pub plan: Plan,
+    pub conv: Convention,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub nodes: usize,
+}
+
+/// How to prepare the graph (the defaults are the fast path; the others exist to test it).
+#[derive(Debug, Clone, Copy)]
+pub struct Prepare {
+    pub fold_constants: bool,
+    pub optimize: bool,
+}
+
+impl Default for Prepare {
+    fn default() -> Self {
+        Prepare { fold_constants: true, optimize: true }
+    }
+}
+
+fn names(model: &InferenceModel) -> Result<(Vec<String>, Vec<String>)> {
+    let ins = model.input_outlets().map_err(Error::run)?;
+    let outs = model.output_outlets().map_err(Error::run)?;
+    let ins = ins.iter().map(|o| model.node(o.node).name.clone()).collect();
+    let outs = outs
+        .iter()
+        .map(|o| model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_string())
+        .collect();
+    Ok((ins, outs))
+}
+
+/// A cache input's declared (batch, kv_heads, past, head_dim): kv_heads and head_dim must be
+/// numbers in the file, or be given (`hint`, from the manifest).
+fn cache_dims(model: &InferenceModel, ix: usize, hint: Option<(usize, usize)>) -> Result<(usize, usize)> {
+    if let Some(h) = hint {
+        return Ok(h);
+    }
+    let fact = model.input_fact(ix).map_err(Error::run)?;
+    let dim = |axis: usize| -> Option<usize> {
+        let d = fact.shape.dims().nth(axis)?.concretize()?;
+        d.to_i64().ok().map(|v| v as usize)
+    };
+    match (fact.shape.rank().concretize(), dim(1), dim(3)) {
+        (Some(4), Some(kv), Some(hd)) => Ok((kv, hd)),
+        _ => Err(Error::UnsupportedGraph(format!(
+            "cache input {ix} should be (batch, kv_heads, past, head_dim) with numeric kv_heads and \
+             head_dim; found {fact:?}"
+        ))),
+    }
+}
+
+/// Parse, type with symbolic S and P, fold constants, optimize, plan.
+pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
+    // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
+    // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
+    let mut model = onnx.model_for_read(&mut &bytes[..]).map_err(|e| Error::Onnx(format!("{e:?}")))?;
+    let (ins, outs) = names(&model)?;
+    let conv = Convention::discover(&ins, &outs)?;
+    let s = model.symbols.sym("S");
+    let p = model.symbols.sym("P");
+    let set = |m: &mut InferenceModel, ix: usize, fact: InferenceFact| {
+        m.set_input_fact(ix, fact).map_err(|e| Error::UnsupportedGraph(format!("input {ix}: {e:?}")))
+    };
+    set(&mut model, conv.input_ids, i64::fact([1.to_dim(), s.to_dim()]).into())?;
+    if let Some(ix) = conv.attention_mask {
+        set(&mut model, ix, i64::fact([1.to_dim(), p.to_dim() + s.to_dim()]).into())?;
+    }
+    if let Some(ix) = conv.position_ids {
+        set(&mut model, ix, i64::fact([1.to_dim(), s.to_dim()]).into())?;
+    }
+    let (kv_heads, head_dim) = match conv.past.first() {
+        Some(&(k, _)) => cache_dims(&model, k, kv_hint)?,
+        None => kv_hint.unwrap_or((0, 0)),
+    };
+    for &(k, v) in &conv.past {
+        for ix in [k, v] {
+            let shape = [1.to_dim(), kv_heads.to_dim(), p.to_dim(), head_dim.to_dim()];
+            set(&mut model, ix, f32::fact(shape).into())?;
+        }
+    }
+    let typed = prepare(model, prep)?;
+    let nodes = typed.nodes.len();
+    let plan = typed.into_runnable().map_err(|e| Error::Optimize(format!("{e:?}")))?;
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes })
+}
+
+fn prepare(model: InferenceModel, prep: Prepare) -> Result<TypedModel> {
+    let opt = |e: TractError| Error::Optimize(format!("{e:?}"));
+    let mut typed = model.into_typed().map_err(opt)?;
+    typed.declutter().map_err(opt)?;
+    if prep.fold_constants {
+        fold::fold_all_constants(&mut typed).map_err(opt)?;
+    }
+    if prep.optimize {
+        typed.optimize().map_err(opt)?;
+        if prep.fold_constants {
+            // codegen may leave constant-only work (weight packing) in the plan: fold it too.
+            fold::fold_all_constants(&mut typed).map_err(opt)?;
+        }
+    }
+    Ok(typed)
+}

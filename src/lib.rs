@@ -1,0 +1,25 @@
+//! wasmlm: a causal LM's ONNX graph (INT8, with a KV cache) run by tract, natively and in wasm.
+//!
+//! Manifest + bytes -> Engine (graph optimized once) -> Session (the KV cache) -> Generation
+//! (a pull stream of TokenEvents). The library never prints.
+
+pub mod bench;
+pub mod clock;
+pub mod convention;
+pub mod engine;
+pub mod error;
+pub mod fold;
+pub mod generate;
+pub mod graph;
+pub mod manifest;
+pub mod sampler;
+pub mod session;
+pub mod text;
+
+pub use engine::{Engine, LoadedInfo};
+pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Generation, RunStats, StopReason, TokenEvent};
+pub use graph::Prepare;
+pub use manifest::Manifest;
+pub use sampler::SamplingOptions;
+pub use session::Session;

@@ -1,0 +1,104 @@
+//! manifest.json of a model bundle (written by models/wasmlm_models/bundle.py): what each file is,
+//! its size and sha256, the architecture and the tokens. Nothing is read from a file name.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    pub id: String,
+    pub real_weights: bool,
+    pub architecture: Architecture,
+    pub tokens: Tokens,
+    pub default: DefaultFile,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Architecture {
+    pub arch: String,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub context: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Tokens {
+    pub eos_ids: Vec<u32>,
+    pub bos_id: Option<u32>,
+    pub chat_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DefaultFile {
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub kind: String,
+    pub precision: Option<String>,
+    pub cache: Option<String>,
+    pub preset: Option<String>,
+}
+
+impl Manifest {
+    pub fn from_json(text: &str) -> Result<Manifest> {
+        serde_json::from_str(text).map_err(|e| Error::Manifest(e.to_string()))
+    }
+
+    pub fn file(&self, name: &str) -> Result<&FileEntry> {
+        self.files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| Error::Manifest(format!("no file named {name} in the bundle")))
+    }
+
+    /// The ONNX file of a precision ("fp32" | "int8"), cache ("with_past" | "no_past") and preset
+    /// (None: the bundle's default INT8 preset).
+    pub fn onnx_file(&self, precision: &str, cache: &str, preset: Option<&str>) -> Result<&FileEntry> {
+        let default = self.file(&self.default.file)?.preset.clone();
+        let want = if precision == "fp32" { None } else { preset.map(String::from).or(default) };
+        self.files
+            .iter()
+            .find(|f| {
+                f.kind == "onnx"
+                    && f.precision.as_deref() == Some(precision)
+                    && f.cache.as_deref() == Some(cache)
+                    && f.preset == want
+            })
+            .ok_or_else(|| {
+                Error::Manifest(format!("no {precision} {cache} file (preset {want:?}) in the bundle"))
+            })
+    }
+
+    /// Check bytes against the manifest's size and sha256 for `name`.
+    pub fn verify(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let entry = self.file(name)?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(Error::SizeMismatch {
+                file: name.into(),
+                expected: entry.bytes,
+                size: bytes.len() as u64,
+            });
+        }
+        let found = hex(&Sha256::digest(bytes));
+        if found != entry.sha256 {
+            return Err(Error::HashMismatch { file: name.into(), expected: entry.sha256.clone(), found });
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,116 @@
+//! Tokenizer against the Python tokenizers library; bad input gives typed errors, not panics.
+mod common;
+
+use common::*;
+use wasmlm::{Engine, Error, GenerateOptions, Generation, Manifest, Prepare};
+
+#[test]
+fn tokenizer_ids_equal_pythons_and_streaming_decode_equals_full_decode() {
+    let dir = bundle("tiny-llama");
+    let engine = Engine::from_dir(&dir, Some("model.with_past.int8.onnx"), Prepare::default()).unwrap();
+    let text: String = shakespeare().chars().take(200_000).collect();
+    let (py_ids, py_decoded) = python_tokenize(&dir, 200_000);
+    let ids = engine.text.encode(&text).unwrap();
+    assert_eq!(ids.len(), py_ids.len());
+    assert_eq!(ids, py_ids);
+    let full = engine.text.decode(&ids).unwrap();
+    assert_eq!(full, py_decoded);
+    let mut stream = wasmlm::text::DecodeStream::default();
+    let pieces: String = ids[..5000].iter().map(|&id| engine.text.decode_step(&mut stream, id).unwrap()).collect();
+    assert_eq!(pieces, engine.text.decode(&ids[..5000]).unwrap());
+}
+
+#[test]
+fn streaming_never_splits_a_character() {
+    let dir = bundle("tiny-llama");
+    let engine = Engine::from_dir(&dir, Some("model.with_past.int8.onnx"), Prepare::default()).unwrap();
+    let ids = engine.text.encode("naïve café — 東京 🦀 end").unwrap();
+    let mut stream = wasmlm::text::DecodeStream::default();
+    let mut joined = String::new();
+    for &id in &ids {
+        let piece = engine.text.decode_step(&mut stream, id).unwrap();
+        assert!(!piece.contains('\u{FFFD}'), "broken UTF-8 in {piece:?}");
+        joined.push_str(&piece);
+    }
+    assert_eq!(joined, "naïve café — 東京 🦀 end");
+}
+
+fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name)).unwrap()
+}
+
+#[test]
+fn truncated_onnx_and_hash_mismatch_are_typed_errors() {
+    let dir = bundle("tiny-gpt2");
+    let manifest = Manifest::from_json(&String::from_utf8(read(&dir, "manifest.json")).unwrap()).unwrap();
+    let onnx = read(&dir, "model.with_past.onnx");
+    let tok = read(&dir, "tokenizer.json");
+    let cut = &onnx[..onnx.len() / 3];
+    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", cut, &tok, Prepare::default()).err().unwrap();
+    assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
+    let mut flipped = onnx.clone();
+    flipped[onnx.len() / 2] ^= 1;
+    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", &flipped, &tok, Prepare::default()).err().unwrap();
+    assert!(matches!(e, Error::HashMismatch { .. }) && e.to_string().contains("sha256"), "{e}");
+    // Without the manifest's protection, truncated bytes reach the parser: an error, no panic.
+    let e = wasmlm::graph::load(cut, Some((4, 16)), Prepare::default()).err().unwrap();
+    assert!(matches!(e, Error::Onnx(_)), "{e}");
+}
+
+#[test]
+fn a_graph_with_unknown_io_names_is_refused_with_what_was_expected() {
+    let dir = bundle("tiny-gpt2");
+    // The same graph with its inputs renamed: a decoder the engine cannot feed.
+    let mut onnx = read(&dir, "model.onnx");
+    let (from, to) = (b"input_ids".as_slice(), b"pixel_vals".as_slice());
+    let mut i = 0;
+    while i + from.len() <= onnx.len() {
+        if &onnx[i..i + from.len()] == from {
+            onnx[i..i + from.len()].copy_from_slice(&to[..from.len()]);
+        }
+        i += 1;
+    }
+    let e = wasmlm::graph::load(&onnx, None, Prepare::default()).err().unwrap();
+    assert!(matches!(e, Error::UnsupportedGraph(_)), "{e}");
+    assert!(e.to_string().contains("input_ids") && e.to_string().contains("past_key_<i>"), "{e}");
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused() {
+    let dir = bundle("tiny-gpt2"); // context 256
+    let engine = Engine::from_dir(&dir, Some("model.with_past.onnx"), Prepare::default()).unwrap();
+    let mut session = engine.session().unwrap();
+    let e = session.prefill(&vec![5; 300]).err().unwrap();
+    assert!(matches!(e, Error::PromptTooLong { tokens: 300, context: 256 }), "{e}");
+    // A generation that fills the context stops there instead of failing.
+    let opts = GenerateOptions { max_new_tokens: 100, ignore_eos: true, ..Default::default() };
+    let mut gen = Generation::from_ids(vec![5; 250], opts).unwrap();
+    let mut n = 0;
+    while gen.next(&engine, &mut session).unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!((n, gen.stopped), (7, Some(wasmlm::StopReason::ContextFull)));
+}
+
+#[test]
+fn a_missing_bundle_file_names_the_path() {
+    let e = Engine::from_dir(std::path::Path::new("/no/such/bundle"), None, Prepare::default()).err().unwrap();
+    assert!(matches!(e, Error::MissingFile(ref p) if p.contains("/no/such/bundle/manifest.json")), "{e}");
+}
+
+#[test]
+fn same_seed_same_tokens_through_the_engine() {
+    let dir = bundle("tiny-llama");
+    let engine = Engine::from_dir(&dir, Some("model.with_past.int8.onnx"), Prepare::default()).unwrap();
+    let run = |seed| {
+        let mut opts = GenerateOptions { max_new_tokens: 16, ignore_eos: true, ..Default::default() };
+        opts.sampling.temperature = 1.0;
+        opts.sampling.top_k = 40;
+        opts.sampling.seed = seed;
+        let mut gen = Generation::from_ids(vec![1, 2, 3], opts).unwrap();
+        let mut s = engine.session().unwrap();
+        std::iter::from_fn(|| gen.next(&engine, &mut s).unwrap()).map(|e| e.id).collect::<Vec<_>>()
+    };
+    assert_eq!(run(11), run(11));
+    assert_ne!(run(11), run(12));
+}
