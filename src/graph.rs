@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::infer::Factoid;
+use tract_linalg::multithread::Executor;
 
 use crate::convention::Convention;
 use crate::error::{Error, Result};
@@ -29,11 +31,13 @@ pub struct Graph {
 pub struct Prepare {
     pub fold_constants: bool,
     pub optimize: bool,
+    /// Threads for the matrix products (1: none spawned).
+    pub threads: usize,
 }
 
 impl Default for Prepare {
     fn default() -> Self {
-        Prepare { fold_constants: true, optimize: true }
+        Prepare { fold_constants: true, optimize: true, threads: 1 }
     }
 }
 
@@ -100,7 +104,11 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     }
     let typed = prepare(model, prep)?;
     let nodes = typed.nodes.len();
-    let plan = typed.into_runnable().map_err(|e| Error::Optimize(format!("{e:?}")))?;
+    let mut options = RunOptions::default();
+    if prep.threads > 1 {
+        options.executor = Some(Executor::multithread(prep.threads));
+    }
+    let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     Ok(Graph { plan, conv, kv_heads, head_dim, nodes })
 }
 

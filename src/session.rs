@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 
@@ -87,6 +88,33 @@ impl Session {
     }
 
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let inputs = self.inputs(ids)?;
+        let outputs = self.state.run(inputs).map_err(Error::run)?;
+        self.absorb(ids, outputs)
+    }
+
+    /// `step`, timing every node of the plan: op name -> (ms, calls), added into `times`.
+    pub fn step_profiled(&mut self, id: u32, times: &mut Vec<(String, f64, usize)>) -> Result<Vec<f32>> {
+        let inputs = self.inputs(&[id])?;
+        let outputs = self
+            .state
+            .run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+                let t = now_ms();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                let ms = now_ms() - t;
+                let name = node.op.name().to_string();
+                match times.iter_mut().find(|e| e.0 == name) {
+                    Some(e) => { e.1 += ms; e.2 += 1; }
+                    None => times.push((name, ms, 1)),
+                }
+                out
+            })
+            .map_err(Error::run)?;
+        self.absorb(&[id], outputs)
+    }
+
+    /// The graph's inputs for feeding `ids` after what the cache holds.
+    fn inputs(&self, ids: &[u32]) -> Result<TVec<TValue>> {
         let conv = &self.graph.conv;
         // Without a cache, the graph sees the whole sequence every time.
         let fed: Vec<u32> = if conv.has_cache() {
@@ -110,8 +138,12 @@ impl Session {
             inputs[k] = Some(self.past[layer].0.clone());
             inputs[v] = Some(self.past[layer].1.clone());
         }
-        let inputs: TVec<TValue> = inputs.into_iter().flatten().collect();
-        let mut outputs = self.state.run(inputs).map_err(Error::run)?;
+        Ok(inputs.into_iter().flatten().collect())
+    }
+
+    /// Keep the new cache, remember the tokens, return the last position's logits.
+    fn absorb(&mut self, ids: &[u32], mut outputs: TVec<TValue>) -> Result<Vec<f32>> {
+        let conv = &self.graph.conv;
         for (layer, &(k, v)) in conv.present.iter().enumerate() {
             self.past[layer] = (outputs[k].clone(), outputs[v].clone());
         }

@@ -1,2 +1,2 @@
 """wasmlm's model pipeline: model reference -> bundle folder (ONNX files, tokenizer, manifest)
--> native baseline table. Driven by build.sh; see models/README.md."""
+-> native baseline table. Driven by build.sh; see README.md."""

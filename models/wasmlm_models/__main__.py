@@ -1,4 +1,4 @@
-"""python -m wasmlm_models bundle REF --out DIR | baselines BUNDLE... --out FILE (models/README.md).
+"""python -m wasmlm_models bundle REF --out DIR | baselines BUNDLE... --out FILE (README.md).
 
 Imports stay inside the commands: a baseline row's process must hold only what it measures.
 """

@@ -1,11 +1,15 @@
 """ONNX Runtime on the exported FP32 files vs PyTorch transformers on the same weights.
 
+The goal is 1e-4 on the logits; where FP32 itself cannot be that exact (PyTorch's FP32 logits
+are further than that from its own FP64 ones), the tolerance is twice that measured floor.
+
 Measured: the largest logit difference of ONNX Runtime (no-past file, with-past file) against
 PyTorch over a prefill and 3 decode steps; with-past against no-past; and whether 32 greedy
 tokens are identical (PyTorch's own KV-cache generation vs ONNX Runtime's with-past loop).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +45,7 @@ def check(model, shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarra
     nopast_logits = ort_session(no_past).run(["logits"], {"input_ids": full[None]})[0]
     with torch.no_grad():
         ref = model(torch.tensor(full[None])).logits.numpy()
+    floor = fp32_noise_floor(model, full, ref)
     g_ref = greedy_torch(model, prompt, greedy_steps)
     g_ort = greedy_ort(runner, prompt, greedy_steps)
     return {
@@ -48,10 +53,22 @@ def check(model, shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarra
         "max_abs_logit_diff_with_past_vs_torch": float(np.abs(past_logits - ref).max()),
         "max_abs_logit_diff_no_past_vs_torch": float(np.abs(nopast_logits - ref).max()),
         "max_abs_logit_diff_with_past_vs_no_past": float(np.abs(past_logits - nopast_logits).max()),
+        "fp32_noise_floor": floor,
+        "tolerance": max(1e-4, 2 * floor),
         "greedy_steps": greedy_steps,
         "greedy_identical_steps": _common_prefix(g_ref, g_ort),
         "greedy_tokens_torch": g_ref, "greedy_tokens_onnxruntime": g_ort,
     }
+
+
+def fp32_noise_floor(model, ids: np.ndarray, ref32: np.ndarray) -> float:
+    """How far PyTorch's own FP32 logits are from its FP64 ones on these tokens: two correct FP32
+    implementations cannot be expected to agree more closely than about this (measured on
+    SmolLM2 with a 37-token prompt: 9.8e-5, logits up to 37)."""
+    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref64 = m64(torch.tensor(ids[None])).logits.numpy()
+    return float(np.abs(ref32 - ref64).max())
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

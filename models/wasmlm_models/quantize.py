@@ -3,7 +3,7 @@
 report   the report's call, unchanged: onnxruntime quantize_dynamic, QInt8 weights, MatMul and Gemm,
          per-tensor, reduce_range; applied to the export as the report had it (tied embedding
          stored twice), so its file reproduces the report's size. Dynamic uint8 activations.
-q8b32    the default (chosen by measurement, models/README.md): every weight matrix and the
+q8b32    the default (chosen by measurement: README.md, "INT8 presets"): every weight matrix and the
          embedding as symmetric INT8 in blocks of 32 along the reduction axis with an FP16 scale
          per block (GGML's Q8_0 layout), weight-only; the embedding is stored once and shared by
          the LM head. Activations stay FP32, so no activation outlier is clipped.

@@ -2,8 +2,9 @@
 //!
 //!   wasmlm generate --bundle DIR [--file NAME] [--chat] [--max-new-tokens N] [--temperature T]
 //!                   [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop STR]… PROMPT
-//!   wasmlm bench --bundle DIR… --out baselines.json [--runs N] [--text FILE]
-//!   wasmlm bench-row --bundle DIR --file NAME --runs N --text FILE   (one row; bench runs it)
+//!   wasmlm bench --bundle DIR… --out baselines.json [--runs N] [--text FILE] [--threads N]…
+//!   wasmlm bench-row --bundle DIR --file NAME --runs N --text FILE --threads N   (one row)
+//!   wasmlm profile --bundle DIR [--file NAME] [--steps N] [--threads N]   (decode time per op)
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,8 @@ fn generate(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.value("--file")?;
     // --no-fold: tract's own preparation only (to compare against the folded fast path).
-    let prep = Prepare { fold_constants: !a.flag("--no-fold"), ..Prepare::default() };
+    let threads = a.parsed("--threads")?.unwrap_or(1);
+    let prep = Prepare { fold_constants: !a.flag("--no-fold"), threads, ..Prepare::default() };
     let mut opts = GenerateOptions { chat: a.flag("--chat"), stop: a.values("--stop")?, ..Default::default() };
     opts.max_new_tokens = a.parsed("--max-new-tokens")?.unwrap_or(opts.max_new_tokens);
     let s = &mut opts.sampling;
@@ -94,10 +96,12 @@ fn bench_row(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.required("--file")?;
     let runs: usize = a.parsed("--runs")?.unwrap_or(5);
+    let threads: usize = a.parsed("--threads")?.unwrap_or(1);
     let text = std::fs::read_to_string(a.required("--text")?).map_err(|e| e.to_string())?;
-    let engine = Engine::from_dir(&bundle, Some(&file), Prepare::default()).map_err(|e| e.to_string())?;
+    let prep = Prepare { threads, ..Prepare::default() };
+    let engine = Engine::from_dir(&bundle, Some(&file), prep).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
-    let mut row = bench::row(&engine, &prompt, runs, 1).map_err(|e| e.to_string())?;
+    let mut row = bench::row(&engine, &prompt, runs, threads).map_err(|e| e.to_string())?;
     row["peak_rss_mib"] = serde_json::json!(peak_rss_mib());
     println!("{row}");
     Ok(())
@@ -114,20 +118,23 @@ fn bench_all(mut a: Args) -> Res<()> {
     let runs = a.value("--runs")?.unwrap_or_else(|| "5".into());
     let text = a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into());
     let bundles = a.values("--bundle")?;
+    let threads = a.values("--threads")?;
+    let threads = if threads.is_empty() { vec!["1".to_string(), "2".into()] } else { threads };
     let mut rows = vec![];
-    for bundle in &bundles {
+    for (bundle, t) in bundles.iter().flat_map(|b| threads.iter().map(move |t| (b, t))) {
         for file in onnx_files(Path::new(bundle))? {
-            eprintln!("[bench] {bundle} {file}");
+            eprintln!("[bench] {bundle} {file} x{t} thread(s)");
             // Each row in its own process, so its peak RSS is its own.
             let o = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-                .args(["bench-row", "--bundle", bundle, "--file", &file, "--runs", &runs, "--text", &text])
+                .args(["bench-row", "--bundle", bundle, "--file", &file, "--runs", &runs, "--text", &text,
+                       "--threads", t])
                 .output()
                 .map_err(|e| e.to_string())?;
             let row: serde_json::Value = if o.status.success() {
                 serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?
             } else {
                 let err = String::from_utf8_lossy(&o.stderr).trim().lines().last().unwrap_or("failed").to_string();
-                serde_json::json!({"backend": "tract native", "file": file, "error": err})
+                serde_json::json!({"backend": "tract native", "file": file, "threads": t.parse::<usize>().ok(), "error": err})
             };
             eprintln!("[bench]   -> {}", row.get("decode_ms_per_token").or(row.get("latency_ms")).or(row.get("error")).unwrap_or(&row));
             rows.push(row);
@@ -138,6 +145,35 @@ fn bench_all(mut a: Args) -> Res<()> {
     let tmp = out.with_extension("json.partial");
     std::fs::write(&tmp, serde_json::to_string_pretty(&merged).unwrap()).map_err(|e| e.to_string())?;
     std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Decode time per op over `steps` greedy steps after the bench prompt, largest first.
+fn profile(mut a: Args) -> Res<()> {
+    let bundle = PathBuf::from(a.required("--bundle")?);
+    let file = a.value("--file")?;
+    let steps: usize = a.parsed("--steps")?.unwrap_or(32);
+    let threads: usize = a.parsed("--threads")?.unwrap_or(1);
+    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into()))
+        .map_err(|e| e.to_string())?;
+    let engine = Engine::from_dir(&bundle, file.as_deref(), Prepare { threads, ..Prepare::default() })
+        .map_err(|e| e.to_string())?;
+    let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
+    let mut session = engine.session().map_err(|e| e.to_string())?;
+    let mut logits = session.prefill(&prompt).map_err(|e| e.to_string())?;
+    let mut times = vec![];
+    for _ in 0..steps {
+        let next = wasmlm::sampler::argmax(&logits);
+        logits = session.step_profiled(next, &mut times).map_err(|e| e.to_string())?;
+    }
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    println!("{} {}: {} nodes, {:.2} ms/token in ops over {steps} steps", engine.info.model, engine.info.file,
+             engine.graph.nodes, total / steps as f64);
+    for (name, ms, calls) in times.iter().take(20) {
+        println!("{:>8.3} ms/token {:>5.1}%  {:>6} calls/token  {name}", ms / steps as f64, 100.0 * ms / total,
+                 calls / steps);
+    }
     Ok(())
 }
 
@@ -153,6 +189,7 @@ fn main() -> ExitCode {
         "generate" => generate(a),
         "bench" => bench_all(a),
         "bench-row" => bench_row(a),
+        "profile" => profile(a),
         other => Err(format!("unknown command {other:?}: generate, bench")),
     };
     match result {
