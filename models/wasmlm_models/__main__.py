@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("bundle", type=Path)
     k.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     k.add_argument("--chars", type=int, default=200_000)
+    q = sub.add_parser("fidelity", help="INT8 vs FP32 no-past files of a bundle on a text (JSON)")
+    q.add_argument("bundle", type=Path)
+    q.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    q.add_argument("--tokens", type=int, default=4096)
     m = sub.add_parser("render", help="rewrite baselines.md from baselines.json")
     m.add_argument("table", type=Path)
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
@@ -62,6 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         out = (reference.reference(args.bundle, args.file, args.prompt, args.decode, args.greedy)
                if args.cmd == "reference" else reference.tokenize(args.bundle, args.text, args.chars))
         print(json.dumps(out))
+        return 0
+    if args.cmd == "fidelity":
+        import json
+        from tokenizers import Tokenizer
+        from . import fidelity
+        manifest = json.loads((args.bundle / "manifest.json").read_text())
+        tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+        text = args.text.read_text(encoding="utf-8", errors="replace")[: args.tokens * 8]
+        ids = __import__("numpy").asarray(tok.encode(text, add_special_tokens=False).ids[: args.tokens])
+        window = min(fidelity.WINDOW, manifest["architecture"]["context"])
+        for f in manifest["files"]:
+            if f["kind"] == "onnx" and f["precision"] == "int8" and f["cache"] == "no_past":
+                got = fidelity.compare(args.bundle / "model.onnx", args.bundle / f["name"], ids, window)
+                print(json.dumps({"preset": f["preset"], "file": f["name"], "mib": round(f["bytes"] / 2**20, 1),
+                                  "text": args.text.name, **got}))
         return 0
     if args.cmd == "render":
         import json

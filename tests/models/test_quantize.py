@@ -79,3 +79,13 @@ def test_manifest_has_fidelity_for_each_preset(tiny_bundles):
 def fidelity_text():
     from wasmlm_models.files import DEFAULT_TEXT
     return DEFAULT_TEXT
+
+
+def test_fidelity_command_reports_each_int8_file(tiny_bundles, capsys):
+    import json
+    from wasmlm_models.__main__ import main
+    assert main(["fidelity", str(tiny_bundles["tiny-gpt2"]), "--tokens", "600"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["preset"] for r in rows} == {"report", quantize.DEFAULT_PRESET}
+    # windows of 256 (tiny-gpt2's context): 255 + 255 + 87 predicted tokens
+    assert all(r["tokens"] == 597 and 0 < r["top1_agreement"] <= 1 for r in rows)
