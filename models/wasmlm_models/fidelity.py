@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from .runner import ort_session
 
 WINDOW = 512
 
@@ -22,12 +23,6 @@ def text_ids(tokenizer, path: Path, n_tokens: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
@@ -35,7 +30,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(fp32: Path, int8: Path, ids: np.ndarray, window: int = WINDOW) -> dict:
-    ref, test = session(fp32), session(int8)
+    ref, test = ort_session(fp32), ort_session(int8)
     nll_ref = nll_test = kl = agree = n = 0.0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window]

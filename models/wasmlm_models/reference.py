@@ -11,12 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .baseline_runs import Shape
 from .runner import PastRunner, ort_session
-
-
-class _Arch:
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
 
 
 def reference(bundle: Path, file: str, prompt: list[int], decode: int, greedy: int) -> dict:
@@ -24,7 +20,7 @@ def reference(bundle: Path, file: str, prompt: list[int], decode: int, greedy: i
     entry = next(f for f in manifest["files"] if f["name"] == file)
     ids = np.asarray(prompt, dtype=np.int64)
     if entry["cache"] == "with_past":
-        runner = PastRunner(bundle / file, _Arch(manifest["architecture"]), threads=1)
+        runner = PastRunner(bundle / file, Shape(manifest["architecture"]), threads=1)
         step = lambda toks: runner(np.asarray([toks], dtype=np.int64))[0, -1]  # noqa: E731
         runner.reset()
     else:
