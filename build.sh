@@ -90,9 +90,9 @@ run_tests() {
   rust_setup
   say "tests 2/2: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --release --locked --no-fail-fast
+    cargo nextest run --cargo-profile test-release --locked --no-fail-fast
   else
-    cargo test --release --locked --no-fail-fast
+    cargo test --profile test-release --locked --no-fail-fast
   fi
 }
 
