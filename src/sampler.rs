@@ -89,6 +89,9 @@ impl Sampler {
 
     /// Choose the next token from `logits`, given the tokens already in the context.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+        if self.opts.temperature == 0.0 && self.opts.repetition_penalty == 1.0 {
+            return argmax(logits); // plain greedy: no copy of the logits on the per-token path
+        }
         let mut logits = logits.to_vec();
         penalize(&mut logits, context, self.opts.repetition_penalty);
         if self.opts.temperature == 0.0 {

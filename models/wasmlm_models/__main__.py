@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import fidelity
         manifest = json.loads((args.bundle / "manifest.json").read_text())
         tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
-        text = args.text.read_text(encoding="utf-8", errors="replace")[: args.tokens * 8]
-        ids = __import__("numpy").asarray(tok.encode(text, add_special_tokens=False).ids[: args.tokens])
+        ids = fidelity.text_ids(tok, args.text, args.tokens)
         window = min(fidelity.WINDOW, manifest["architecture"]["context"])
         for f in manifest["files"]:
             if f["kind"] == "onnx" and f["precision"] == "int8" and f["cache"] == "no_past":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from . import export, files, fidelity, onnx_graph, parity, quantize, sources
 
@@ -123,11 +124,11 @@ def _export_fp32(src, shape, dst: Path) -> list[dict]:
         raw = dst / "work" / f"{cache}.report-layout.onnx"
         log(f"exporting FP32 {cache} (legacy exporter, opset {export.OPSET})")
         export.export(src.model, shape, raw, past)
-        model = onnx_graph.onnx.load(str(raw))
+        model = onnx.load(str(raw))
         tied = onnx_graph.store_tied_once(model)
         final = dst / file_names("fp32")[cache]
         with files.atomic_path(final) as tmp:
-            onnx_graph.onnx.save(model, str(tmp))
+            onnx.save(model, str(tmp))
         roles.append({**files.file_entry(final), "kind": "onnx", "precision": "fp32", "cache": cache,
                       "preset": None, "tied_weights_stored_once": tied,
                       "report_layout_bytes": raw.stat().st_size})
@@ -183,7 +184,7 @@ def eos_ids(src) -> list[int]:
 
 
 def _manifest(src, shape, dst, roles, tok_files, checks, measured, text) -> dict:
-    import onnx, onnxruntime, torch, transformers  # noqa: E401 (versions only)
+    import onnxruntime, torch, transformers  # noqa: E401 (versions only)
     ins, outs = export.io_names(shape.layers, past=True)
     return {
         "manifest_version": MANIFEST_VERSION,

@@ -15,9 +15,11 @@ WINDOW = 512
 
 
 def text_ids(tokenizer, path: Path, n_tokens: int) -> np.ndarray:
+    """The first n_tokens ids of a text, by a transformers tokenizer or a tokenizers.Tokenizer."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     # Tokenize a prefix long enough for n_tokens (a token is at least one character).
-    ids = tokenizer(text[: n_tokens * 8], add_special_tokens=False)["input_ids"][:n_tokens]
+    encoded = tokenizer.encode(text[: n_tokens * 8], add_special_tokens=False)
+    ids = getattr(encoded, "ids", encoded)[:n_tokens]
     if len(ids) < n_tokens:
         raise ValueError(f"{path} gives only {len(ids)} tokens, {n_tokens} asked")
     return np.asarray(ids, dtype=np.int64)
