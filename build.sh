@@ -4,11 +4,14 @@
 #   setup          Python venv in models/.venv with the pinned packages (models/requirements.lock)
 #   models [REF…]  bundles into build/models/<ref> (default: smollm2-135m distilgpt2-shape)
 #   engine         the Rust engine and its native CLI (target/release/wasmlm)
+#   wasm           the engine for the browser: a SIMD128 build and one without SIMD (build/pkg/)
 #   baselines      build/baselines.json + .md from the built bundles (one process per row;
 #                  PyTorch, bitsandbytes, ONNX Runtime, then tract native through the engine)
-#   dist           assemble dist/: www/ + bundles + baselines
+#   dist           assemble dist/: www/ + wasm builds + bundles + baselines
 #   serve          serve dist/ on http://127.0.0.1:$PORT (default 8080)
-#   test           setup, then the tests: pytest (tests/models), then cargo nextest (tests/*.rs)
+#   test           setup, then the tests: pytest (tests/models), cargo nextest (tests/*.rs), the
+#                  wasm builds in Node (wasm-bindgen-test), the page in headless Chromium (tests/e2e)
+#   test-wasm, test-e2e   the last two parts alone
 # Work whose inputs did not change is skipped; outputs appear only once complete.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -56,16 +59,31 @@ baselines() {
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json)
 }
 
+# dist [OUT] [BASELINES]: the static site (default dist/ with build/baselines.json).
 dist() {
-  say "dist/: www + bundles + baselines"
-  rm -rf dist.partial && mkdir -p dist.partial/models
-  cp -r www/. dist.partial/
+  local out=${1:-dist} table=${2:-build/baselines.json}
+  say "$out/: www + wasm builds + bundles + baselines"
+  [[ -d build/pkg ]] || { echo "error: build/pkg is missing: run ./build.sh wasm" >&2; exit 1; }
+  rm -rf "$out.partial" && mkdir -p "$out.partial/models"
+  cp -r www/. "$out.partial/"
+  cp -r build/pkg "$out.partial/pkg"
+  # the benchmark mode's prompt text: the native bench's (its first 2,000 characters are used)
+  head -c 4000 ../shared/data/tinyshakespeare.txt > "$out.partial/bench-prompt.txt"
+  local ids=()
   for ref in "${MODELS[@]}"; do
+    [[ -f "build/models/$ref/manifest.json" ]] || { echo "warning: build/models/$ref is not built" >&2; continue; }
     # hard links: no second copy of the bundle on disk
-    cp -rl "build/models/$ref" dist.partial/models/ 2>/dev/null || cp -r "build/models/$ref" dist.partial/models/
+    cp -rl "build/models/$ref" "$out.partial/models/" 2>/dev/null || cp -r "build/models/$ref" "$out.partial/models/"
+    ids+=("\"$ref\"")
   done
-  cp build/baselines.json build/baselines.md dist.partial/ 2>/dev/null || true
-  rm -rf dist && mv dist.partial dist
+  (IFS=,; echo "{\"models\": [${ids[*]}]}") > "$out.partial/models/index.json"
+  if [[ -f "$table" ]]; then
+    cp "$table" "$out.partial/baselines.json"
+    [[ -f "${table%.json}.md" ]] && cp "${table%.json}.md" "$out.partial/baselines.md"
+  else
+    echo "warning: $table is missing (./build.sh baselines): the page shows no native table" >&2
+  fi
+  rm -rf "$out" && mv "$out.partial" "$out"
 }
 
 serve() {
@@ -78,6 +96,54 @@ rust_setup() {
   command -v cargo >/dev/null || { echo "error: cargo (Rust 1.91+, via rustup) is needed" >&2; exit 1; }
 }
 
+# wasm-bindgen-cli must be the wasm-bindgen crate's exact version (Cargo.lock's).
+wasm_bindgen_version() {
+  awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
+}
+
+wasm_tools() {
+  rust_setup
+  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    say "setup: rustup target add wasm32-unknown-unknown"
+    rustup target add wasm32-unknown-unknown
+  fi
+  local want
+  want=$(wasm_bindgen_version)
+  if [[ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $want" ]]; then
+    say "setup: cargo install wasm-bindgen-cli $want (once; minutes)"
+    # without --locked: the CLI's own lock file does not resolve here (FINDINGS 6)
+    cargo install wasm-bindgen-cli --version "=$want"
+  fi
+}
+
+# One flavour of the wasm engine: cargo build for wasm32 with its RUSTFLAGS (its own target dir,
+# so switching flavours rebuilds nothing), then wasm-bindgen's ES-module glue into $out.
+wasm_flavour() {
+  local flavour=$1 rustflags=$2 out=$3
+  say "wasm: $flavour build (RUSTFLAGS='$rustflags')"
+  RUSTFLAGS="$rustflags" cargo build --release --locked --lib --target wasm32-unknown-unknown \
+    --target-dir "target/wasm-$flavour"
+  wasm-bindgen --target web --out-dir "$out/$flavour" --out-name wasmlm --no-typescript \
+    "target/wasm-$flavour/wasm32-unknown-unknown/release/wasmlm.wasm"
+  if command -v wasm-opt >/dev/null; then
+    local features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
+                    --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
+    [[ $flavour == simd ]] && features+=(--enable-simd)
+    wasm-opt -O2 "${features[@]}" "$out/$flavour/wasmlm_bg.wasm" -o "$out/$flavour/wasmlm_bg.opt.wasm" \
+      && mv "$out/$flavour/wasmlm_bg.opt.wasm" "$out/$flavour/wasmlm_bg.wasm" \
+      || echo "warning: wasm-opt failed; the unoptimized .wasm is used" >&2
+  fi
+}
+
+wasm() {
+  wasm_tools
+  rm -rf build/pkg.partial && mkdir -p build/pkg.partial
+  wasm_flavour simd "-C target-feature=+simd128" build/pkg.partial
+  wasm_flavour nosimd "" build/pkg.partial
+  rm -rf build/pkg && mv build/pkg.partial build/pkg
+  ls -l build/pkg/*/wasmlm_bg.wasm
+}
+
 engine() {
   rust_setup
   say "engine: cargo build --release (native CLI: target/release/wasmlm)"
@@ -85,27 +151,103 @@ engine() {
 }
 
 run_tests() {
-  say "tests 1/2: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
+  say "tests 1/4: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
   "$PY" -m pytest tests/models -v -p no:cacheprovider
   rust_setup
-  say "tests 2/2: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
+  say "tests 2/4: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
   if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --cargo-profile test-release --locked --no-fail-fast
   else
     cargo test --profile test-release --locked --no-fail-fast
   fi
+  test_wasm
+  test_e2e
+}
+
+test_wasm() {
+  say "tests 3/4: the wasm builds in Node (wasm-bindgen-test)"
+  wasm
+  wasm_expectations
+  wasm_test_flavour simd "-C target-feature=+simd128"
+  wasm_test_flavour nosimd ""
+}
+
+test_e2e() {
+  say "tests 4/4: the page, end to end, in headless Chromium"
+  [[ -d build/pkg ]] || wasm
+  models smollm2-135m
+  test_baselines
+  MODELS=(smollm2-135m)
+  dist build/test/dist build/test/baselines.json
+  e2e build/test/dist
+}
+
+# The parity protocol's expectations for the wasm tests (tests/wasm.rs): ONNX Runtime's and the
+# native engine's logits and greedy tokens on the tiny models' with-past files.
+WASM_TEST_PROMPT=(510 2317 314 260 3575 282 4649)
+wasm_expectations() {
+  cargo build --profile test-release --locked --bin wasmlm
+  for model in tiny-gpt2 tiny-llama; do
+    models "$model" >/dev/null
+    mkdir -p "build/wasm-test/$model"
+    for file in model.with_past.onnx model.with_past.int8.onnx model.with_past.report-int8.onnx; do
+      local base="build/wasm-test/$model/$file"
+      (cd models && ../"$PY" -m wasmlm_models reference "../build/models/$model" --file "$file" --decode 3 \
+          --greedy 32 --prompt "${WASM_TEST_PROMPT[@]}") > "$base.ort.json.partial"
+      ./target/test-release/wasmlm trace --bundle "build/models/$model" --file "$file" --decode 3 --greedy 32 \
+          "${WASM_TEST_PROMPT[@]}" > "$base.native.json.partial"
+      mv "$base.ort.json.partial" "$base.ort.json" && mv "$base.native.json.partial" "$base.native.json"
+    done
+  done
+}
+
+# tests/wasm.rs under wasm-bindgen-test in Node, for one flavour (same RUSTFLAGS and target dir
+# as its build, so the dependencies are not rebuilt).
+wasm_test_flavour() {
+  local flavour=$1 rustflags=$2
+  say "tests: wasm engine ($flavour build) in Node, against the native engine and ONNX Runtime"
+  WASMLM_ROOT="$PWD" RUSTFLAGS="$rustflags" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    WASM_BINDGEN_TEST_TIMEOUT=600 \
+    cargo test --release --locked --target wasm32-unknown-unknown --target-dir "target/wasm-$flavour" --test wasm
+}
+
+e2e() {
+  say "tests: the page in headless Chromium (default model; tests/e2e/e2e.mjs)"
+  if [[ ! -x /usr/bin/chromium ]]; then
+    say "setup: apt-get install chromium chromium-driver"
+    local sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+  (cd tests/e2e && npm ci --no-audit --no-fund --silent)
+  node tests/e2e/e2e.mjs "$1"
+}
+
+# A small native table for the end-to-end test: the default file's ONNX Runtime and tract native
+# rows, 1 thread, measured now (the full table is ./build.sh baselines, much longer).
+test_baselines() {
+  local out=build/test/baselines.json file=model.with_past.int8.onnx
+  say "tests: native rows for the default file (ONNX Runtime, tract native; 1 thread)"
+  mkdir -p build/test && rm -f "$out"
+  (cd models && ../"$PY" -m wasmlm_models baselines ../build/models/smollm2-135m --out "../$out" --threads 1 \
+      --backends onnxruntime --files "$file")
+  cargo build --release --locked --bin wasmlm
+  ./target/release/wasmlm bench --bundle build/models/smollm2-135m --file "$file" --threads 1 --out "$out" \
+      --text ../shared/data/tinyshakespeare.txt
 }
 
 cmd=${1:-all}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
-  all) setup; models; engine; baselines; dist; serve ;;
+  all) setup; models; engine; wasm; baselines; dist; serve ;;
   setup) setup ;;
   models) setup; models "$@" ;;
   engine) engine ;;
+  wasm) wasm ;;
   baselines) setup; engine; baselines ;;
-  dist) dist ;;
+  dist) dist "$@" ;;
   serve) serve ;;
   test) setup; run_tests "$@" ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|baselines|dist|serve|test]" >&2; exit 2 ;;
+  test-wasm) setup; test_wasm ;;
+  test-e2e) setup; test_e2e ;;
+  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|test|test-wasm|test-e2e]" >&2; exit 2 ;;
 esac

@@ -33,7 +33,7 @@ pub fn prompt_ids(engine: &Engine, text: &str) -> Result<Vec<u32>> {
 }
 
 /// (prefill ms, decode step ms...) of one greedy run.
-fn one_run(engine: &Engine, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
+pub fn one_run(engine: &Engine, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
     let mut session = engine.session()?;
     let t = now_ms();
     let mut logits = session.prefill(prompt)?;
@@ -48,24 +48,52 @@ fn one_run(engine: &Engine, prompt: &[u32]) -> Result<(f64, Vec<f64>)> {
     Ok((prefill, steps))
 }
 
-/// One bench row for the loaded engine.
-pub fn row(engine: &Engine, prompt: &[u32], runs: usize, threads: usize) -> Result<Value> {
+/// The parity protocol shared by the tests (native and wasm) and `wasmlm trace`: the last
+/// position's logits after the prefill and after each of the first `decode` greedy steps, and
+/// the first `greedy` greedy tokens.
+pub fn greedy_trace(engine: &Engine, prompt: &[u32], decode: usize, greedy: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
+    let mut session = engine.session()?;
+    let mut logits = session.prefill(prompt)?;
+    let (mut rows, mut tokens) = (vec![logits.clone()], vec![]);
+    for _ in 0..greedy.max(decode) {
+        tokens.push(argmax(&logits));
+        logits = session.step(*tokens.last().unwrap())?;
+        if rows.len() <= decode {
+            rows.push(logits.clone());
+        }
+    }
+    tokens.truncate(greedy);
+    Ok((rows, tokens))
+}
+
+/// A row's identity and what was loaded; the measurements are added by `add_runs`.
+pub fn base_row(engine: &Engine, backend: &str, prompt_tokens: usize, threads: usize) -> Value {
     let info = &engine.info;
-    let mut row = json!({
-        "model": info.model, "backend": "tract native", "precision": info.precision,
+    json!({
+        "model": info.model, "backend": backend, "precision": info.precision,
         "preset": info.preset, "cache": info.cache, "threads": threads,
         "real_weights": info.real_weights, "file": info.file, "file_bytes": info.file_bytes,
-        "load_ms": (info.load_ms * 10.0).round() / 10.0, "prompt_tokens": prompt.len(),
+        "load_ms": (info.load_ms * 10.0).round() / 10.0, "prompt_tokens": prompt_tokens,
         "engine": format!("wasmlm {} (tract 0.23.9)", env!("CARGO_PKG_VERSION")),
-    });
+    })
+}
+
+/// The measured runs (warm-up excluded) of a graph with a cache, summarized into `row`.
+pub fn add_runs(row: &mut Value, results: &[(f64, Vec<f64>)]) {
+    let prefill: Vec<f64> = results.iter().map(|r| r.0).collect();
+    let decode: Vec<f64> = results.iter().map(|r| r.1.iter().sum::<f64>() / r.1.len() as f64).collect();
+    row["prefill_ms"] = summary(&prefill);
+    row["decode_ms_per_token"] = summary(&decode);
+    row["new_tokens"] = json!(NEW_TOKENS);
+}
+
+/// One bench row for the loaded engine.
+pub fn row(engine: &Engine, prompt: &[u32], runs: usize, threads: usize) -> Result<Value> {
+    let mut row = base_row(engine, "tract native", prompt.len(), threads);
     if engine.graph.conv.has_cache() {
         one_run(engine, prompt)?; // warm-up
         let results: Vec<(f64, Vec<f64>)> = (0..runs).map(|_| one_run(engine, prompt)).collect::<Result<_>>()?;
-        let prefill: Vec<f64> = results.iter().map(|r| r.0).collect();
-        let decode: Vec<f64> = results.iter().map(|r| r.1.iter().sum::<f64>() / r.1.len() as f64).collect();
-        row["prefill_ms"] = summary(&prefill);
-        row["decode_ms_per_token"] = summary(&decode);
-        row["new_tokens"] = json!(NEW_TOKENS);
+        add_runs(&mut row, &results);
     } else {
         let mut latency = vec![];
         for i in 0..=runs.max(10) {

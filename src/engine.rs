@@ -65,6 +65,57 @@ impl Engine {
         Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
     }
 
+    /// A user's own files, without a manifest (the page's drag and drop): the cache layout is read
+    /// from the graph's declared input shapes, EOS from the usual special tokens (or the
+    /// tokenizer_config.json's eos_token), the chat template from tokenizer_config.json if given.
+    pub fn from_user_files(
+        name: &str,
+        onnx: &[u8],
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&[u8]>,
+        context: usize,
+        prep: Prepare,
+    ) -> Result<Engine> {
+        let t0 = now_ms();
+        let config: serde_json::Value = match tokenizer_config {
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map_err(|e| Error::Tokenizer(format!("tokenizer_config.json is not JSON: {e}")))?,
+            None => serde_json::Value::Null,
+        };
+        // The token's text: a plain string, or an AddedToken object {"content": ...}.
+        let token_text = |v: &serde_json::Value| {
+            v.as_str().map(String::from).or_else(|| v.get("content")?.as_str().map(String::from))
+        };
+        let template = config.get("chat_template").and_then(|v| v.as_str()).map(String::from);
+        let text = Text::from_bytes(tokenizer_json, template)?;
+        let mut eos_ids: Vec<u32> = config
+            .get("eos_token")
+            .and_then(token_text)
+            .and_then(|t| text.token_id(&t))
+            .into_iter()
+            .collect();
+        if eos_ids.is_empty() {
+            eos_ids = ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>", "<eos>"]
+                .iter()
+                .filter_map(|t| text.token_id(t))
+                .take(1)
+                .collect();
+        }
+        let graph = graph::load(onnx, None, prep)?;
+        let info = LoadedInfo {
+            model: name.into(),
+            real_weights: true,
+            file: name.into(),
+            file_bytes: onnx.len() as u64,
+            precision: None,
+            preset: None,
+            cache: Some(if graph.conv.has_cache() { "with_past" } else { "no_past" }.into()),
+            load_ms: now_ms() - t0,
+            nodes: graph.nodes,
+        };
+        Ok(Engine { graph: Arc::new(graph), text, eos_ids, context, info })
+    }
+
     /// From a bundle folder (native): reads manifest.json, the chosen ONNX file, tokenizer.json.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_dir(dir: &std::path::Path, file: Option<&str>, prep: Prepare) -> Result<Engine> {

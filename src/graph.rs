@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::infer::Factoid;
+#[cfg(not(target_arch = "wasm32"))]
 use tract_linalg::multithread::Executor;
 
 use crate::convention::Convention;
@@ -104,12 +105,26 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     }
     let typed = prepare(model, prep)?;
     let nodes = typed.nodes.len();
+    let options = run_options(prep)?;
+    let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn run_options(prep: Prepare) -> Result<RunOptions> {
     let mut options = RunOptions::default();
     if prep.threads > 1 {
         options.executor = Some(Executor::multithread(prep.threads));
     }
-    let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes })
+    Ok(options)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn run_options(prep: Prepare) -> Result<RunOptions> {
+    if prep.threads > 1 {
+        return Err(Error::Optimize("this WebAssembly build runs on one thread".into()));
+    }
+    Ok(RunOptions::default())
 }
 
 fn prepare(model: InferenceModel, prep: Prepare) -> Result<TypedModel> {

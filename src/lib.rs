@@ -15,6 +15,8 @@ pub mod manifest;
 pub mod sampler;
 pub mod session;
 pub mod text;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
 
 pub use engine::{Engine, LoadedInfo};
 pub use error::{Error, Result};

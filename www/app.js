@@ -1,36 +1,367 @@
-// The page's data views: model bundles (their manifests) and the native baseline table.
-// Everything from files goes in as text (textContent), never as HTML.
+// The page: model picker, prompt, streamed output, per-token timings, baseline table with the
+// browser's rows, benchmark mode. The engine runs in worker.js; this thread only draws.
+// Text from the model or from files always goes in with textContent, never as HTML.
 import { renderBaselines, renderBundles } from "./tables.js";
+import { TokenChart } from "./chart.js";
 
-const MODELS = ["smollm2-135m", "distilgpt2-shape"];
+const $ = (id) => document.getElementById(id);
+const state = {
+  worker: null,
+  manifests: [],
+  baselines: null,
+  live: [], // rows measured in this page
+  loaded: null, // {info, build}
+  running: null, // "generate" | "bench" | "load"
+  events: [],
+  benchText: null,
+};
+const chart = new TokenChart($("chart"));
 
 async function fetchJson(url) {
-  const res = await fetch(url);
+  const res = await fetch(url, { cache: "no-cache" });
   if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
   return res.json();
 }
 
-function showError(el, err) {
-  el.textContent = err.message;
-  el.className = "error";
+function notice(text, kind = "note") {
+  const p = document.createElement("p");
+  p.className = kind;
+  p.textContent = text;
+  $("notices").appendChild(p);
 }
 
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "note";
+}
+
+function setRunning(what) {
+  state.running = what;
+  const ready = !!state.loaded && !what;
+  $("generate").disabled = !ready;
+  $("bench").disabled = !ready || !state.loaded.info.has_cache;
+  $("load").disabled = !!what;
+  $("stop").disabled = !(what === "generate" || what === "bench");
+}
+
+function percentile(sorted, q) {
+  if (!sorted.length) return 0;
+  const pos = (q / 100) * (sorted.length - 1);
+  const lo = Math.floor(pos), hi = Math.ceil(pos);
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
+}
+
+function renderTable() {
+  if (state.baselines) renderBaselines($("baselines"), $("machine"), state.baselines, state.live);
+}
+
+// ---- worker -------------------------------------------------------------------------------
+
+function startWorker() {
+  state.worker?.terminate();
+  state.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+  state.worker.onmessage = (e) => onWorkerMessage(e.data);
+  state.worker.onerror = (e) => {
+    setStatus(`the engine's worker failed: ${e.message || "could not start (module workers need a recent browser)"}`, true);
+    setRunning(null);
+  };
+}
+
+function onWorkerMessage(msg) {
+  switch (msg.type) {
+    case "status":
+      setStatus(msg.text);
+      break;
+    case "notice":
+      notice(msg.text);
+      break;
+    case "progress": {
+      const bar = $("progress");
+      bar.hidden = false;
+      bar.max = msg.total;
+      bar.value = msg.loaded;
+      const pct = ((100 * msg.loaded) / msg.total).toFixed(0);
+      const mb = (b) => (b / 1e6).toFixed(1);
+      $("progress-text").textContent = msg.cached
+        ? `${msg.file}: ${mb(msg.total)} MB from the browser's cache`
+        : `${msg.file}: ${mb(msg.loaded)} / ${mb(msg.total)} MB (${pct}%)`;
+      break;
+    }
+    case "ready": {
+      state.loaded = { info: msg.info, build: msg.build };
+      const i = msg.info;
+      setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (graph prepared in ${(i.load_ms / 1000).toFixed(1)} s)`);
+      $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
+        `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
+        `${i.cache}, ${i.nodes} nodes, context ${i.context}. Engine: wasmlm ${msg.build.version}, ` +
+        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread.`;
+      $("chat").disabled = !i.has_chat_template;
+      if (!i.has_chat_template) $("chat").checked = false;
+      setRunning(null);
+      break;
+    }
+    case "token":
+      onToken(msg);
+      break;
+    case "done":
+      onDone(msg);
+      break;
+    case "bench-progress":
+      $("bench-status").textContent = msg.run === 0 ? "warm-up run…" : `run ${msg.run} of ${msg.of}…`;
+      break;
+    case "bench-done":
+      onBenchDone(msg.row);
+      break;
+    case "error":
+      if (msg.during === "load") state.loaded = null;
+      setStatus(`${msg.during}: ${msg.message}`, true);
+      if (state.running === "bench") $("bench-status").textContent = "";
+      if (msg.fatal) {
+        notice("The engine crashed (see the console); it was restarted: load the model again.", "error");
+        state.loaded = null;
+        startWorker();
+      }
+      setRunning(null);
+      break;
+  }
+}
+
+// ---- model picker and loading ------------------------------------------------------------
+
+function fillPicker() {
+  const select = $("model");
+  select.replaceChildren();
+  for (const m of state.manifests) {
+    if (m.error) continue;
+    const group = document.createElement("optgroup");
+    group.label = m.id + (m.real_weights ? "" : " (random weights)");
+    const onnx = m.files.filter((f) => f.kind === "onnx");
+    // the bundle's default first, then with past before without, INT8 before FP32
+    const rank = (f) => [f.name === m.default.file ? 0 : 1, f.cache === "with_past" ? 0 : 1, f.precision === "int8" ? 0 : 1];
+    onnx.sort((a, b) => {
+      const [ra, rb] = [rank(a), rank(b)];
+      return ra[0] - rb[0] || ra[1] - rb[1] || ra[2] - rb[2];
+    });
+    for (const f of onnx) {
+      const opt = document.createElement("option");
+      opt.value = JSON.stringify({ id: m.id, file: f.name });
+      opt.textContent = `${m.id}: ${f.precision.toUpperCase()}${f.preset ? " " + f.preset : ""}, ` +
+        `${f.cache === "with_past" ? "KV cache" : "no cache"} (${(f.bytes / 1e6).toFixed(0)} MB)` +
+        (f.name === m.default.file ? " [default]" : "");
+      opt.selected = m.id === state.manifests[0].id && f.name === m.default.file;
+      group.appendChild(opt);
+    }
+    select.appendChild(group);
+  }
+  if (!select.options.length) setStatus("no model bundle is built: run ./build.sh", true);
+}
+
+function load(source) {
+  state.loaded = null;
+  setRunning("load");
+  $("progress").hidden = true;
+  $("progress-text").textContent = "";
+  state.worker.postMessage({ type: "load", source });
+}
+
+$("load").onclick = () => {
+  if (!$("model").value) return;
+  const { id, file } = JSON.parse($("model").value);
+  load({ kind: "bundle", base: `models/${id}/`, file });
+};
+
+function userFiles(files) {
+  const list = Array.from(files);
+  const onnx = list.filter((f) => f.name.toLowerCase().endsWith(".onnx"));
+  const tokenizer = list.find((f) => f.name === "tokenizer.json");
+  const config = list.find((f) => f.name === "tokenizer_config.json");
+  const problems = [];
+  if (onnx.length !== 1) problems.push(onnx.length ? "only one .onnx file at a time" : "an .onnx file");
+  if (!tokenizer) problems.push("its tokenizer.json");
+  if (problems.length) {
+    setStatus(`drop needs ${problems.join(" and ")} (got: ${list.map((f) => f.name).join(", ") || "nothing"})`, true);
+    return;
+  }
+  const context = Number($("user-context").value) || 2048;
+  load({ kind: "user", name: onnx[0].name, onnx: onnx[0], tokenizer, config, context });
+}
+
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (state.running) return setStatus(`busy (${state.running})`, true);
+  userFiles(e.dataTransfer.files);
+});
+$("files").onchange = (e) => userFiles(e.target.files);
+
+// ---- generation ---------------------------------------------------------------------------
+
+function options() {
+  const num = (id) => Number($(id).value);
+  return {
+    chat: $("chat").checked,
+    max_new_tokens: num("max-new-tokens"),
+    temperature: num("temperature"),
+    top_k: num("top-k"),
+    top_p: num("top-p"),
+    repetition_penalty: num("repetition-penalty"),
+    seed: num("seed"),
+  };
+}
+
+$("generate").onclick = () => {
+  state.events = [];
+  $("output").textContent = "";
+  $("stats").replaceChildren();
+  chart.reset();
+  setRunning("generate");
+  state.worker.postMessage({ type: "generate", prompt: $("prompt").value, options: options() });
+};
+
+$("stop").onclick = () => state.worker.postMessage({ type: "cancel" });
+
+function onToken(ev) {
+  state.events.push(ev);
+  $("output").append(document.createTextNode(ev.text)); // text, never HTML
+  if (!ev.prefill) chart.push(ev.ms);
+  renderStats();
+}
+
+function stats(events) {
+  const prefill = events.find((e) => e.prefill);
+  const decode = events.filter((e) => !e.prefill).map((e) => e.ms);
+  const total = decode.reduce((a, b) => a + b, 0);
+  const sorted = [...decode].sort((a, b) => a - b);
+  return {
+    ttft: prefill ? prefill.ms : 0,
+    median: percentile(sorted, 50),
+    p90: percentile(sorted, 90),
+    tps: total > 0 ? (decode.length * 1000) / total : 0,
+    decode,
+  };
+}
+
+function renderStats(extra = []) {
+  const s = stats(state.events);
+  const items = [
+    ["time to first token (prefill)", `${s.ttft.toFixed(1)} ms`],
+    ["tokens", String(state.events.length)],
+    ["decode ms/token, median", s.median.toFixed(2)],
+    ["decode ms/token, p90", s.p90.toFixed(2)],
+    ["tokens/s (decode)", s.tps.toFixed(1)],
+    ...extra,
+  ];
+  const dl = $("stats");
+  dl.replaceChildren();
+  for (const [k, v] of items) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dd.dataset.key = k;
+    dl.append(dt, dd);
+  }
+}
+
+function liveRowBase(info, build) {
+  return {
+    model: info.model, backend: `tract wasm ${build.simd}`, precision: info.precision, preset: info.preset,
+    cache: info.cache, threads: 1, file: info.file, file_bytes: info.file_bytes,
+    browser: navigator.userAgent,
+  };
+}
+
+function onDone(msg) {
+  renderStats([["prompt tokens", String(msg.promptTokens ?? "")], ["stopped by", msg.reason ?? ""]]);
+  const s = stats(state.events);
+  if (state.loaded && s.decode.length > 0 && state.running === "generate") {
+    const round = (x) => Math.round(x * 1000) / 1000;
+    const row = {
+      ...liveRowBase(state.loaded.info, state.loaded.build), kind: `last generation, ${s.decode.length} decode steps`,
+      decode_ms_per_token: { median: round(s.median), p90: round(s.p90), runs: 1 },
+      prefill_ms: { median: round(s.ttft), p90: round(s.ttft), runs: 1 },
+      prompt_tokens: msg.promptTokens,
+    };
+    state.live = state.live.filter((r) => !r.kind?.startsWith("last generation")).concat([row]);
+    renderTable();
+  }
+  if (state.running === "bench") $("bench-status").textContent = "cancelled";
+  setRunning(null);
+}
+
+// ---- benchmark mode -----------------------------------------------------------------------
+
+$("bench").onclick = async () => {
+  try {
+    if (!state.benchText) {
+      const res = await fetch("bench-prompt.txt");
+      if (!res.ok) throw new Error(`bench-prompt.txt: HTTP ${res.status}`);
+      state.benchText = await res.text();
+    }
+  } catch (err) {
+    $("bench-status").textContent = err.message;
+    return;
+  }
+  $("bench-download").hidden = true;
+  setRunning("bench");
+  state.worker.postMessage({ type: "bench", text: state.benchText, runs: Number($("bench-runs").value) || 5 });
+};
+
+function onBenchDone(row) {
+  const { info, build } = state.loaded;
+  const full = {
+    ...row, ...liveRowBase(info, build), kind: "benchmark mode",
+    decode_ms_per_token: row.decode_ms_per_token, prefill_ms: row.prefill_ms,
+    simd_build: build.simd, simd_supported: build.simdSupported,
+    hardware_concurrency: navigator.hardwareConcurrency, measured_at: new Date().toISOString(),
+  };
+  state.live = state.live.filter((r) => !(r.kind === "benchmark mode" && r.file === full.file && r.model === full.model))
+    .concat([full]);
+  renderTable();
+  const d = full.decode_ms_per_token;
+  $("bench-status").textContent = `decode ${d.median} ms/token median, ${d.p90} p90 over ${d.runs} runs; ` +
+    `prefill ${full.prefill_ms.median} ms`;
+  const a = $("bench-download");
+  if (a.href) URL.revokeObjectURL(a.href);
+  a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
+  a.hidden = false;
+  setRunning(null);
+}
+
+// ---- start --------------------------------------------------------------------------------
+
 async function main() {
-  const bundlesEl = document.getElementById("bundles");
-  const manifests = [];
-  for (const id of MODELS) {
+  if (typeof WebAssembly !== "object") {
+    setStatus("This browser has no WebAssembly: the engine cannot run here.", true);
+    return;
+  }
+  startWorker();
+  chart.draw();
+  let ids = ["smollm2-135m", "distilgpt2-shape"];
+  try {
+    ids = (await fetchJson("models/index.json")).models;
+  } catch {
+    // a folder assembled by hand: try the two usual bundles
+  }
+  for (const id of ids) {
     try {
-      manifests.push(await fetchJson(`models/${id}/manifest.json`));
+      state.manifests.push(await fetchJson(`models/${id}/manifest.json`));
     } catch (err) {
-      manifests.push({ id, error: err.message });
+      state.manifests.push({ id, error: err.message });
     }
   }
-  renderBundles(bundlesEl, manifests);
-  const tableEl = document.getElementById("baselines");
+  renderBundles($("bundles"), state.manifests);
+  fillPicker();
+  setRunning(null);
   try {
-    renderBaselines(tableEl, document.getElementById("machine"), await fetchJson("baselines.json"));
+    state.baselines = await fetchJson("baselines.json");
+    renderTable();
   } catch (err) {
-    showError(tableEl, err);
+    $("baselines").textContent = `${err.message} (run ./build.sh baselines)`;
+    $("baselines").className = "error";
   }
 }
 

@@ -43,16 +43,39 @@ export function renderBundles(container, manifests) {
     ["model", "file is", "file", "MiB", "top-1 agreement with FP32", "perplexity ratio"], rows));
 }
 
-export function renderBaselines(container, machineEl, data) {
+// The native row a browser row compares with: same model, file and thread count.
+function nativeMedian(rows, r, backend) {
+  const n = rows.find((x) => x.backend === backend && x.model === r.model && x.file === r.file &&
+    x.threads === r.threads && x.decode_ms_per_token);
+  return n ? n.decode_ms_per_token.median : null;
+}
+
+// `live`: rows measured in this page (a generation or the benchmark mode), shown last and
+// compared with the native rows of the same file and thread count.
+export function renderBaselines(container, machineEl, data, live = []) {
   const m = data.machine;
-  machineEl.textContent = `Measured on ${m.cpu}, ${m.cores} cores (${m.simd.join(" ")}); ` +
-    `batch 1, ${data.protocol.prompt_tokens}-token prompt, ${data.protocol.new_tokens} new tokens.`;
-  const rows = data.rows.map((r) => [
-    r.model, r.backend, r.precision, r.preset || "", r.cache, r.threads,
+  machineEl.textContent = `Native rows measured on ${m.cpu}, ${m.cores} cores (${m.simd.join(" ")}); ` +
+    `batch 1, ${data.protocol.prompt_tokens}-token prompt, ${data.protocol.new_tokens} new tokens. ` +
+    "Rows marked \u201cthis browser\u201d are measured here, now.";
+  const ratio = (r) => {
+    if (!r.live || !r.decode_ms_per_token) return "";
+    const parts = [];
+    for (const [label, backend] of [["tract native", "tract native"], ["ORT", "onnxruntime"]]) {
+      const n = nativeMedian(data.rows, r, backend);
+      if (n) parts.push(`${(r.decode_ms_per_token.median / n).toFixed(2)}\u00d7 ${label}`);
+    }
+    return parts.join(", ") || "no native row for this file";
+  };
+  const all = data.rows.concat(live.map((r) => ({ ...r, live: true })));
+  const rows = all.map((r) => [
+    r.model, r.live ? `${r.backend} (this browser${r.kind ? ", " + r.kind : ""})` : r.backend,
+    r.precision || "", r.preset || "", r.cache || "", r.threads,
     r.error ? `failed: ${r.error}` : stat(r.decode_ms_per_token),
-    stat(r.prefill_ms || r.latency_ms), r.peak_rss_mib ?? "",
+    stat(r.prefill_ms || r.latency_ms), r.peak_rss_mib ?? "", ratio(r),
   ]);
-  container.replaceChildren(table(
+  const t = table(
     ["model", "backend", "precision", "preset", "cache", "threads",
-     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB"], rows));
+     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB", "browser / native (decode)"], rows);
+  t.tBodies[0].querySelectorAll("tr").forEach((tr, i) => { if (all[i].live) tr.className = "live"; });
+  container.replaceChildren(t);
 }

@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompt source")
     t.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     t.add_argument("--backends", nargs="+", choices=["pytorch", "bitsandbytes", "onnxruntime"])
+    t.add_argument("--files", nargs="+", help="only these ONNX files (ONNX Runtime rows only)")
     t.add_argument("--cache-dir", type=Path, default=Path("build/hf"),
                    help="where the FP32 Hugging Face copies for the PyTorch rows are kept")
     f = sub.add_parser("reference", help="ONNX Runtime reference logits and greedy tokens (JSON)")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle.build(args.ref, args.out, args.text, args.presets, args.force)
         else:
             baselines.build(args.bundles, args.out, args.text, args.threads,
-                            args.cache_dir.resolve(), args.backends)
+                            args.cache_dir.resolve(), args.backends, args.files)
     except (sources.SourceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

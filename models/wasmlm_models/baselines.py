@@ -91,16 +91,19 @@ def merge(path: Path, new_rows: list[dict], header: dict) -> dict:
 
 
 def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_dir: Path,
-          backends: list[str] | None = None) -> dict:
+          backends: list[str] | None = None, only_files: list[str] | None = None) -> dict:
     rows, models = [], {}
     for bundle in map(Path.resolve, bundles):
         manifest = json.loads((bundle / "manifest.json").read_text())
         prompt = prompt_ids(bundle, text)
         models[manifest["id"]] = {"prompt_ids": prompt, "prompt_source": f"first tokens of {text.name}",
                                   "real_weights": manifest["real_weights"]}
-        hf = hf_folder(manifest, cache_dir)
+        # the PyTorch rows' model folder (not needed when only ONNX files are measured)
+        hf = hf_folder(manifest, cache_dir) if not only_files else None
         for spec in specs(bundle, manifest, hf, prompt, threads):
             if backends and spec["backend"] not in backends:
+                continue
+            if only_files and Path(spec.get("file") or "").name not in only_files:
                 continue
             log(f"{spec['model']}: {spec['backend']} {spec['precision']} {spec.get('preset') or ''} "
                 f"{spec['cache']} x{spec['threads']} thread(s)")

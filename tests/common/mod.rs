@@ -75,18 +75,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Engine logits for the same protocol as `reference`: prefill, then greedy steps.
 pub fn engine_run(engine: &wasmlm::Engine, prompt: &[u32], decode: usize, greedy: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut session = engine.session().unwrap();
-    let mut logits = session.prefill(prompt).unwrap();
-    let (mut rows, mut tokens) = (vec![logits.clone()], vec![]);
-    for _ in 0..greedy.max(decode) {
-        tokens.push(wasmlm::sampler::argmax(&logits));
-        logits = session.step(*tokens.last().unwrap()).unwrap();
-        if rows.len() <= decode {
-            rows.push(logits.clone());
-        }
-    }
-    tokens.truncate(greedy);
-    (rows, tokens)
+    wasmlm::bench::greedy_trace(engine, prompt, decode, greedy).unwrap()
 }
 
 pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {

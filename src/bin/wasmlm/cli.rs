@@ -1,10 +1,4 @@
-//! wasmlm's native CLI: a thin shell over the library.
-//!
-//!   wasmlm generate --bundle DIR [--file NAME] [--chat] [--max-new-tokens N] [--temperature T]
-//!                   [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop STR]… PROMPT
-//!   wasmlm bench --bundle DIR… --out baselines.json [--runs N] [--text FILE] [--threads N]…
-//!   wasmlm bench-row --bundle DIR --file NAME --runs N --text FILE --threads N   (one row)
-//!   wasmlm profile --bundle DIR [--file NAME] [--steps N] [--threads N]   (decode time per op)
+//! The native CLI's commands (see main.rs).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -120,9 +114,13 @@ fn bench_all(mut a: Args) -> Res<()> {
     let bundles = a.values("--bundle")?;
     let threads = a.values("--threads")?;
     let threads = if threads.is_empty() { vec!["1".to_string(), "2".into()] } else { threads };
+    let only = a.values("--file")?;
     let mut rows = vec![];
     for (bundle, t) in bundles.iter().flat_map(|b| threads.iter().map(move |t| (b, t))) {
         for file in onnx_files(Path::new(bundle))? {
+            if !only.is_empty() && !only.contains(&file) {
+                continue;
+            }
             eprintln!("[bench] {bundle} {file} x{t} thread(s)");
             // Each row in its own process, so its peak RSS is its own.
             let o = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
@@ -177,7 +175,20 @@ fn profile(mut a: Args) -> Res<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
+/// The parity protocol's output as JSON, for the wasm build's tests to compare with.
+fn trace(mut a: Args) -> Res<()> {
+    let bundle = PathBuf::from(a.required("--bundle")?);
+    let file = a.value("--file")?;
+    let decode: usize = a.parsed("--decode")?.unwrap_or(3);
+    let greedy: usize = a.parsed("--greedy")?.unwrap_or(32);
+    let prompt: Vec<u32> = a.0.iter().map(|t| t.parse().map_err(|_| format!("not a token id: {t}"))).collect::<Res<_>>()?;
+    let engine = Engine::from_dir(&bundle, file.as_deref(), Prepare::default()).map_err(|e| e.to_string())?;
+    let (logits, tokens) = bench::greedy_trace(&engine, &prompt, decode, greedy).map_err(|e| e.to_string())?;
+    println!("{}", serde_json::json!({ "prompt": prompt, "logits": logits, "tokens": tokens }));
+    Ok(())
+}
+
+pub fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
         eprintln!("usage: wasmlm generate|bench|bench-row … (see src/bin/wasmlm.rs)");
@@ -190,6 +201,7 @@ fn main() -> ExitCode {
         "bench" => bench_all(a),
         "bench-row" => bench_row(a),
         "profile" => profile(a),
+        "trace" => trace(a),
         other => Err(format!("unknown command {other:?}: generate, bench")),
     };
     match result {

@@ -1,0 +1,236 @@
+//! The JavaScript surface (wasm32 only). It converts types and nothing else: every rule lives in
+//! the engine, which the native CLI and tests run too.
+//!
+//! ```js
+//! const engine = Engine.fromBundle(manifestText, "model.with_past.int8.onnx", onnxBytes, tokenizerBytes, {});
+//! const session = engine.session();              // the KV cache, held inside the engine
+//! let ev = session.prefill("What is the capital of France?", { chat: true, max_new_tokens: 32 });
+//! while (ev) { show(ev.text, ev.ms); ev = session.next(); }   // one call per token
+//! session.stopReason;                              // "Eos" | "StopString" | "MaxTokens" | "ContextFull"
+//! session.free(); engine.free();
+//! ```
+//! Errors arrive as JS `Error`s carrying the engine's message; a panic is logged with its
+//! message by console_error_panic_hook (and leaves the instance unusable: the page reloads it).
+
+use std::rc::Rc;
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+use crate::bench;
+use crate::engine::Engine;
+use crate::generate::{GenerateOptions, Generation};
+use crate::graph::Prepare;
+use crate::manifest::Manifest;
+use crate::session::Session;
+
+#[wasm_bindgen(start)]
+pub fn start() {
+    console_error_panic_hook::set_once();
+}
+
+/// The crate version and the build's SIMD flavour, for the page's row labels.
+#[wasm_bindgen(js_name = buildInfo)]
+pub fn build_info() -> JsValue {
+    let simd = if cfg!(target_feature = "relaxed-simd") {
+        "relaxed-simd"
+    } else if cfg!(target_feature = "simd128") {
+        "simd128"
+    } else {
+        "none"
+    };
+    let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": "0.23.9" });
+    to_js(&info)
+}
+
+fn to_js<T: Serialize + ?Sized>(value: &T) -> JsValue {
+    // JSON-compatible: maps become plain objects, not Map.
+    let ser = serde_wasm_bindgen::Serializer::json_compatible();
+    value.serialize(&ser).unwrap_or(JsValue::UNDEFINED)
+}
+
+fn err(e: crate::Error) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str) -> Result<T, JsError> {
+    if value.is_undefined() || value.is_null() {
+        return Ok(T::default());
+    }
+    serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LoadOptions {
+    fold_constants: bool,
+    optimize: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        let p = Prepare::default();
+        LoadOptions { fold_constants: p.fold_constants, optimize: p.optimize }
+    }
+}
+
+impl LoadOptions {
+    fn prepare(&self) -> Prepare {
+        Prepare { fold_constants: self.fold_constants, optimize: self.optimize, threads: 1 }
+    }
+}
+
+/// A loaded model: its graph optimized once, its tokenizer. Sessions are made from it.
+#[wasm_bindgen(js_name = Engine)]
+pub struct JsEngine {
+    inner: Rc<Engine>,
+}
+
+#[wasm_bindgen(js_class = Engine)]
+impl JsEngine {
+    /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes,
+    /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest.
+    #[wasm_bindgen(js_name = fromBundle)]
+    pub fn from_bundle(
+        manifest_json: &str,
+        onnx_name: &str,
+        onnx: &[u8],
+        tokenizer_json: &[u8],
+        load_options: JsValue,
+    ) -> Result<JsEngine, JsError> {
+        let opts: LoadOptions = options(load_options, "load")?;
+        let manifest = Manifest::from_json(manifest_json).map_err(err)?;
+        let engine = Engine::from_bytes(&manifest, onnx_name, onnx, tokenizer_json, opts.prepare()).map_err(err)?;
+        Ok(JsEngine { inner: Rc::new(engine) })
+    }
+
+    /// A user's own ONNX file and tokenizer.json (tokenizer_config.json optional: chat template
+    /// and EOS), without a manifest; `context` bounds prompt + generated tokens.
+    #[wasm_bindgen(js_name = fromUserFiles)]
+    pub fn from_user_files(
+        name: &str,
+        onnx: &[u8],
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<Vec<u8>>,
+        context: usize,
+        load_options: JsValue,
+    ) -> Result<JsEngine, JsError> {
+        let opts: LoadOptions = options(load_options, "load")?;
+        let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+            .map_err(err)?;
+        Ok(JsEngine { inner: Rc::new(engine) })
+    }
+
+    /// What was loaded: model, file, bytes, precision, preset, cache, load_ms, nodes, plus
+    /// has_chat_template, eos_ids and context.
+    #[wasm_bindgen(getter)]
+    pub fn info(&self) -> JsValue {
+        let e = &self.inner;
+        let mut v = serde_json::to_value(&e.info).unwrap_or_default();
+        v["has_chat_template"] = e.text.has_chat_template().into();
+        v["eos_ids"] = serde_json::json!(e.eos_ids);
+        v["context"] = e.context.into();
+        v["has_cache"] = e.graph.conv.has_cache().into();
+        to_js(&v)
+    }
+
+    pub fn session(&self) -> Result<JsSession, JsError> {
+        let session = self.inner.session().map_err(err)?;
+        Ok(JsSession { engine: self.inner.clone(), session, generation: None })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, JsError> {
+        self.inner.text.encode(text).map_err(err)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, JsError> {
+        self.inner.text.decode(ids).map_err(err)
+    }
+
+    /// The bench prompt of the native protocol: the first 32 tokens of the text's first 2,000
+    /// characters.
+    #[wasm_bindgen(js_name = benchPrompt)]
+    pub fn bench_prompt(&self, text: &str) -> Result<Vec<u32>, JsError> {
+        bench::prompt_ids(&self.inner, text).map_err(err)
+    }
+
+    /// One run of the bench protocol (greedy, exactly 64 new tokens, EOS ignored) on a fresh
+    /// session: {prefill_ms, steps_ms: [63 decode steps]}. The page calls it once for the warm-up
+    /// and once per measured run, so progress and cancel get through between runs.
+    #[wasm_bindgen(js_name = benchRun)]
+    pub fn bench_run(&self, prompt: &[u32]) -> Result<JsValue, JsError> {
+        let (prefill, steps) = bench::one_run(&self.inner, prompt).map_err(err)?;
+        Ok(to_js(&serde_json::json!({ "prefill_ms": prefill, "steps_ms": steps })))
+    }
+
+    /// A row in baselines.json's format from the measured runs ([{prefill_ms, steps_ms}], the
+    /// warm-up excluded), summarized exactly as the native bench does.
+    #[wasm_bindgen(js_name = benchRow)]
+    pub fn bench_row(&self, runs: JsValue, prompt_tokens: usize, backend: &str) -> Result<JsValue, JsError> {
+        #[derive(Deserialize)]
+        struct Run {
+            prefill_ms: f64,
+            steps_ms: Vec<f64>,
+        }
+        let runs: Vec<Run> = options(runs, "bench runs")?;
+        let results: Vec<(f64, Vec<f64>)> = runs.into_iter().map(|r| (r.prefill_ms, r.steps_ms)).collect();
+        let mut row = bench::base_row(&self.inner, backend, prompt_tokens, 1);
+        bench::add_runs(&mut row, &results);
+        Ok(to_js(&row))
+    }
+}
+
+/// The KV-cache handle: one conversation's state inside the engine.
+#[wasm_bindgen(js_name = Session)]
+pub struct JsSession {
+    engine: Rc<Engine>,
+    session: Session,
+    generation: Option<Generation>,
+}
+
+#[wasm_bindgen(js_class = Session)]
+impl JsSession {
+    /// Start a generation: empties the cache, tokenizes the prompt (through the chat template
+    /// when options.chat), runs the prefill and returns the first token event
+    /// {id, text, ms, prefill: true}, or undefined if generation stopped at once.
+    /// Options: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos, chat.
+    pub fn prefill(&mut self, prompt: &str, generate_options: JsValue) -> Result<JsValue, JsError> {
+        let opts: GenerateOptions = options(generate_options, "generate")?;
+        self.session.reset();
+        self.generation = Some(Generation::new(&self.engine, prompt, opts).map_err(err)?);
+        self.next()
+    }
+
+    /// The next token event {id, text, ms, prefill: false}, or undefined once stopped.
+    pub fn next(&mut self) -> Result<JsValue, JsError> {
+        let generation = self.generation.as_mut().ok_or_else(|| JsError::new("call prefill() first"))?;
+        match generation.next(&self.engine, &mut self.session).map_err(err)? {
+            Some(event) => Ok(to_js(&event)),
+            None => Ok(JsValue::UNDEFINED),
+        }
+    }
+
+    /// Why the generation stopped ("Eos", "StopString", "MaxTokens", "ContextFull"), if it has.
+    #[wasm_bindgen(getter, js_name = stopReason)]
+    pub fn stop_reason(&self) -> Option<String> {
+        self.generation.as_ref()?.stopped.map(|s| format!("{s:?}"))
+    }
+
+    /// Tokens of the prompt being generated from.
+    #[wasm_bindgen(getter, js_name = promptTokens)]
+    pub fn prompt_tokens(&self) -> usize {
+        self.generation.as_ref().map(|g| g.prompt_tokens()).unwrap_or(0)
+    }
+
+    /// Tokens in the cache.
+    #[wasm_bindgen(getter)]
+    pub fn length(&self) -> usize {
+        self.session.len()
+    }
+
+    /// Empty the cache and forget the generation.
+    pub fn reset(&mut self) {
+        self.session.reset();
+        self.generation = None;
+    }
+}

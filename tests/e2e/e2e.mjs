@@ -1,0 +1,146 @@
+// End to end, in Debian's headless Chromium (driven by playwright-core; no browser download):
+// serve the built dist/ folder the way `./build.sh serve` does, load the default model (SmolLM2
+// INT8 with past) through the page, ask "What is the capital of France?" in chat mode, and check
+// that "Paris" streams into the output, that the per-token timings are positive, that the live
+// row and the benchmark row land in the baseline table, and that generated markup ("<b>") shows
+// as text. A screenshot goes to tests/out/e2e.png.
+//
+//   node tests/e2e/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
+import { spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { createServer } from "node:net";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = resolve(here, "../..");
+const dist = resolve(process.argv[2] || resolve(repo, "dist"));
+const out = resolve(repo, "tests/out");
+const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+mkdirSync(out, { recursive: true });
+
+function log(...args) {
+  console.log(`[e2e ${new Date().toISOString().slice(11, 19)}]`, ...args);
+}
+
+async function freePort() {
+  return new Promise((ok, fail) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => ok(port)); });
+    s.on("error", fail);
+  });
+}
+
+async function serve(port) {
+  // The same static server as ./build.sh serve.
+  const server = spawn("python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", dist],
+    { stdio: ["ignore", "ignore", "pipe"] });
+  for (let i = 0; i < 100; i++) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/index.html`);
+      if (res.ok) return server;
+    } catch { /* not up yet */ }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  server.kill();
+  throw new Error("the static server did not start");
+}
+
+async function generate(page, prompt, maxNew) {
+  await page.fill("#prompt", prompt);
+  await page.fill("#max-new-tokens", String(maxNew));
+  await page.click("#generate");
+  // done: the stats carry "stopped by"
+  await page.waitForSelector('#stats dd[data-key="stopped by"]', { timeout: 300_000 });
+  const text = await page.textContent("#output");
+  const stat = async (key) => Number(await page.textContent(`#stats dd[data-key="${key}"]`).then((t) => t.split(" ")[0]));
+  return {
+    text,
+    ttft: await stat("time to first token (prefill)"),
+    median: await stat("decode ms/token, median"),
+    p90: await stat("decode ms/token, p90"),
+    tokens: await stat("tokens"),
+    stoppedBy: await page.textContent('#stats dd[data-key="stopped by"]'),
+  };
+}
+
+async function main() {
+  const port = await freePort();
+  const server = await serve(port);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"],
+  });
+  const errors = [];
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 1600 } });
+    page.on("pageerror", (e) => errors.push(`pageerror: ${e.message}`));
+    page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
+    const url = `http://127.0.0.1:${port}/`;
+    log("open", url);
+    await page.goto(url);
+    await page.waitForSelector("#model option", { state: "attached" });
+    const picked = JSON.parse(await page.inputValue("#model"));
+    assert.equal(picked.id, "smollm2-135m", "the default model is preselected");
+    assert.equal(picked.file, "model.with_past.int8.onnx", "the default file is preselected");
+    assert.ok(await page.locator("#baselines table tbody tr").count() > 0, "the native baseline table is shown");
+
+    log("load", picked.file);
+    const t0 = Date.now();
+    await page.click("#load");
+    await page.waitForFunction(() => !document.querySelector("#generate").disabled ||
+      document.querySelector("#status").className === "error", null, { timeout: 600_000 });
+    const status = await page.textContent("#status");
+    assert.ok(!(await page.getAttribute("#status", "class")).includes("error"), `load failed: ${status}`);
+    log(`ready after ${((Date.now() - t0) / 1000).toFixed(1)} s: ${status}`);
+    log(await page.textContent("#model-info"));
+    assert.match(await page.textContent("#progress-text"), /MB/, "download progress was shown");
+
+    // 1. The question, in chat mode (the page's default), greedy.
+    await page.check("#chat");
+    const paris = await generate(page, "What is the capital of France?", 16);
+    log("answer:", JSON.stringify(paris));
+    assert.match(paris.text, /Paris/, "the answer names Paris");
+    assert.ok(paris.ttft > 0 && paris.median > 0 && paris.p90 >= paris.median, "per-token timings are positive");
+    assert.ok(paris.tokens > 1);
+    assert.ok(await page.locator("#baselines tr.live").count() >= 1, "the live row landed in the table");
+    const ratio = await page.locator("#baselines tr.live td").last().textContent();
+    assert.match(ratio, /× tract native/, `the live row compares with the native row of the same file: ${ratio}`);
+
+    // 2. Generated markup shows as text, never as HTML.
+    const markup = await generate(page, "Write the HTML tag that makes text bold.", 16);
+    log("markup answer:", JSON.stringify(markup.text));
+    assert.ok(markup.text.includes("<b>"), `the model was expected to write <b>: ${markup.text}`);
+    assert.equal(await page.locator("#output *").count(), 0, "no element was created from generated text");
+    assert.ok((await page.innerText("#output")).includes("<b>"), "the tag shows as text");
+
+    // 3. Benchmark mode: the native bench's protocol; its row lands in the table.
+    await page.fill("#bench-runs", "3");
+    await page.click("#bench");
+    await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
+    const benchStatus = await page.textContent("#bench-status");
+    log("bench:", benchStatus);
+    const benchRow = page.locator("#baselines tr.live", { hasText: "benchmark mode" });
+    assert.equal(await benchRow.count(), 1, "the benchmark row is in the table");
+    const cells = await benchRow.locator("td").allTextContents();
+    log("bench row:", cells.join(" | "));
+    const [median] = cells[6].split(" / ").map(Number);
+    assert.ok(median > 0, "bench decode median is positive");
+
+    await page.screenshot({ path: resolve(out, "e2e.png"), fullPage: true });
+    log("screenshot:", resolve(out, "e2e.png"));
+    assert.deepEqual(errors, [], "no page errors");
+    log("passed");
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

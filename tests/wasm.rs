@@ -1,0 +1,175 @@
+//! The WebAssembly build in Node (wasm-bindgen-test): the same greedy tokens as the native engine
+//! and ONNX Runtime on the tiny models, through the JS surface (src/wasm.rs), and bad bytes give
+//! an error, not a panic. Run by `./build.sh test` for each wasm build (SIMD128 and without SIMD),
+//! after it wrote the expectations:
+//!   build/wasm-test/<model>/<file>.ort.json     ONNX Runtime: {logits, greedy}   (wasmlm_models reference)
+//!   build/wasm-test/<model>/<file>.native.json  native engine: {logits, tokens}  (wasmlm trace)
+//! WASMLM_ROOT (the repository) tells the test where they and the bundles are.
+#![cfg(target_arch = "wasm32")]
+
+use serde_json::Value;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_test::*;
+use wasmlm::wasm::{JsEngine, JsSession};
+use wasmlm::{bench, Engine, Manifest, Prepare};
+
+#[wasm_bindgen(module = "fs")]
+extern "C" {
+    #[wasm_bindgen(js_name = readFileSync, catch)]
+    fn read_file_sync(path: &str) -> Result<js_sys::Uint8Array, JsValue>;
+}
+
+const PROMPT: [u32; 7] = [510, 2317, 314, 260, 3575, 282, 4649];
+const FILES: [&str; 3] = ["model.with_past.onnx", "model.with_past.int8.onnx", "model.with_past.report-int8.onnx"];
+
+fn root() -> String {
+    let env = js_sys::Reflect::get(&js_sys::global(), &"process".into())
+        .and_then(|p| js_sys::Reflect::get(&p, &"env".into()))
+        .expect("process.env (these tests run in Node)");
+    js_sys::Reflect::get(&env, &"WASMLM_ROOT".into())
+        .ok()
+        .and_then(|v| v.as_string())
+        .expect("WASMLM_ROOT: the repository's path (./build.sh test sets it)")
+}
+
+fn read(path: &str) -> Vec<u8> {
+    read_file_sync(path).unwrap_or_else(|e| panic!("{path}: {e:?} (run ./build.sh test)")).to_vec()
+}
+
+fn json(path: &str) -> Value {
+    serde_json::from_slice(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+}
+
+/// A plain JS object, as a page passes (serde_wasm_bindgen's default would make a Map).
+fn js(v: &Value) -> JsValue {
+    use serde::Serialize;
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+struct Bundle {
+    dir: String,
+    manifest_text: String,
+    tokenizer: Vec<u8>,
+}
+
+fn bundle(model: &str) -> Bundle {
+    let dir = format!("{}/build/models/{model}", root());
+    let manifest_text = String::from_utf8(read(&format!("{dir}/manifest.json"))).unwrap();
+    let tokenizer = read(&format!("{dir}/tokenizer.json"));
+    Bundle { dir, manifest_text, tokenizer }
+}
+
+/// Logits and tokens of the wasm engine against the native engine's and ONNX Runtime's.
+fn parity(model: &str) {
+    let b = bundle(model);
+    let manifest = Manifest::from_json(&b.manifest_text).unwrap();
+    for file in FILES {
+        let expect = format!("{}/build/wasm-test/{model}/{file}", root());
+        let (ort, native) = (json(&format!("{expect}.ort.json")), json(&format!("{expect}.native.json")));
+        assert_eq!(ids(&native["prompt"]), PROMPT.to_vec());
+        let onnx = read(&format!("{}/{file}", b.dir));
+        let engine = Engine::from_bytes(&manifest, file, &onnx, &b.tokenizer, Prepare::default()).unwrap();
+        let (logits, tokens) = bench::greedy_trace(&engine, &PROMPT, 3, 32).unwrap();
+        // Same engine, same graph: only SIMD vs native summation order may differ.
+        let (native_logits, native_tokens) = (rows(&native["logits"]), ids(&native["tokens"]));
+        for (step, (a, n)) in logits.iter().zip(&native_logits).enumerate() {
+            let d = max_abs_diff(a, n);
+            assert!(d < 1e-4, "{model} {file} step {step}: wasm vs native logits differ by {d}");
+        }
+        assert_eq!(tokens, native_tokens, "{model} {file}: wasm vs native greedy tokens");
+        // And against ONNX Runtime, with the native tests' bounds (tests/parity.rs).
+        let tolerance = if file.contains("report") { 0.02 } else { 1e-4 };
+        for (step, (a, o)) in logits.iter().zip(&rows(&ort["logits"])).enumerate() {
+            let range = o.iter().cloned().fold(f32::MIN, f32::max) - o.iter().cloned().fold(f32::MAX, f32::min);
+            let d = max_abs_diff(a, o);
+            assert!(d <= tolerance * range.max(1.0), "{model} {file} step {step}: wasm vs ORT {d}");
+        }
+        if !file.contains("report") {
+            assert_eq!(tokens, ids(&ort["greedy"]), "{model} {file}: wasm vs ORT greedy tokens");
+        }
+    }
+}
+
+#[wasm_bindgen_test]
+fn same_tokens_as_native_and_onnxruntime_gpt2() {
+    parity("tiny-gpt2");
+}
+
+#[wasm_bindgen_test]
+fn same_tokens_as_native_and_onnxruntime_llama_gqa() {
+    parity("tiny-llama");
+}
+
+/// The JS surface: prefill + next, one call per token, gives the native greedy tokens; timings
+/// are measured inside the engine and positive.
+#[wasm_bindgen_test]
+fn js_surface_streams_the_native_tokens() {
+    let b = bundle("tiny-llama");
+    let file = "model.with_past.int8.onnx";
+    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, &read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+                                       JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
+    let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    // The native trace starts from PROMPT's ids; the surface takes text, so decode them first.
+    let prompt = engine.decode(&PROMPT).map_err(JsValue::from).unwrap();
+    assert_eq!(engine.encode(&prompt).map_err(JsValue::from).unwrap(), PROMPT.to_vec(), "prompt round trip");
+    let opts = js(&serde_json::json!({"max_new_tokens": 16, "ignore_eos": true}));
+    let mut ev = session.prefill(&prompt, opts).map_err(JsValue::from).unwrap();
+    let mut tokens = vec![];
+    while !ev.is_undefined() {
+        let e: Value = serde_wasm_bindgen::from_value(ev).unwrap();
+        assert!(e["ms"].as_f64().unwrap() > 0.0, "per-token time {e}");
+        assert_eq!(e["prefill"].as_bool().unwrap(), tokens.is_empty());
+        tokens.push(e["id"].as_u64().unwrap() as u32);
+        ev = session.next().map_err(JsValue::from).unwrap();
+    }
+    assert_eq!(tokens, ids(&native["tokens"])[..16].to_vec());
+    assert_eq!(session.stop_reason().as_deref(), Some("MaxTokens"));
+}
+
+/// Truncated ONNX bytes, a wrong hash and nonsense options are errors with the engine's message.
+#[wasm_bindgen_test]
+fn bad_input_is_an_error_not_a_panic() {
+    let b = bundle("tiny-gpt2");
+    let file = "model.with_past.onnx";
+    let onnx = read(&format!("{}/{file}", b.dir));
+    let message = |what: &str, r: Result<JsEngine, JsError>| -> String {
+        let e: JsValue = r.err().unwrap_or_else(|| panic!("{what}: expected an error")).into();
+        js_sys::Reflect::get(&e, &"message".into()).unwrap().as_string().unwrap()
+    };
+    // Right size, wrong content: the manifest check catches it.
+    let mut corrupt = onnx.clone();
+    corrupt[1000] ^= 0xff;
+    let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, &corrupt, &b.tokenizer, JsValue::UNDEFINED));
+    assert!(m.contains("sha256"), "{m}");
+    // Truncated and without a manifest to catch it: tract's parser must fail cleanly.
+    let m = message("truncated", JsEngine::from_user_files("cut.onnx", &onnx[..onnx.len() / 2], &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    assert!(m.contains("ONNX"), "{m}");
+    let m = message("not onnx", JsEngine::from_user_files("x.onnx", b"not onnx at all", &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    assert!(m.contains("ONNX"), "{m}");
+    let opts = js(&serde_json::json!({"fold_constants": "yes"}));
+    let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    assert!(m.contains("load options"), "{m}");
+    // A user's own file that works: the cache layout comes from the graph itself.
+    let engine = JsEngine::from_user_files("mine.onnx", &onnx, &b.tokenizer, None, 64, JsValue::UNDEFINED)
+        .map_err(JsValue::from)
+        .unwrap();
+    let mut session = engine.session().map_err(JsValue::from).unwrap();
+    let long: String = "word ".repeat(100);
+    let e: JsValue = session.prefill(&long, JsValue::UNDEFINED).err().expect("prompt too long").into();
+    let m = js_sys::Reflect::get(&e, &"message".into()).unwrap().as_string().unwrap();
+    assert!(m.contains("context is 64"), "{m}");
+}

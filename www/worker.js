@@ -1,0 +1,215 @@
+// The engine's home: a module Web Worker, so the page never freezes while the model loads,
+// optimizes or decodes. Message protocol (documented in www/PROTOCOL.md):
+//
+//   page -> worker                                   worker -> page
+//   {type:"load", source}                            {type:"progress", file, loaded, total, cached}
+//                                                    {type:"status", text}
+//                                                    {type:"notice", text}
+//                                                    {type:"ready", info, build}
+//   {type:"generate", prompt, options}               {type:"token", id, text, ms, prefill, index}*
+//                                                    {type:"done", reason, promptTokens, cancelled}
+//   {type:"cancel"}                                  (the running generate/bench ends early)
+//   {type:"bench", text, runs}                       {type:"bench-progress", run, of}*
+//                                                    {type:"bench-done", row} | {type:"done", cancelled:true}
+//   {type:"reset"}                                   {type:"reset-done"}
+//   any failure                                      {type:"error", during, message, fatal}
+//
+// `source` is {kind:"bundle", base:"models/<id>/", file:"<onnx file in the manifest>"} or
+// {kind:"user", name, onnx: File, tokenizer: File, config?: File, context}.
+
+const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
+  10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
+const CACHE_NAME = "wasmlm-models-v1";
+
+let wasm = null; // the wasm-bindgen module
+let build = null; // {simd, version, ...}
+let engine = null;
+let session = null;
+let cancelled = false;
+
+const post = (msg) => self.postMessage(msg);
+
+// A macrotask boundary that is not clamped like setTimeout: lets "cancel" in between tokens.
+const channel = new MessageChannel();
+const pending = [];
+channel.port1.onmessage = () => pending.shift()();
+const yieldToEvents = () => new Promise((resolve) => { pending.push(resolve); channel.port2.postMessage(0); });
+
+async function loadWasm() {
+  if (wasm) return;
+  if (typeof WebAssembly !== "object") throw new Error("this browser has no WebAssembly");
+  const simd = WebAssembly.validate(SIMD_PROBE);
+  const dir = simd ? "./pkg/simd/" : "./pkg/nosimd/";
+  wasm = await import(dir + "wasmlm.js");
+  await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
+  build = { ...wasm.buildInfo(), dir, simdSupported: simd };
+  if (!simd) {
+    post({ type: "notice", text: "This browser has no WebAssembly SIMD: the slower build without SIMD is used." });
+  }
+}
+
+async function openCache() {
+  if (typeof caches === "undefined") return null; // not a secure context (http other than localhost)
+  try {
+    return await caches.open(CACHE_NAME);
+  } catch {
+    return null;
+  }
+}
+
+const cacheKey = (sha256) => new URL(`./wasmlm-cache/sha256/${sha256}`, self.location.href).href;
+
+function hex(buffer) {
+  return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// Bytes of one manifest entry: from the Cache API when there, else downloaded with progress,
+// checked (size, sha256) and then cached. A failed check never reaches the cache.
+async function fetchFile(base, entry, cache) {
+  if (cache) {
+    const hit = await cache.match(cacheKey(entry.sha256));
+    if (hit) {
+      const bytes = new Uint8Array(await hit.arrayBuffer());
+      if (bytes.length === entry.bytes) {
+        post({ type: "progress", file: entry.name, loaded: bytes.length, total: entry.bytes, cached: true });
+        return bytes;
+      }
+      await cache.delete(cacheKey(entry.sha256));
+    }
+  }
+  const res = await fetch(base + entry.name);
+  if (!res.ok) throw new Error(`${base}${entry.name}: HTTP ${res.status} ${res.statusText}`);
+  const bytes = new Uint8Array(entry.bytes);
+  let loaded = 0;
+  let lastPost = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (loaded + value.length > entry.bytes) {
+      throw new Error(`${entry.name}: the server sent more than the manifest's ${entry.bytes} bytes`);
+    }
+    bytes.set(value, loaded);
+    loaded += value.length;
+    const now = performance.now();
+    if (now - lastPost > 100) {
+      post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached: false });
+      lastPost = now;
+    }
+  }
+  post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached: false });
+  if (loaded !== entry.bytes) {
+    throw new Error(`${entry.name}: ${loaded} bytes arrived, the manifest says ${entry.bytes} (interrupted download?)`);
+  }
+  if (crypto.subtle) {
+    const found = hex(await crypto.subtle.digest("SHA-256", bytes));
+    if (found !== entry.sha256) {
+      throw new Error(`${entry.name}: sha256 is ${found}, the manifest says ${entry.sha256} (corrupt download?)`);
+    }
+  }
+  if (cache) {
+    try {
+      await cache.put(cacheKey(entry.sha256), new Response(bytes));
+    } catch (err) {
+      post({ type: "notice", text: `${entry.name} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
+    }
+  } else {
+    post({ type: "notice", text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
+  }
+  return bytes;
+}
+
+async function load(source) {
+  post({ type: "status", text: "loading the WebAssembly engine" });
+  await loadWasm();
+  if (session) { session.free(); session = null; }
+  if (engine) { engine.free(); engine = null; }
+  const t0 = performance.now();
+  if (source.kind === "bundle") {
+    const res = await fetch(source.base + "manifest.json", { cache: "no-cache" });
+    if (!res.ok) throw new Error(`${source.base}manifest.json: HTTP ${res.status} (is the model built?)`);
+    const manifestText = await res.text();
+    const manifest = JSON.parse(manifestText);
+    const find = (name) => {
+      const e = manifest.files.find((f) => f.name === name);
+      if (!e) throw new Error(`${name} is not in ${manifest.id}'s manifest`);
+      return e;
+    };
+    const cache = await openCache();
+    const tokenizer = await fetchFile(source.base, find("tokenizer.json"), cache);
+    let onnx = await fetchFile(source.base, find(source.file), cache);
+    post({ type: "status", text: `optimizing the graph (${source.file}); large models take seconds` });
+    await yieldToEvents();
+    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx, tokenizer, {});
+    onnx = null;
+  } else {
+    const read = async (file) => new Uint8Array(await file.arrayBuffer());
+    post({ type: "status", text: `reading ${source.name}` });
+    const onnx = await read(source.onnx);
+    const tokenizer = await read(source.tokenizer);
+    const config = source.config ? await read(source.config) : undefined;
+    post({ type: "status", text: `optimizing the graph (${source.name})` });
+    await yieldToEvents();
+    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, {});
+  }
+  session = engine.session();
+  post({ type: "ready", info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
+}
+
+async function generate(prompt, options) {
+  if (!session) throw new Error("no model loaded");
+  cancelled = false;
+  let index = 0;
+  let ev = session.prefill(prompt, options);
+  while (ev) {
+    post({ type: "token", index: index++, ...ev });
+    await yieldToEvents();
+    if (cancelled) break;
+    ev = session.next();
+  }
+  post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens, cancelled });
+}
+
+async function bench(text, runs) {
+  if (!engine) throw new Error("no model loaded");
+  if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
+  cancelled = false;
+  const prompt = engine.benchPrompt(text);
+  const results = [];
+  for (let run = 0; run <= runs; run++) {
+    post({ type: "bench-progress", run, of: runs });
+    await yieldToEvents();
+    if (cancelled) { post({ type: "done", cancelled: true, reason: "Cancelled" }); return; }
+    const r = engine.benchRun(prompt);
+    if (run > 0) results.push(r); // run 0 is the warm-up
+  }
+  const backend = `tract wasm ${build.simd}`;
+  const row = engine.benchRow(results, prompt.length, backend);
+  post({ type: "bench-done", row });
+}
+
+let busy = null;
+
+self.onmessage = async (e) => {
+  const msg = e.data;
+  if (msg.type === "cancel") { cancelled = true; return; }
+  if (busy) {
+    post({ type: "error", during: msg.type, message: `busy with ${busy}: cancel it or wait` });
+    return;
+  }
+  busy = msg.type;
+  try {
+    if (msg.type === "load") await load(msg.source);
+    else if (msg.type === "generate") await generate(msg.prompt, msg.options);
+    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5);
+    else if (msg.type === "reset") { session?.reset(); post({ type: "reset-done" }); }
+    else throw new Error(`unknown message ${msg.type}`);
+  } catch (err) {
+    // A Rust panic surfaces as a WebAssembly.RuntimeError and leaves the instance unusable:
+    // the page then replaces this worker (fatal).
+    const fatal = err instanceof WebAssembly.RuntimeError;
+    post({ type: "error", during: msg.type, fatal, message: err instanceof Error ? err.message : String(err) });
+  } finally {
+    busy = null;
+  }
+};
