@@ -223,15 +223,16 @@ e2e() {
 }
 
 # A small native table for the end-to-end test: the default file's ONNX Runtime and tract native
-# rows, 1 thread, measured now (the full table is ./build.sh baselines, much longer).
+# rows, 1 thread, measured now (the full table is ./build.sh baselines, much longer). The tract
+# row comes from the tests' build of the CLI (test-release: release without LTO), already built.
 test_baselines() {
   local out=build/test/baselines.json file=model.with_past.int8.onnx
   say "tests: native rows for the default file (ONNX Runtime, tract native; 1 thread)"
   mkdir -p build/test && rm -f "$out"
   (cd models && ../"$PY" -m wasmlm_models baselines ../build/models/smollm2-135m --out "../$out" --threads 1 \
       --backends onnxruntime --files "$file")
-  cargo build --release --locked --bin wasmlm
-  ./target/release/wasmlm bench --bundle build/models/smollm2-135m --file "$file" --threads 1 --out "$out" \
+  cargo build --profile test-release --locked --bin wasmlm
+  ./target/test-release/wasmlm bench --bundle build/models/smollm2-135m --file "$file" --threads 1 --out "$out" \
       --text ../shared/data/tinyshakespeare.txt
 }
 
