@@ -123,7 +123,9 @@ wasm_flavour() {
   say "wasm: $flavour build (RUSTFLAGS='$rustflags')"
   RUSTFLAGS="$rustflags" cargo build --release --locked --lib --target wasm32-unknown-unknown \
     --target-dir "target/wasm-$flavour"
+  # without the name section: 25% smaller download; a panic's message still reaches the console
   wasm-bindgen --target web --out-dir "$out/$flavour" --out-name wasmlm --no-typescript \
+    --remove-name-section --remove-producers-section \
     "target/wasm-$flavour/wasm32-unknown-unknown/release/wasmlm.wasm"
   if command -v wasm-opt >/dev/null; then
     local features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals

@@ -53,12 +53,26 @@ fn err(e: crate::Error) -> JsError {
     JsError::new(&e.to_string())
 }
 
-fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str) -> Result<T, JsError> {
+/// A plain options object into `T` (undefined/null: the defaults). serde_wasm_bindgen reads only
+/// the fields it knows, so a misspelt option would pass silently: unknown keys are refused here.
+fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, known: &[&str]) -> Result<T, JsError> {
     if value.is_undefined() || value.is_null() {
         return Ok(T::default());
     }
+    if !value.is_object() || value.is_instance_of::<js_sys::Map>() {
+        return Err(JsError::new(&format!("{what} options: expected a plain object")));
+    }
+    let keys = js_sys::Object::keys(value.unchecked_ref());
+    let unknown: Vec<String> = keys.iter().filter_map(|k| k.as_string()).filter(|k| !known.contains(&k.as_str())).collect();
+    if !unknown.is_empty() {
+        return Err(JsError::new(&format!("{what} options: unknown {} (known: {})", unknown.join(", "), known.join(", "))));
+    }
     serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
 }
+
+const LOAD_KEYS: &[&str] = &["fold_constants", "optimize"];
+const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+                                 "stop", "ignore_eos", "chat"];
 
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -98,7 +112,7 @@ impl JsEngine {
         tokenizer_json: &[u8],
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
-        let opts: LoadOptions = options(load_options, "load")?;
+        let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let manifest = Manifest::from_json(manifest_json).map_err(err)?;
         let engine = Engine::from_bytes(&manifest, onnx_name, onnx, tokenizer_json, opts.prepare()).map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
@@ -115,7 +129,7 @@ impl JsEngine {
         context: usize,
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
-        let opts: LoadOptions = options(load_options, "load")?;
+        let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
@@ -172,7 +186,7 @@ impl JsEngine {
             prefill_ms: f64,
             steps_ms: Vec<f64>,
         }
-        let runs: Vec<Run> = options(runs, "bench runs")?;
+        let runs: Vec<Run> = serde_wasm_bindgen::from_value(runs).map_err(|e| JsError::new(&format!("bench runs: {e}")))?;
         let results: Vec<(f64, Vec<f64>)> = runs.into_iter().map(|r| (r.prefill_ms, r.steps_ms)).collect();
         let mut row = bench::base_row(&self.inner, backend, prompt_tokens, 1);
         bench::add_runs(&mut row, &results);
@@ -195,7 +209,7 @@ impl JsSession {
     /// {id, text, ms, prefill: true}, or undefined if generation stopped at once.
     /// Options: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos, chat.
     pub fn prefill(&mut self, prompt: &str, generate_options: JsValue) -> Result<JsValue, JsError> {
-        let opts: GenerateOptions = options(generate_options, "generate")?;
+        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
         self.session.reset();
         self.generation = Some(Generation::new(&self.engine, prompt, opts).map_err(err)?);
         self.next()

@@ -163,6 +163,9 @@ fn bad_input_is_an_error_not_a_panic() {
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
     let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");
+    let opts = js(&serde_json::json!({"fold_constant": false}));
+    let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    assert!(m.contains("unknown fold_constant"), "{m}");
     // A user's own file that works: the cache layout comes from the graph itself.
     let engine = JsEngine::from_user_files("mine.onnx", &onnx, &b.tokenizer, None, 64, JsValue::UNDEFINED)
         .map_err(JsValue::from)

@@ -52,8 +52,23 @@ function percentile(sorted, q) {
 }
 
 function renderTable() {
-  if (state.baselines) renderBaselines($("baselines"), $("machine"), state.baselines, state.live);
+  if (!state.baselines) return;
+  const filter = { model: $("baseline-model").value, withPast: $("baseline-past").checked };
+  renderBaselines($("baselines"), $("machine"), state.baselines, state.live, filter);
 }
+
+function fillTableFilter() {
+  const select = $("baseline-model");
+  const ids = [...new Set(state.baselines.rows.map((r) => r.model))];
+  for (const id of ids) {
+    const opt = document.createElement("option");
+    opt.value = id;
+    opt.textContent = id;
+    select.appendChild(opt);
+  }
+}
+$("baseline-model").onchange = renderTable;
+$("baseline-past").onchange = renderTable;
 
 // ---- worker -------------------------------------------------------------------------------
 
@@ -95,6 +110,11 @@ function onWorkerMessage(msg) {
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
         `${i.cache}, ${i.nodes} nodes, context ${i.context}. Engine: wasmlm ${msg.build.version}, ` +
         `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread.`;
+      // the table follows the loaded model
+      if ([...$("baseline-model").options].some((o) => o.value === i.model)) {
+        $("baseline-model").value = i.model;
+        renderTable();
+      }
       $("chat").disabled = !i.has_chat_template;
       if (!i.has_chat_template) $("chat").checked = false;
       setRunning(null);
@@ -266,11 +286,18 @@ function renderStats(extra = []) {
   }
 }
 
+function browserName() {
+  const brands = navigator.userAgentData?.brands?.filter((b) => !/Not.A.Brand/i.test(b.brand));
+  if (brands?.length) return brands.map((b) => `${b.brand} ${b.version}`).join(", ");
+  const m = navigator.userAgent.match(/(Firefox|Edg|Chrome|Chromium|Safari)\/(\d+)/);
+  return m ? `${m[1]} ${m[2]}` : navigator.userAgent;
+}
+
 function liveRowBase(info, build) {
   return {
     model: info.model, backend: `tract wasm ${build.simd}`, precision: info.precision, preset: info.preset,
     cache: info.cache, threads: 1, file: info.file, file_bytes: info.file_bytes,
-    browser: navigator.userAgent,
+    browser: browserName(), user_agent: navigator.userAgent,
   };
 }
 
@@ -323,7 +350,7 @@ function onBenchDone(row) {
   renderTable();
   const d = full.decode_ms_per_token;
   $("bench-status").textContent = `decode ${d.median} ms/token median, ${d.p90} p90 over ${d.runs} runs; ` +
-    `prefill ${full.prefill_ms.median} ms`;
+    `prefill ${full.prefill_ms.median} ms (${browserName()}, 1 thread, ${build.simd === "none" ? "build without SIMD" : build.simd + " build"})`;
   const a = $("bench-download");
   if (a.href) URL.revokeObjectURL(a.href);
   a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
@@ -358,6 +385,7 @@ async function main() {
   setRunning(null);
   try {
     state.baselines = await fetchJson("baselines.json");
+    fillTableFilter();
     renderTable();
   } catch (err) {
     $("baselines").textContent = `${err.message} (run ./build.sh baselines)`;

@@ -52,7 +52,7 @@ function nativeMedian(rows, r, backend) {
 
 // `live`: rows measured in this page (a generation or the benchmark mode), shown last and
 // compared with the native rows of the same file and thread count.
-export function renderBaselines(container, machineEl, data, live = []) {
+export function renderBaselines(container, machineEl, data, live = [], filter = {}) {
   const m = data.machine;
   machineEl.textContent = `Native rows measured on ${m.cpu}, ${m.cores} cores (${m.simd.join(" ")}); ` +
     `batch 1, ${data.protocol.prompt_tokens}-token prompt, ${data.protocol.new_tokens} new tokens. ` +
@@ -66,7 +66,8 @@ export function renderBaselines(container, machineEl, data, live = []) {
     }
     return parts.join(", ") || "no native row for this file";
   };
-  const all = data.rows.concat(live.map((r) => ({ ...r, live: true })));
+  const keep = (r) => (!filter.model || r.model === filter.model) && (!filter.withPast || r.cache === "with_past");
+  const all = data.rows.concat(live.map((r) => ({ ...r, live: true }))).filter(keep);
   const rows = all.map((r) => [
     r.model, r.live ? `${r.backend} (this browser${r.kind ? ", " + r.kind : ""})` : r.backend,
     r.precision || "", r.preset || "", r.cache || "", r.threads,

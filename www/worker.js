@@ -119,6 +119,25 @@ async function fetchFile(base, entry, cache) {
   return bytes;
 }
 
+// The manifest from the network; without network, the copy cached at the last successful load
+// (so a cached model starts offline).
+async function fetchManifest(base, cache) {
+  const url = new URL(base + "manifest.json", self.location.href).href;
+  try {
+    const res = await fetch(url, { cache: "no-cache" });
+    if (!res.ok) throw new Error(`${base}manifest.json: HTTP ${res.status} (is the model built?)`);
+    const text = await res.text();
+    JSON.parse(text); // not JSON: an error here, before anything is cached
+    if (cache) await cache.put(url, new Response(text)).catch(() => {});
+    return text;
+  } catch (err) {
+    const hit = cache && (await cache.match(url));
+    if (!hit) throw err;
+    post({ type: "notice", text: `${base}manifest.json could not be fetched (${err.message}); using the cached copy.` });
+    return hit.text();
+  }
+}
+
 async function load(source) {
   post({ type: "status", text: "loading the WebAssembly engine" });
   await loadWasm();
@@ -126,16 +145,14 @@ async function load(source) {
   if (engine) { engine.free(); engine = null; }
   const t0 = performance.now();
   if (source.kind === "bundle") {
-    const res = await fetch(source.base + "manifest.json", { cache: "no-cache" });
-    if (!res.ok) throw new Error(`${source.base}manifest.json: HTTP ${res.status} (is the model built?)`);
-    const manifestText = await res.text();
+    const cache = await openCache();
+    const manifestText = await fetchManifest(source.base, cache);
     const manifest = JSON.parse(manifestText);
     const find = (name) => {
       const e = manifest.files.find((f) => f.name === name);
       if (!e) throw new Error(`${name} is not in ${manifest.id}'s manifest`);
       return e;
     };
-    const cache = await openCache();
     const tokenizer = await fetchFile(source.base, find("tokenizer.json"), cache);
     let onnx = await fetchFile(source.base, find(source.file), cache);
     post({ type: "status", text: `optimizing the graph (${source.file}); large models take seconds` });

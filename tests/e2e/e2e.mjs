@@ -3,7 +3,8 @@
 // INT8 with past) through the page, ask "What is the capital of France?" in chat mode, and check
 // that "Paris" streams into the output, that the per-token timings are positive, that the live
 // row and the benchmark row land in the baseline table, and that generated markup ("<b>") shows
-// as text. A screenshot goes to tests/out/e2e.png.
+// as text, and that a reload loads the model from the Cache API. A screenshot goes to
+// tests/out/e2e.png.
 //
 //   node tests/e2e/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
 import { spawn } from "node:child_process";
@@ -131,8 +132,17 @@ async function main() {
     assert.ok(median > 0, "bench decode median is positive");
 
     await page.screenshot({ path: resolve(out, "e2e.png"), fullPage: true });
-    log("screenshot:", resolve(out, "e2e.png"));
+
+    // 4. A reload starts from the Cache API: no download of the model files.
+    await page.reload();
+    await page.waitForSelector("#model option", { state: "attached" });
+    await page.click("#load");
+    await page.waitForFunction(() => !document.querySelector("#generate").disabled, null, { timeout: 600_000 });
+    const cached = await page.textContent("#progress-text");
+    log("after reload:", cached);
+    assert.match(cached, /from the browser's cache/, "the second load reads the cache");
     assert.deepEqual(errors, [], "no page errors");
+    log("screenshot:", resolve(out, "e2e.png"));
     log("passed");
   } finally {
     await browser.close();
