@@ -62,7 +62,7 @@ fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, k
     if !value.is_object() || value.is_instance_of::<js_sys::Map>() {
         return Err(JsError::new(&format!("{what} options: expected a plain object")));
     }
-    let keys = js_sys::Object::keys(value.unchecked_ref());
+    let keys = js_sys::Object::keys(value.unchecked_ref::<js_sys::Object>());
     let unknown: Vec<String> = keys.iter().filter_map(|k| k.as_string()).filter(|k| !known.contains(&k.as_str())).collect();
     if !unknown.is_empty() {
         return Err(JsError::new(&format!("{what} options: unknown {} (known: {})", unknown.join(", "), known.join(", "))));

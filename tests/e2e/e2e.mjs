@@ -8,7 +8,7 @@
 //
 //   node tests/e2e/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
 import { spawn } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -142,6 +142,19 @@ async function main() {
     log("after reload:", cached);
     assert.match(cached, /from the browser's cache/, "the second load reads the cache");
     assert.deepEqual(errors, [], "no page errors");
+
+    // 5. A user's own files: bytes that are not ONNX, then a file without its tokenizer, are
+    // refused with messages that say so.
+    const tokenizer = { name: "tokenizer.json", mimeType: "application/json",
+      buffer: readFileSync(resolve(dist, "models/smollm2-135m/tokenizer.json")) };
+    await page.setInputFiles("#files", [{ name: "mine.onnx", mimeType: "application/octet-stream",
+      buffer: Buffer.from("this is not an ONNX file") }, tokenizer]);
+    await page.waitForFunction(() => document.querySelector("#status").className === "error", null, { timeout: 60_000 });
+    const bad = await page.textContent("#status");
+    log("bad user file:", bad);
+    assert.match(bad, /ONNX file could not be read/, "a clear error for bytes that are not ONNX");
+    await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
+    assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
     log("screenshot:", resolve(out, "e2e.png"));
     log("passed");
   } finally {
