@@ -6,11 +6,13 @@
 #   engine         the Rust engine and its native CLI (target/release/wasmlm)
 #   wasm           the engine for the browser: a SIMD128 build and one without SIMD (build/pkg/)
 #   baselines      build/baselines.json + .md from the built bundles (one process per row;
-#                  PyTorch, bitsandbytes, ONNX Runtime, then tract native through the engine)
+#                  PyTorch, bitsandbytes, ONNX Runtime, tract native through the engine, then
+#                  tract wasm and onnxruntime-web in Node)
+#   bench-wasm     only the Node rows of the baselines (tract wasm, onnxruntime-web)
 #   dist           assemble dist/: www/ + wasm builds + bundles + baselines
 #   serve          serve dist/ on http://127.0.0.1:$PORT (default 8080)
 #   test           setup, then the tests: pytest (tests/models), cargo nextest (tests/*.rs), the
-#                  wasm builds in Node (wasm-bindgen-test), the page in headless Chromium (tests/e2e)
+#                  wasm builds in Node (wasm-bindgen-test), the page in headless Chromium (tests/node)
 #   test-wasm, test-e2e   the last two parts alone
 # Work whose inputs did not change is skipped; outputs appear only once complete.
 set -euo pipefail
@@ -56,6 +58,17 @@ baselines() {
       --cache-dir ../build/hf)
   say "native baselines: tract native (this engine), same protocol, same machine, same run"
   ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text ../shared/data/tinyshakespeare.txt
+  bench_wasm
+}
+
+# The same protocol in Node's V8: this engine's wasm build and onnxruntime-web on the same files.
+bench_wasm() {
+  local flags=()
+  for ref in "${MODELS[@]}"; do flags+=(--bundle "build/models/$ref"); done
+  [[ -d build/pkg ]] || wasm
+  say "wasm baselines in Node: tract wasm (SIMD128) and onnxruntime-web, same files, 1 thread"
+  (cd tests/node && npm ci --no-audit --no-fund --silent)
+  node tests/node/bench.mjs --out build/baselines.json "${flags[@]}" --text ../shared/data/tinyshakespeare.txt
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json)
 }
 
@@ -214,14 +227,14 @@ wasm_test_flavour() {
 }
 
 e2e() {
-  say "tests: the page in headless Chromium (default model; tests/e2e/e2e.mjs)"
+  say "tests: the page in headless Chromium (default model; tests/node/e2e.mjs)"
   if [[ ! -x /usr/bin/chromium ]]; then
     say "setup: apt-get install chromium chromium-driver"
     local sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
     $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
-  (cd tests/e2e && npm ci --no-audit --no-fund --silent)
-  node tests/e2e/e2e.mjs "$1"
+  (cd tests/node && npm ci --no-audit --no-fund --silent)
+  node tests/node/e2e.mjs "$1"
 }
 
 # A small native table for the end-to-end test: the default file's ONNX Runtime and tract native
@@ -242,15 +255,16 @@ cmd=${1:-all}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   all) setup; models; engine; wasm; baselines; dist; serve ;;
+  bench-wasm) setup; bench_wasm ;;
   setup) setup ;;
   models) setup; models "$@" ;;
   engine) engine ;;
   wasm) wasm ;;
-  baselines) setup; engine; baselines ;;
+  baselines) setup; engine; wasm; baselines ;;
   dist) dist "$@" ;;
   serve) serve ;;
   test) setup; run_tests "$@" ;;
   test-wasm) setup; test_wasm ;;
   test-e2e) setup; test_e2e ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|test|test-wasm|test-e2e]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|bench-wasm|test|test-wasm|test-e2e]" >&2; exit 2 ;;
 esac

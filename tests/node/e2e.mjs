@@ -6,7 +6,7 @@
 // as text, and that a reload loads the model from the Cache API. A screenshot goes to
 // tests/out/e2e.png.
 //
-//   node tests/e2e/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
+//   node tests/node/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
 import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
