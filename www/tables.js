@@ -58,7 +58,7 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
     `batch 1, ${data.protocol.prompt_tokens}-token prompt, ${data.protocol.new_tokens} new tokens. ` +
     "Rows marked \u201cthis browser\u201d are measured here, now.";
   const ratio = (r) => {
-    if (!r.live || !r.decode_ms_per_token) return "";
+    if (!(r.live || /wasm/.test(r.backend)) || !r.decode_ms_per_token) return "";
     const parts = [];
     for (const [label, backend] of [["tract native", "tract native"], ["ORT", "onnxruntime"]]) {
       const n = nativeMedian(data.rows, r, backend);
@@ -76,7 +76,7 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
   ]);
   const t = table(
     ["model", "backend", "precision", "preset", "cache", "threads",
-     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB", "browser / native (decode)"], rows);
+     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB", "wasm / native (decode)"], rows);
   t.tBodies[0].querySelectorAll("tr").forEach((tr, i) => { if (all[i].live) tr.className = "live"; });
   container.replaceChildren(t);
 }
