@@ -155,8 +155,14 @@ wasm() {
   rm -rf build/pkg.partial && mkdir -p build/pkg.partial
   wasm_flavour simd "-C target-feature=+simd128" build/pkg.partial
   wasm_flavour nosimd "" build/pkg.partial
+  # download sizes for the page: raw and gzip -9 (what a static host typically serves)
+  local sizes=() f
+  for f in simd nosimd; do
+    sizes+=("\"$f\": {\"raw\": $(stat -c %s "build/pkg.partial/$f/wasmlm_bg.wasm"), \"gzip\": $(gzip -9c "build/pkg.partial/$f/wasmlm_bg.wasm" | wc -c)}")
+  done
+  (IFS=,; echo "{${sizes[*]}}") > build/pkg.partial/sizes.json
   rm -rf build/pkg && mv build/pkg.partial build/pkg
-  ls -l build/pkg/*/wasmlm_bg.wasm
+  cat build/pkg/sizes.json
 }
 
 engine() {

@@ -109,7 +109,8 @@ function onWorkerMessage(msg) {
       $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
         `${i.cache}, ${i.nodes} nodes, context ${i.context}. Engine: wasmlm ${msg.build.version}, ` +
-        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread.`;
+        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread` +
+        (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
       // the table follows the loaded model
       if ([...$("baseline-model").options].some((o) => o.value === i.model)) {
         $("baseline-model").value = i.model;

@@ -43,6 +43,12 @@ async function loadWasm() {
   wasm = await import(dir + "wasmlm.js");
   await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
   build = { ...wasm.buildInfo(), dir, simdSupported: simd };
+  try {
+    const sizes = await (await fetch(new URL("./pkg/sizes.json", import.meta.url))).json();
+    build.wasmBytes = sizes[simd ? "simd" : "nosimd"];
+  } catch {
+    // sizes.json is informative only
+  }
   if (!simd) {
     post({ type: "notice", text: "This browser has no WebAssembly SIMD: the slower build without SIMD is used." });
   }
