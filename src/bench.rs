@@ -73,7 +73,8 @@ pub fn base_row(engine: &Engine, backend: &str, prompt_tokens: usize, threads: u
         "model": info.model, "backend": backend, "precision": info.precision,
         "preset": info.preset, "cache": info.cache, "threads": threads,
         "real_weights": info.real_weights, "file": info.file, "file_bytes": info.file_bytes,
-        "load_ms": (info.load_ms * 10.0).round() / 10.0, "prompt_tokens": prompt_tokens,
+        "load_ms": (info.load_ms * 10.0).round() / 10.0, "load_phases_ms": info.load_phases_ms,
+        "prompt_tokens": prompt_tokens,
         "engine": format!("wasmlm {} (tract 0.23.9)", env!("CARGO_PKG_VERSION")),
     })
 }

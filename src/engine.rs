@@ -21,7 +21,17 @@ pub struct LoadedInfo {
     pub preset: Option<String>,
     pub cache: Option<String>,
     pub load_ms: f64,
+    /// [phase, ms]: checks, then the graph's phases (parse … plan), then the tokenizer.
+    pub load_phases_ms: Vec<(String, f64)>,
     pub nodes: usize,
+}
+
+fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {
+    let r = |x: f64| (x * 10.0).round() / 10.0;
+    let mut out = vec![("verify sha256".to_string(), r(verify))];
+    out.extend(graph.phases.iter().map(|(n, ms)| (n.to_string(), r(*ms))));
+    out.push(("tokenizer".into(), r(tokenizer)));
+    out
 }
 
 pub struct Engine {
@@ -41,16 +51,33 @@ impl Engine {
         tokenizer_json: &[u8],
         prep: Prepare,
     ) -> Result<Engine> {
+        Engine::from_bytes_hashed(manifest, onnx_name, onnx, tokenizer_json, prep, None, None)
+    }
+
+    /// As `from_bytes`, with the files' sha256 (hex) computed by the caller where given
+    /// (see `Manifest::verify_with`).
+    pub fn from_bytes_hashed(
+        manifest: &Manifest,
+        onnx_name: &str,
+        onnx: &[u8],
+        tokenizer_json: &[u8],
+        prep: Prepare,
+        onnx_sha256: Option<&str>,
+        tokenizer_sha256: Option<&str>,
+    ) -> Result<Engine> {
         let t0 = now_ms();
-        manifest.verify(onnx_name, onnx)?;
-        manifest.verify("tokenizer.json", tokenizer_json)?;
+        manifest.verify_with(onnx_name, onnx, onnx_sha256)?;
+        manifest.verify_with("tokenizer.json", tokenizer_json, tokenizer_sha256)?;
+        let t_verified = now_ms();
         let entry = manifest.file(onnx_name)?;
         if entry.kind != "onnx" {
             return Err(Error::Manifest(format!("{onnx_name} is a {} file, not an ONNX graph", entry.kind)));
         }
         let arch = &manifest.architecture;
         let graph = graph::load(onnx, Some((arch.kv_heads, arch.head_dim)), prep)?;
+        let t_graph = now_ms();
         let text = Text::from_bytes(tokenizer_json, manifest.tokens.chat_template.clone())?;
+        let load_phases_ms = phases(t_verified - t0, &graph, now_ms() - t_graph);
         let info = LoadedInfo {
             model: manifest.id.clone(),
             real_weights: manifest.real_weights,
@@ -60,6 +87,7 @@ impl Engine {
             preset: entry.preset.clone(),
             cache: entry.cache.clone(),
             load_ms: now_ms() - t0,
+            load_phases_ms,
             nodes: graph.nodes,
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
@@ -101,7 +129,9 @@ impl Engine {
                 .take(1)
                 .collect();
         }
+        let t_text = now_ms();
         let graph = graph::load(onnx, None, prep)?;
+        let load_phases_ms = phases(0.0, &graph, t_text - t0);
         let info = LoadedInfo {
             model: name.into(),
             real_weights: true,
@@ -111,6 +141,7 @@ impl Engine {
             preset: None,
             cache: Some(if graph.conv.has_cache() { "with_past" } else { "no_past" }.into()),
             load_ms: now_ms() - t0,
+            load_phases_ms,
             nodes: graph.nodes,
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids, context, info })

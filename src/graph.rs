@@ -11,6 +11,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 #[cfg(not(target_arch = "wasm32"))]
 use tract_linalg::multithread::Executor;
 
+use crate::clock::now_ms;
 use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
@@ -25,6 +26,9 @@ pub struct Graph {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub nodes: usize,
+    /// Milliseconds spent in each load phase, in order (parse, into_typed, declutter, fold,
+    /// optimize, fold again, plan): where a slow load goes.
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// How to prepare the graph (the defaults are the fast path; the others exist to test it).
@@ -77,8 +81,10 @@ fn cache_dims(model: &InferenceModel, ix: usize, hint: Option<(usize, usize)>) -
 pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
     // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
+    let mut phases = Phases::start();
     let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     let mut model = onnx.model_for_read(&mut &bytes[..]).map_err(|e| Error::Onnx(format!("{e:?}")))?;
+    phases.mark("parse");
     let (ins, outs) = names(&model)?;
     let conv = Convention::discover(&ins, &outs)?;
     let s = model.symbols.sym("S");
@@ -103,11 +109,12 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
             set(&mut model, ix, f32::fact(shape).into())?;
         }
     }
-    let typed = prepare(model, prep)?;
+    let typed = prepare(model, prep, &mut phases)?;
     let nodes = typed.nodes.len();
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes })
+    phases.mark("plan");
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done })
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -127,18 +134,40 @@ fn run_options(prep: Prepare) -> Result<RunOptions> {
     Ok(RunOptions::default())
 }
 
-fn prepare(model: InferenceModel, prep: Prepare) -> Result<TypedModel> {
+struct Phases {
+    last: Option<f64>,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        Phases { last: Some(now_ms()), done: vec![] }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = now_ms();
+        self.done.push((name, now - self.last.unwrap_or(now)));
+        self.last = Some(now);
+    }
+}
+
+fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<TypedModel> {
     let opt = |e: TractError| Error::Optimize(format!("{e:?}"));
     let mut typed = model.into_typed().map_err(opt)?;
+    phases.mark("into_typed");
     typed.declutter().map_err(opt)?;
+    phases.mark("declutter");
     if prep.fold_constants {
         fold::fold_all_constants(&mut typed).map_err(opt)?;
+        phases.mark("fold");
     }
     if prep.optimize {
         typed.optimize().map_err(opt)?;
+        phases.mark("optimize");
         if prep.fold_constants {
             // codegen may leave constant-only work (weight packing) in the plan: fold it too.
             fold::fold_all_constants(&mut typed).map_err(opt)?;
+            phases.mark("fold again");
         }
     }
     Ok(typed)

@@ -70,21 +70,24 @@ fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, k
     serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
 }
 
-const LOAD_KEYS: &[&str] = &["fold_constants", "optimize"];
+const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "sha256"];
 const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                                  "stop", "ignore_eos", "chat"];
 
 #[derive(Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 struct LoadOptions {
     fold_constants: bool,
     optimize: bool,
+    /// File name -> sha256 (hex) the caller computed with WebCrypto: compared with the manifest
+    /// instead of hashing again in wasm (the sizes are checked all the same).
+    sha256: std::collections::HashMap<String, String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         let p = Prepare::default();
-        LoadOptions { fold_constants: p.fold_constants, optimize: p.optimize }
+        LoadOptions { fold_constants: p.fold_constants, optimize: p.optimize, sha256: Default::default() }
     }
 }
 
@@ -103,7 +106,8 @@ pub struct JsEngine {
 #[wasm_bindgen(js_class = Engine)]
 impl JsEngine {
     /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes,
-    /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest.
+    /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest (options:
+    /// `{sha256: {name: hex}}` gives digests already computed, e.g. by WebCrypto).
     #[wasm_bindgen(js_name = fromBundle)]
     pub fn from_bundle(
         manifest_json: &str,
@@ -114,7 +118,10 @@ impl JsEngine {
     ) -> Result<JsEngine, JsError> {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let manifest = Manifest::from_json(manifest_json).map_err(err)?;
-        let engine = Engine::from_bytes(&manifest, onnx_name, onnx, tokenizer_json, opts.prepare()).map_err(err)?;
+        let digest = |name: &str| opts.sha256.get(name).map(String::as_str);
+        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, onnx, tokenizer_json, opts.prepare(),
+                                               digest(onnx_name), digest("tokenizer.json"))
+            .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }
 

@@ -163,6 +163,10 @@ fn bad_input_is_an_error_not_a_panic() {
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
     let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");
+    // A digest computed by the caller (WebCrypto in the page) is compared with the manifest too.
+    let opts = js(&serde_json::json!({"sha256": {file: "00".repeat(32)}}));
+    let m = message("wrong digest", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    assert!(m.contains("sha256 is 0000"), "{m}");
     let opts = js(&serde_json::json!({"fold_constant": false}));
     let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
     assert!(m.contains("unknown fold_constant"), "{m}");

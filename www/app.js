@@ -105,7 +105,8 @@ function onWorkerMessage(msg) {
     case "ready": {
       state.loaded = { info: msg.info, build: msg.build };
       const i = msg.info;
-      setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (graph prepared in ${(i.load_ms / 1000).toFixed(1)} s)`);
+      const phases = (i.load_phases_ms || []).map(([n, ms]) => `${n} ${(ms / 1000).toFixed(1)}`).join(", ");
+      setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (engine load ${(i.load_ms / 1000).toFixed(1)} s: ${phases})`);
       $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
         `${i.cache}, ${i.nodes} nodes, context ${i.context}. Engine: wasmlm ${msg.build.version}, ` +

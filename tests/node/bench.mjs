@@ -63,9 +63,14 @@ async function tractRow(spec) {
   const exports = await wasm.default({ module_or_path: readFileSync(resolve(pkg, "wasmlm_bg.wasm")) });
   const build = wasm.buildInfo();
   const manifestText = readFileSync(resolve(spec.bundle, "manifest.json"), "utf8");
+  // As the page does: sha256 by the platform's crypto (WebCrypto there, node:crypto here), then
+  // compared with the manifest by the engine.
+  const onnx = readFileSync(resolve(spec.bundle, spec.file));
+  const tokenizer = readFileSync(resolve(spec.bundle, "tokenizer.json"));
   const t0 = performance.now();
-  const engine = wasm.Engine.fromBundle(manifestText, spec.file, readFileSync(resolve(spec.bundle, spec.file)),
-    readFileSync(resolve(spec.bundle, "tokenizer.json")), {});
+  const digest = async (b) => Buffer.from(await crypto.subtle.digest("SHA-256", b)).toString("hex");
+  const sha256 = { [spec.file]: await digest(onnx), "tokenizer.json": await digest(tokenizer) };
+  const engine = wasm.Engine.fromBundle(manifestText, spec.file, onnx, tokenizer, { sha256 });
   const loadMs = performance.now() - t0;
   const own = Array.from(engine.benchPrompt(readFileSync(spec.text, "utf8")));
   if (JSON.stringify(own) !== JSON.stringify(spec.prompt)) {

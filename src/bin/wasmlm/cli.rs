@@ -59,7 +59,8 @@ fn generate(mut a: Args) -> Res<()> {
         _ => return Err(format!("expected one PROMPT, got {:?}", a.0)),
     };
     let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
-    eprintln!("[{} {} loaded in {:.0} ms]", engine.info.model, engine.info.file, engine.info.load_ms);
+    let phases: Vec<String> = engine.info.load_phases_ms.iter().map(|(n, ms)| format!("{n} {ms:.0}")).collect();
+    eprintln!("[{} {} loaded in {:.0} ms: {}]", engine.info.model, engine.info.file, engine.info.load_ms, phases.join(", "));
     let mut session = engine.session().map_err(|e| e.to_string())?;
     let mut gen = Generation::new(&engine, &prompt, opts).map_err(|e| e.to_string())?;
     let mut events = vec![];
