@@ -15,6 +15,7 @@ use crate::clock::now_ms;
 use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
+use crate::prefold;
 
 pub type Plan = Arc<TypedSimplePlan>;
 
@@ -29,6 +30,8 @@ pub struct Graph {
     /// Milliseconds spent in each load phase, in order (parse, into_typed, declutter, fold,
     /// optimize, fold again, plan): where a slow load goes.
     pub phases: Vec<(&'static str, f64)>,
+    /// Block-quantized weights dequantized before tract (prefold.rs).
+    pub prefolded: usize,
 }
 
 /// How to prepare the graph (the defaults are the fast path; the others exist to test it).
@@ -83,8 +86,13 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
     let mut phases = Phases::start();
     let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
-    let mut model = onnx.model_for_read(&mut &bytes[..]).map_err(|e| Error::Onnx(format!("{e:?}")))?;
+    let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
+    let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
+    let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
     phases.mark("parse");
+    let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
+    drop(proto);
+    phases.mark("to tract");
     let (ins, outs) = names(&model)?;
     let conv = Convention::discover(&ins, &outs)?;
     let s = model.symbols.sym("S");
@@ -114,7 +122,7 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done })
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded })
 }
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -86,6 +86,10 @@ fn folded_graph_equals_the_plain_one() {
         let fast = load(&dir, file);
         let plain = Engine::from_dir(&dir, Some(file), Prepare { fold_constants: false, ..Prepare::default() }).unwrap();
         assert!(fast.graph.nodes < plain.graph.nodes, "{file}: folding removed nothing");
+        // q8b32's block weights are dequantized before tract (prefold.rs); the report's are not blocks.
+        // (10: every Reshape(Mul(Cast, Cast)) of the file, counted with the onnx package)
+        let blocks = if file.contains("report") { 0 } else { 10 };
+        assert_eq!((fast.graph.prefolded, plain.graph.prefolded), (blocks, 0), "{file}");
         let (a, ta) = engine_run(&fast, &PROMPT, 3, 8);
         let (b, tb) = engine_run(&plain, &PROMPT, 3, 8);
         for (x, y) in a.iter().zip(&b) {
