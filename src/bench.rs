@@ -75,7 +75,7 @@ pub fn base_row(engine: &Engine, backend: &str, prompt_tokens: usize, threads: u
         "real_weights": info.real_weights, "file": info.file, "file_bytes": info.file_bytes,
         "load_ms": (info.load_ms * 10.0).round() / 10.0, "load_phases_ms": info.load_phases_ms,
         "prompt_tokens": prompt_tokens,
-        "engine": format!("wasmlm {} (tract 0.23.9)", env!("CARGO_PKG_VERSION")),
+        "engine": format!("wasmlm {} (tract {})", env!("CARGO_PKG_VERSION"), crate::TRACT_VERSION),
     })
 }
 

@@ -19,6 +19,9 @@ pub mod text;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
 
+/// The tract release the engine is pinned to (Cargo.toml), for row labels and the page.
+pub const TRACT_VERSION: &str = "0.23.9";
+
 pub use engine::{Engine, LoadedInfo};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, RunStats, StopReason, TokenEvent};

@@ -9,7 +9,7 @@
 //! tract (and ONNX Runtime) compute: int8 -> f32 exactly, fp16 -> f32 exactly, one f32 product.
 //! Anything that does not match the pattern exactly is left to tract.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 use tract_onnx::prelude::f16;
@@ -43,7 +43,7 @@ pub fn dequantize_block_weights(model: &mut ModelProto) -> usize {
     let init = |name: &str| init_ix.get(name).map(|&i| &graph.initializer[i]);
 
     let mut drop_nodes = vec![];
-    let mut drop_inits = vec![];
+    let mut drop_inits = HashSet::new();
     let mut new_inits = vec![];
     for (r, reshape) in graph.node.iter().enumerate() {
         if reshape.op_type != "Reshape" || reshape.input.len() != 2 {
@@ -80,7 +80,7 @@ pub fn dequantize_block_weights(model: &mut ModelProto) -> usize {
         drop_nodes.extend([r, m, c0, c1]);
         for t in [q, s, shape] {
             if single_use(&t.name) {
-                drop_inits.push(t.name.clone());
+                drop_inits.insert(t.name.clone());
             }
         }
     }

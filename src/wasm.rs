@@ -39,7 +39,7 @@ pub fn build_info() -> JsValue {
     } else {
         "none"
     };
-    let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": "0.23.9" });
+    let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": crate::TRACT_VERSION });
     to_js(&info)
 }
 
