@@ -24,6 +24,8 @@ pub struct LoadedInfo {
     /// [phase, ms]: checks, then the graph's phases (parse … plan), then the tokenizer.
     pub load_phases_ms: Vec<(String, f64)>,
     pub nodes: usize,
+    /// Our int8 kernels in use, if any (see `Graph::kernels`).
+    pub int8_kernels: Option<String>,
 }
 
 fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {
@@ -89,6 +91,7 @@ impl Engine {
             load_ms: now_ms() - t0,
             load_phases_ms,
             nodes: graph.nodes,
+            int8_kernels: graph.kernels.clone(),
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
     }
@@ -143,6 +146,7 @@ impl Engine {
             load_ms: now_ms() - t0,
             load_phases_ms,
             nodes: graph.nodes,
+            int8_kernels: graph.kernels.clone(),
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids, context, info })
     }

@@ -16,6 +16,7 @@ use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
 use crate::prefold;
+use crate::qmatmul;
 
 pub type Plan = Arc<TypedSimplePlan>;
 
@@ -32,6 +33,11 @@ pub struct Graph {
     pub phases: Vec<(&'static str, f64)>,
     /// Block-quantized weights dequantized before tract (prefold.rs).
     pub prefolded: usize,
+    /// Weight products moved onto our int8 kernels (qmatmul/): the report's dynamic
+    /// quantization and q8b32's blocks.
+    pub fused: usize,
+    /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
+    pub kernels: Option<String>,
 }
 
 /// How to prepare the graph (the defaults are the fast path; the others exist to test it).
@@ -41,11 +47,14 @@ pub struct Prepare {
     pub optimize: bool,
     /// Threads for the matrix products (1: none spawned).
     pub threads: usize,
+    /// Run `quantize_dynamic`'s products on our int8 kernels (qmatmul/) rather than tract's
+    /// generic integer matmul.
+    pub int8_kernels: bool,
 }
 
 impl Default for Prepare {
     fn default() -> Self {
-        Prepare { fold_constants: true, optimize: true, threads: 1 }
+        Prepare { fold_constants: true, optimize: true, threads: 1, int8_kernels: true }
     }
 }
 
@@ -85,9 +94,16 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
     // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
     let mut phases = Phases::start();
-    let onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
+    let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
+    qmatmul::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
+    let (dynamic, blocks) = if prep.int8_kernels {
+        (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
+    } else {
+        (0, 0)
+    };
+    let kernels = qmatmul::describe(dynamic, blocks);
     let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
     phases.mark("parse");
     let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
@@ -122,7 +138,7 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded })
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels })
 }
 
 #[cfg(not(target_arch = "wasm32"))]

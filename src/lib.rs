@@ -13,6 +13,7 @@ pub mod generate;
 pub mod graph;
 pub mod manifest;
 pub mod prefold;
+pub mod qmatmul;
 pub mod sampler;
 pub mod session;
 pub mod text;

@@ -70,7 +70,7 @@ fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, k
     serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
 }
 
-const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "sha256"];
+const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "int8_kernels", "sha256"];
 const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                                  "stop", "ignore_eos", "chat"];
 
@@ -79,6 +79,8 @@ const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_
 struct LoadOptions {
     fold_constants: bool,
     optimize: bool,
+    /// Our int8 kernels for dynamic-quantization files (false: tract's integer matmul).
+    int8_kernels: bool,
     /// File name -> sha256 (hex) the caller computed with WebCrypto: compared with the manifest
     /// instead of hashing again in wasm (the sizes are checked all the same).
     sha256: std::collections::HashMap<String, String>,
@@ -87,13 +89,23 @@ struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         let p = Prepare::default();
-        LoadOptions { fold_constants: p.fold_constants, optimize: p.optimize, sha256: Default::default() }
+        LoadOptions {
+            fold_constants: p.fold_constants,
+            optimize: p.optimize,
+            int8_kernels: p.int8_kernels,
+            sha256: Default::default(),
+        }
     }
 }
 
 impl LoadOptions {
     fn prepare(&self) -> Prepare {
-        Prepare { fold_constants: self.fold_constants, optimize: self.optimize, threads: 1 }
+        Prepare {
+            fold_constants: self.fold_constants,
+            optimize: self.optimize,
+            int8_kernels: self.int8_kernels,
+            threads: 1,
+        }
     }
 }
 

@@ -82,6 +82,10 @@ fn parity(model: &str) {
         assert_eq!(ids(&native["prompt"]), PROMPT.to_vec());
         let onnx = read(&format!("{}/{file}", b.dir));
         let engine = Engine::from_bytes(&manifest, file, &onnx, &b.tokenizer, Prepare::default()).unwrap();
+        // INT8 files run on our int8 kernels, this build's own (scalar without SIMD)
+        let kernel = if cfg!(target_feature = "simd128") { "simd128" } else { "scalar" };
+        let kernels = engine.info.int8_kernels.clone().unwrap_or_default();
+        assert_eq!(file.contains("int8"), kernels.contains(kernel), "{model} {file}: int8 kernels {kernels:?}");
         let (logits, tokens) = bench::greedy_trace(&engine, &PROMPT, 3, 32).unwrap();
         // Same engine, same graph: only SIMD vs native summation order may differ.
         let (native_logits, native_tokens) = (rows(&native["logits"]), ids(&native["tokens"]));

@@ -109,7 +109,8 @@ function onWorkerMessage(msg) {
       setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (engine load ${(i.load_ms / 1000).toFixed(1)} s: ${phases})`);
       $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
-        `${i.cache}, ${i.nodes} nodes, context ${i.context}. Engine: wasmlm ${msg.build.version}, ` +
+        `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
+        (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
         `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread` +
         (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
       // the table follows the loaded model

@@ -40,12 +40,22 @@ impl Args {
     }
 }
 
+/// The engine's preparation from `--threads N`, `--no-fold` (tract's own constant folding only)
+/// and `--no-int8-kernels` (tract's integer matmul for dynamic-quantization files): the last two
+/// exist to compare against the fast path.
+fn prepare(a: &mut Args) -> Res<Prepare> {
+    Ok(Prepare {
+        threads: a.parsed("--threads")?.unwrap_or(1),
+        fold_constants: !a.flag("--no-fold"),
+        int8_kernels: !a.flag("--no-int8-kernels"),
+        ..Prepare::default()
+    })
+}
+
 fn generate(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.value("--file")?;
-    // --no-fold: tract's own preparation only (to compare against the folded fast path).
-    let threads = a.parsed("--threads")?.unwrap_or(1);
-    let prep = Prepare { fold_constants: !a.flag("--no-fold"), threads, ..Prepare::default() };
+    let prep = prepare(&mut a)?;
     let mut opts = GenerateOptions { chat: a.flag("--chat"), stop: a.values("--stop")?, ..Default::default() };
     opts.max_new_tokens = a.parsed("--max-new-tokens")?.unwrap_or(opts.max_new_tokens);
     let s = &mut opts.sampling;
@@ -91,9 +101,9 @@ fn bench_row(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.required("--file")?;
     let runs: usize = a.parsed("--runs")?.unwrap_or(5);
-    let threads: usize = a.parsed("--threads")?.unwrap_or(1);
+    let prep = prepare(&mut a)?;
+    let threads = prep.threads;
     let text = std::fs::read_to_string(a.required("--text")?).map_err(|e| e.to_string())?;
-    let prep = Prepare { threads, ..Prepare::default() };
     let engine = Engine::from_dir(&bundle, Some(&file), prep).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let mut row = bench::row(&engine, &prompt, runs, threads).map_err(|e| e.to_string())?;
@@ -152,11 +162,10 @@ fn profile(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.value("--file")?;
     let steps: usize = a.parsed("--steps")?.unwrap_or(32);
-    let threads: usize = a.parsed("--threads")?.unwrap_or(1);
+    let prep = prepare(&mut a)?;
     let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into()))
         .map_err(|e| e.to_string())?;
-    let engine = Engine::from_dir(&bundle, file.as_deref(), Prepare { threads, ..Prepare::default() })
-        .map_err(|e| e.to_string())?;
+    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let mut session = engine.session().map_err(|e| e.to_string())?;
     let mut logits = session.prefill(&prompt).map_err(|e| e.to_string())?;
@@ -182,8 +191,9 @@ fn trace(mut a: Args) -> Res<()> {
     let file = a.value("--file")?;
     let decode: usize = a.parsed("--decode")?.unwrap_or(3);
     let greedy: usize = a.parsed("--greedy")?.unwrap_or(32);
+    let prep = prepare(&mut a)?;
     let prompt: Vec<u32> = a.0.iter().map(|t| t.parse().map_err(|_| format!("not a token id: {t}"))).collect::<Res<_>>()?;
-    let engine = Engine::from_dir(&bundle, file.as_deref(), Prepare::default()).map_err(|e| e.to_string())?;
+    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
     let (logits, tokens) = bench::greedy_trace(&engine, &prompt, decode, greedy).map_err(|e| e.to_string())?;
     println!("{}", serde_json::json!({ "prompt": prompt, "logits": logits, "tokens": tokens }));
     Ok(())

@@ -1,0 +1,430 @@
+//! Products by `q8b32` weights (INT8 in blocks of 32 along K, one scale per block: GGML's Q8_0)
+//! on integer kernels, the weights kept as INT8.
+//!
+//! The ONNX graph says `x @ (q * s)` in f32. Here each row of x is quantized to int16 with one
+//! symmetric scale (`sx = max|x| / 32767`), each block's integer dot product is exact in i32,
+//! then scaled in f32: `y[c] = sx * Σ_b s[c][b] * Σ_{k in b} xi[k] q[c][k]`. The only departure
+//! from the f32 product is x's rounding to 15 bits (relative error <= 2^-16 of the row's
+//! largest value), far below the weights' own 8-bit rounding; the tests bound what it does to
+//! the logits against ONNX Runtime. Integer sums cannot overflow: |xi q| <= 32767 * 127, and
+//! 32 of them stay below 2^31.
+//!
+//! Kernels: scalar (any target), wasm SIMD128 (`i16x8.load8x8_s`, `i32x4.dot_i16x8_s`),
+//! x86_64 AVX2 (`vpmovsxbw`, `vpmaddwd`). Weights in panels as [`super::kernel::PackedI8`].
+
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+use super::kernel::{PackedI8, K_ALIGN, PANEL};
+
+/// The op name [`super::rewrite::fuse_blocks`] writes.
+pub const OP_TYPE: &str = "WasmlmBlockQ8MatMul";
+/// Values per scale.
+pub const BLOCK: usize = 32;
+
+pub(super) fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    ensure!(node.input.len() == 3, "{OP_TYPE} takes x, q, scales");
+    let layout: String = node.get_attr("layout")?;
+    ensure!(layout == "kn" || layout == "nk", "{OP_TYPE}: layout must be kn or nk, found {layout}");
+    Ok((expand(Expansion { nk: layout == "nk" }), vec![]))
+}
+
+/// `nk: false`: q is (K/32, 32, N), scales (K/32, 1, N) (a MatMul's B blocked along axis 0).
+/// `nk: true`: q is (N, K/32, 32), scales (N, K/32, 1) (B = Transpose of a table blocked along
+/// its rows, as the tied LM head).
+#[derive(Debug, Clone)]
+struct Expansion {
+    nk: bool,
+}
+
+impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> TractResult<()> {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[1].rank, 3)?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        let n = if self.nk { &inputs[1].shape[0] } else { &inputs[1].shape[2] };
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for i in 0..rank - 1 {
+                s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
+            }
+            s.equals(&outputs[0].shape[rank - 1], n)
+        })
+    }
+
+    fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let konst = |ix: usize, what: &str| -> TractResult<Arc<Tensor>> {
+            target.outlet_fact(inputs[ix])?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
+        };
+        let q = konst(1, "the weights")?;
+        let scales = konst(2, "the scales")?.cast_to::<f32>()?.into_owned();
+        ensure!(q.datum_type() == i8::datum_type() && q.rank() == 3, "{prefix}: weights must be int8 of rank 3");
+        let d = q.shape();
+        let (n, kb, b) = if self.nk { (d[0], d[1], d[2]) } else { (d[2], d[0], d[1]) };
+        ensure!(b == BLOCK, "{prefix}: blocks of {BLOCK} expected, found {b}");
+        let want: &[usize] = if self.nk { &[n, kb, 1] } else { &[kb, 1, n] };
+        ensure!(scales.shape() == want, "{prefix}: scales of shape {want:?} expected, found {:?}", scales.shape());
+        let k = kb * BLOCK;
+        let x = target.outlet_fact(inputs[0])?;
+        ensure!(x.shape.last() == Some(&k.to_dim()), "{prefix}: x's last axis must be K = {k}, found {:?}", x.shape);
+        let qv = q.try_as_plain_ram()?;
+        let qv = qv.as_slice::<i8>()?;
+        let sv = scales.try_as_plain_ram()?;
+        let sv = sv.as_slice::<f32>()?;
+        // to (K, N) row-major for the packer, and scales to [column][block]
+        let mut kn = vec![0i8; k * n];
+        let col_scales =
+            panel_scales(k, n, |c, blk| if self.nk { sv[c * kb + blk] } else { sv[blk * n + c] });
+        for c in 0..n {
+            for blk in 0..kb {
+                for i in 0..BLOCK {
+                    let v = if self.nk { qv[(c * kb + blk) * BLOCK + i] } else { qv[(blk * BLOCK + i) * n + c] };
+                    kn[(blk * BLOCK + i) * n + c] = v;
+                }
+            }
+        }
+        let op = BlockQ8MatMul {
+            w: Arc::new(PackedI8::from_k_by_n(&kn, k, n)),
+            scales: Arc::new(col_scales),
+            kernel: BlockKernel::best(),
+        };
+        target.wire_node(prefix, op, &[inputs[0]])
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BlockQ8MatMul {
+    pub w: Arc<PackedI8>,
+    /// One scale per block of the padded K (0 beyond K) per column, in panel order
+    /// ([`panel_scales`]).
+    pub scales: Arc<Vec<f32>>,
+    pub kernel: BlockKernel,
+}
+
+impl PartialEq for BlockQ8MatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w) && self.kernel == other.kernel
+    }
+}
+impl Eq for BlockQ8MatMul {}
+
+impl Op for BlockQ8MatMul {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("K={} N={} kernel={}", self.w.k, self.w.cols, self.kernel.name())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for BlockQ8MatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let xv = x.try_as_plain_ram()?;
+        let xv = xv.as_slice::<f32>()?;
+        let (k, kp, n) = (self.w.k, self.w.kp, self.w.cols);
+        let rows = xv.len() / k;
+        let mut xi = vec![0i16; rows * kp];
+        let mut sx = vec![0f32; rows];
+        for r in 0..rows {
+            sx[r] = quantize_row(&xv[r * k..(r + 1) * k], &mut xi[r * kp..r * kp + k]);
+        }
+        let mut shape: TVec<usize> = x.shape().into();
+        *shape.last_mut().unwrap() = n;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            self.kernel.run(&xi, &sx, rows, &self.w, &self.scales, ys);
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for BlockQ8MatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
+        ensure!(shape.last() == Some(&self.w.k.to_dim()), "x's last axis must be K = {}", self.w.k);
+        *shape.last_mut().unwrap() = self.w.cols.to_dim();
+        Ok(tvec!(f32::fact(&shape)))
+    }
+
+    as_op!();
+}
+
+/// Block scales laid out as the kernels read them: panel by panel, then block by block, then the
+/// panel's columns: `(p * kbp + b) * PANEL + j`, with `kbp` blocks in the padded K; 0 for padded
+/// blocks and columns. `scale(c, b)` gives column c's block b.
+pub fn panel_scales(k: usize, n: usize, scale: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let kbp = k.div_ceil(K_ALIGN) * K_ALIGN / BLOCK;
+    let panels = n.div_ceil(PANEL);
+    let mut out = vec![0f32; panels * kbp * PANEL];
+    for c in 0..n {
+        let (p, j) = (c / PANEL, c % PANEL);
+        for b in 0..k / BLOCK {
+            out[(p * kbp + b) * PANEL + j] = scale(c, b);
+        }
+    }
+    out
+}
+
+/// Symmetric int16 quantization of one row: returns the scale (0 for an all-zero row).
+pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
+    let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        out.iter_mut().for_each(|o| *o = 0);
+        return if max.is_finite() { 0.0 } else { f32::NAN };
+    }
+    let scale = max / 32767.0;
+    let inv = 32767.0 / max;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even().clamp(-32767.0, 32767.0) as i16;
+    }
+    scale
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKernel {
+    Scalar,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl BlockKernel {
+    pub fn best() -> BlockKernel {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return BlockKernel::Avx2;
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        return BlockKernel::Simd128;
+        #[allow(unreachable_code)]
+        BlockKernel::Scalar
+    }
+
+    pub fn available() -> Vec<BlockKernel> {
+        #[allow(unused_mut)]
+        let mut all = vec![BlockKernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            all.push(BlockKernel::Avx2);
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        all.push(BlockKernel::Simd128);
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKernel::Scalar => "scalar",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            BlockKernel::Simd128 => "simd128",
+            #[cfg(target_arch = "x86_64")]
+            BlockKernel::Avx2 => "avx2",
+        }
+    }
+
+    /// `xi`: rows of `w.kp` int16 (0 beyond K); `sx`: one scale per row; `scales`: from
+    /// [`panel_scales`]; `y`: rows * cols.
+    pub fn run(self, xi: &[i16], sx: &[f32], rows: usize, w: &PackedI8, scales: &[f32], y: &mut [f32]) {
+        let (kp, n) = (w.kp, w.cols);
+        let kbp = kp / BLOCK;
+        let panels = n.div_ceil(PANEL);
+        assert!(xi.len() >= rows * kp && sx.len() >= rows && y.len() >= rows * n);
+        assert!(scales.len() >= panels * kbp * PANEL);
+        for p in 0..panels {
+            let panel = &w.w[p * PANEL * kp..(p + 1) * PANEL * kp];
+            let ps = &scales[p * kbp * PANEL..(p + 1) * kbp * PANEL];
+            let take = (n - p * PANEL).min(PANEL);
+            for r in 0..rows {
+                let x = &xi[r * kp..(r + 1) * kp];
+                let mut out = [0f32; PANEL];
+                match self {
+                    BlockKernel::Scalar => scalar_dot4(x, panel, ps, &mut out),
+                    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+                    BlockKernel::Simd128 => unsafe { simd128::dot4(x, panel, ps, &mut out) },
+                    #[cfg(target_arch = "x86_64")]
+                    BlockKernel::Avx2 => unsafe { x86::dot4(x, panel, ps, &mut out) },
+                }
+                for j in 0..take {
+                    y[r * n + p * PANEL + j] = out[j] * sx[r];
+                }
+            }
+        }
+    }
+}
+
+/// Byte `b` of chunk `kc` of column `j` is at `(kc * PANEL + j) * K_ALIGN + b` in a panel; a
+/// chunk holds `K_ALIGN / BLOCK` blocks.
+fn scalar_dot4(x: &[i16], panel: &[i8], ps: &[f32], out: &mut [f32; PANEL]) {
+    for (kc, chunk) in panel.chunks_exact(PANEL * K_ALIGN).enumerate() {
+        for (j, col) in chunk.chunks_exact(K_ALIGN).enumerate() {
+            for (h, blk) in col.chunks_exact(BLOCK).enumerate() {
+                let b = kc * (K_ALIGN / BLOCK) + h;
+                let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+                let s: i32 = xs.iter().zip(blk).map(|(&a, &w)| a as i32 * w as i32).sum();
+                out[j] += s as f32 * ps[b * PANEL + j];
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    use super::{BLOCK, K_ALIGN, PANEL};
+    use core::arch::wasm32::*;
+
+    #[inline]
+    pub unsafe fn dot4(x: &[i16], panel: &[i8], ps: &[f32], out: &mut [f32; PANEL]) {
+        let kp = x.len();
+        let xp = x.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [f32x4_splat(0.0); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for h in 0..K_ALIGN / BLOCK {
+                let o = k + h * BLOCK;
+                let a0 = v128_load(xp.add(o) as *const v128);
+                let a1 = v128_load(xp.add(o + 8) as *const v128);
+                let a2 = v128_load(xp.add(o + 16) as *const v128);
+                let a3 = v128_load(xp.add(o + 24) as *const v128);
+                let s = v128_load(ps.as_ptr().add((o / BLOCK) * PANEL) as *const v128);
+                let mut dots = [i32x4_splat(0); PANEL];
+                for j in 0..PANEL {
+                    let w = wp.add(j * K_ALIGN + h * BLOCK);
+                    let d0 = i32x4_add(
+                        i32x4_dot_i16x8(a0, i16x8_load_extend_i8x8(w)),
+                        i32x4_dot_i16x8(a1, i16x8_load_extend_i8x8(w.add(8))),
+                    );
+                    let d1 = i32x4_add(
+                        i32x4_dot_i16x8(a2, i16x8_load_extend_i8x8(w.add(16))),
+                        i32x4_dot_i16x8(a3, i16x8_load_extend_i8x8(w.add(24))),
+                    );
+                    dots[j] = i32x4_add(d0, d1);
+                }
+                // one scale per column: lane j of s
+                let sj = [
+                    i32x4_shuffle::<0, 0, 0, 0>(s, s),
+                    i32x4_shuffle::<1, 1, 1, 1>(s, s),
+                    i32x4_shuffle::<2, 2, 2, 2>(s, s),
+                    i32x4_shuffle::<3, 3, 3, 3>(s, s),
+                ];
+                for j in 0..PANEL {
+                    acc[j] = f32x4_add(acc[j], f32x4_mul(f32x4_convert_i32x4(dots[j]), sj[j]));
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            let v = acc[j];
+            out[j] = (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
+                + (f32x4_extract_lane::<2>(v) + f32x4_extract_lane::<3>(v));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BLOCK, K_ALIGN, PANEL};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(x: &[i16], panel: &[i8], ps: &[f32], out: &mut [f32; PANEL]) {
+        let kp = x.len();
+        let xp = x.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for h in 0..K_ALIGN / BLOCK {
+                let o = k + h * BLOCK;
+                let a0 = _mm256_loadu_si256(xp.add(o) as *const __m256i);
+                let a1 = _mm256_loadu_si256(xp.add(o + 16) as *const __m256i);
+                for j in 0..PANEL {
+                    let w = wp.add(j * K_ALIGN + h * BLOCK);
+                    let w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w as *const __m128i));
+                    let w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(16) as *const __m128i));
+                    let d = _mm256_add_epi32(_mm256_madd_epi16(a0, w0), _mm256_madd_epi16(a1, w1));
+                    let s = _mm256_broadcast_ss(&*ps.as_ptr().add((o / BLOCK) * PANEL + j));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[j]);
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            let v = acc[j];
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            out[j] = _mm_cvtss_f32(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Every kernel against an f64 reference of the same integer-and-scale arithmetic, and the
+    /// whole (quantized x) product against the f32 product of the dequantized weights.
+    #[test]
+    fn kernels_agree_and_stay_near_the_float_product() {
+        let mut seed = 3;
+        for &(rows, kb, n) in &[(1, 2, 4), (1, 24, 1536), (3, 18, 7), (2, 3, 5)] {
+            let k = kb * BLOCK;
+            let q: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 255) as i32 as i8).collect(); // (K, N)
+            let s: Vec<f32> = (0..kb * n).map(|_| (lcg(&mut seed) % 1000 + 1) as f32 * 1e-5).collect(); // (kb, N)
+            let x: Vec<f32> = (0..rows * k).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let w = PackedI8::from_k_by_n(&q, k, n);
+            let scales = panel_scales(k, n, |c, b| s[b * n + c]);
+            let mut xi = vec![0i16; rows * w.kp];
+            let sx: Vec<f32> = (0..rows).map(|r| quantize_row(&x[r * k..(r + 1) * k], &mut xi[r * w.kp..r * w.kp + k])).collect();
+            for kernel in BlockKernel::available() {
+                let mut y = vec![0f32; rows * n];
+                kernel.run(&xi, &sx, rows, &w, &scales, &mut y);
+                for r in 0..rows {
+                    for c in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|i| xi[r * w.kp + i] as f64 * sx[r] as f64 * q[i * n + c] as f64 * s[(i / BLOCK) * n + c] as f64)
+                            .sum();
+                        let float: f64 = (0..k).map(|i| x[r * k + i] as f64 * (q[i * n + c] as f32 * s[(i / BLOCK) * n + c]) as f64).sum();
+                        let mag: f64 = (0..k).map(|i| (x[r * k + i] as f64 * q[i * n + c] as f64 * s[(i / BLOCK) * n + c] as f64).abs()).sum();
+                        let got = y[r * n + c] as f64;
+                        assert!((got - exact).abs() <= 1e-5 * mag.max(1e-6), "{} r{r} c{c}: {got} vs {exact}", kernel.name());
+                        // x's 15-bit rounding: at most 2^-16 of max|x| per term
+                        assert!((got - float).abs() <= 4e-5 * mag.max(1e-6), "{} r{r} c{c}: {got} vs f32 {float}", kernel.name());
+                    }
+                }
+            }
+        }
+    }
+}

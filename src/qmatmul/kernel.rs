@@ -1,0 +1,353 @@
+//! Integer products of quantized activations (u8, with a zero point) by packed int8 weights.
+//!
+//! `acc[r][c] = Σ_k (xq[r][k] - xzp) * w[c][k]`, exact in i32 whatever the kernel: the kernels
+//! differ in speed only, and the tests hold each against the scalar one.
+//!
+//! - scalar: any target (the no-SIMD wasm build);
+//! - wasm SIMD128: `i16x8.load8x8_s` + `i32x4.dot_i16x8_s` (8 products per instruction);
+//! - x86_64 AVX2: `vpmovsxbw` + `vpmaddwd` (16 products);
+//! - x86_64 AVX-512 VNNI: `vpdpbusd` on the raw u8 activations (64 products), with the zero
+//!   point taken out afterwards through each column's weight sum.
+
+/// Weights of one product in panels of [`PANEL`] columns: K padded with zeros to a multiple of
+/// [`K_ALIGN`], and within a panel the columns interleaved by chunks of [`K_ALIGN`] bytes, so a
+/// kernel reads one contiguous stream: byte `b` of chunk `kc` of column `j` of panel `p` is at
+/// `((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN + b`. The last panel is padded with zero
+/// columns.
+#[derive(Debug, Clone)]
+pub struct PackedI8 {
+    pub k: usize,
+    pub kp: usize,
+    pub cols: usize,
+    pub w: Vec<i8>,
+    /// Σ_k w[c][k] per column (for the u8 kernels' zero-point correction).
+    pub col_sum: Vec<i32>,
+}
+
+/// Padding of K and chunk of the interleave: a multiple of every kernel's step (64 bytes for
+/// AVX-512).
+pub const K_ALIGN: usize = 64;
+/// Columns per panel (one accumulator each).
+pub const PANEL: usize = 4;
+
+impl PackedI8 {
+    /// From the ONNX layout: `w` is (K, N) row-major, as MatMulInteger's B.
+    pub fn from_k_by_n(w: &[i8], k: usize, n: usize) -> PackedI8 {
+        assert_eq!(w.len(), k * n);
+        let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
+        let panels = n.div_ceil(PANEL);
+        let mut packed = vec![0i8; panels * PANEL * kp];
+        let mut col_sum = vec![0i32; n];
+        for (row, chunk) in w.chunks_exact(n).enumerate() {
+            let (kc, b) = (row / K_ALIGN, row % K_ALIGN);
+            for (c, &v) in chunk.iter().enumerate() {
+                let (p, j) = (c / PANEL, c % PANEL);
+                packed[((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN + b] = v;
+                col_sum[c] += v as i32;
+            }
+        }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum }
+    }
+
+    fn panel(&self, p: usize) -> &[i8] {
+        &self.w[p * PANEL * self.kp..(p + 1) * PANEL * self.kp]
+    }
+}
+
+/// Which kernel runs: chosen once per process from the CPU (natively) or the build (wasm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw") {
+                return Kernel::Avx512Vnni;
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                return Kernel::Avx2;
+            }
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        {
+            return Kernel::Simd128;
+        }
+        #[allow(unreachable_code)]
+        Kernel::Scalar
+    }
+
+    /// Every kernel this process can run (for the tests).
+    pub fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut all = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                all.push(Kernel::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw") {
+                all.push(Kernel::Avx512Vnni);
+            }
+        }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        all.push(Kernel::Simd128);
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Kernel::Simd128 => "simd128",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// `xq`: `rows` rows of `w.kp` bytes (beyond K: anything, the weights there are 0).
+    /// `acc`: `rows * w.cols`, row-major.
+    pub fn run(self, xq: &[u8], xzp: u8, rows: usize, w: &PackedI8, acc: &mut [i32]) {
+        let kp = w.kp;
+        assert!(xq.len() >= rows * kp && acc.len() >= rows * w.cols);
+        let acc = &mut acc[..rows * w.cols];
+        let part = Panels { w, rows };
+        match self {
+            Kernel::Scalar => {
+                part.each(acc, |r, panel, out| {
+                    let x = &xq[r * kp..(r + 1) * kp];
+                    for (kc, chunk) in panel.chunks_exact(PANEL * K_ALIGN).enumerate() {
+                        let x = &x[kc * K_ALIGN..(kc + 1) * K_ALIGN];
+                        for (j, col) in chunk.chunks_exact(K_ALIGN).enumerate() {
+                            let s: i32 = x.iter().zip(col).map(|(&a, &b)| (a as i32 - xzp as i32) * b as i32).sum();
+                            out[j] += s;
+                        }
+                    }
+                });
+            }
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Kernel::Simd128 => {
+                let a = centered_i16(xq, xzp, rows * kp);
+                part.each(acc, |r, panel, out| unsafe { simd128::dot4(&a[r * kp..(r + 1) * kp], panel, out) });
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                let a = centered_i16(xq, xzp, rows * kp);
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[r * kp..(r + 1) * kp], panel, out) });
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_vnni(&xq[r * kp..(r + 1) * kp], panel, out) });
+                // Σ (x - zp) w = Σ x w - zp Σ w
+                let z = xzp as i32;
+                if z != 0 {
+                    for row in acc.chunks_exact_mut(w.cols) {
+                        for (v, s) in row.iter_mut().zip(&w.col_sum) {
+                            *v -= z * s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn centered_i16(xq: &[u8], xzp: u8, len: usize) -> Vec<i16> {
+    xq[..len].iter().map(|&v| v as i16 - xzp as i16).collect()
+}
+
+/// The products of `rows` rows by every panel.
+struct Panels<'a> {
+    w: &'a PackedI8,
+    rows: usize,
+}
+
+impl Panels<'_> {
+    /// Panel by panel, rows inside: a panel's weights stay in L1 while every row of a prefill
+    /// passes over them. `dot4` adds into `out` (zeroed here); `acc` is `rows * cols`.
+    fn each(&self, acc: &mut [i32], dot4: impl Fn(usize, &[i8], &mut [i32; PANEL])) {
+        let n = self.w.cols;
+        for p in 0..n.div_ceil(PANEL) {
+            let panel = self.w.panel(p);
+            let c = p * PANEL;
+            let take = (n - c).min(PANEL);
+            for r in 0..self.rows {
+                let mut out = [0i32; PANEL];
+                dot4(r, panel, &mut out);
+                acc[r * n + c..r * n + c + take].copy_from_slice(&out[..take]);
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    use core::arch::wasm32::*;
+
+    use super::{K_ALIGN, PANEL};
+
+    /// `a`: kp centered activations; `panel`: PANEL interleaved columns (see PackedI8).
+    #[inline]
+    pub unsafe fn dot4(a: &[i16], panel: &[i8], out: &mut [i32; PANEL]) {
+        let kp = a.len();
+        let ap = a.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [i32x4_splat(0); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                let a0 = v128_load(ap.add(k + sub) as *const v128);
+                let a1 = v128_load(ap.add(k + sub + 8) as *const v128);
+                for j in 0..PANEL {
+                    let w0 = i16x8_load_extend_i8x8(wp.add(j * K_ALIGN + sub));
+                    let w1 = i16x8_load_extend_i8x8(wp.add(j * K_ALIGN + sub + 8));
+                    acc[j] = i32x4_add(acc[j], i32x4_add(i32x4_dot_i16x8(a0, w0), i32x4_dot_i16x8(a1, w1)));
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            let v = acc[j];
+            out[j] = i32x4_extract_lane::<0>(v)
+                .wrapping_add(i32x4_extract_lane::<1>(v))
+                .wrapping_add(i32x4_extract_lane::<2>(v))
+                .wrapping_add(i32x4_extract_lane::<3>(v));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{K_ALIGN, PANEL};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum256(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// `a`: kp centered activations (i16); `panel`: PANEL interleaved columns.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot4_avx2(a: &[i16], panel: &[i8], out: &mut [i32; PANEL]) {
+        let kp = a.len();
+        let ap = a.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [_mm256_setzero_si256(); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                let va = _mm256_loadu_si256(ap.add(k + sub) as *const __m256i);
+                for j in 0..PANEL {
+                    let vw = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(j * K_ALIGN + sub) as *const __m128i));
+                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(va, vw));
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            out[j] = hsum256(acc[j]);
+        }
+    }
+
+    /// `x`: kp raw u8 activations; result is Σ x w (no zero point).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4_vnni(x: &[u8], panel: &[i8], out: &mut [i32; PANEL]) {
+        let kp = x.len();
+        let xp = x.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [_mm512_setzero_si512(); PANEL];
+        let mut k = 0;
+        while k < kp {
+            let vx = _mm512_loadu_si512(xp.add(k) as *const _);
+            for j in 0..PANEL {
+                let vw = _mm512_loadu_si512(wp.add(j * K_ALIGN) as *const _);
+                acc[j] = _mm512_dpbusd_epi32(acc[j], vx, vw);
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            out[j] = _mm512_reduce_add_epi32(acc[j]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    #[test]
+    fn every_kernel_equals_the_scalar_one() {
+        let mut seed = 7;
+        for &(rows, k, n) in &[(1, 64, 4), (1, 768, 2304), (3, 100, 7), (5, 576, 192), (2, 1, 1), (1, 130, 5)] {
+            let w: Vec<i8> = (0..k * n).map(|_| lcg(&mut seed) as u8 as i8).collect();
+            let packed = PackedI8::from_k_by_n(&w, k, n);
+            // the padding beyond K gets random bytes too: the zero weights there must cancel them
+            let xq: Vec<u8> = (0..rows * packed.kp).map(|_| lcg(&mut seed) as u8).collect();
+            for xzp in [0u8, 1, 128, 255] {
+                // the reference, from the unpacked (K, N) weights
+                let mut want = vec![0i32; rows * n];
+                for r in 0..rows {
+                    for c in 0..n {
+                        want[r * n + c] = (0..k)
+                            .map(|i| (xq[r * packed.kp + i] as i32 - xzp as i32) * w[i * n + c] as i32)
+                            .sum();
+                    }
+                }
+                for kernel in Kernel::available() {
+                    let mut got = vec![0i32; rows * n];
+                    kernel.run(&xq, xzp, rows, &packed, &mut got);
+                    assert_eq!(got, want, "{} rows={rows} k={k} n={n} zp={xzp}", kernel.name());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release --lib kernel_speed -- --ignored --nocapture`: GB/s of each kernel on
+    /// the LM head's shape (not a pass/fail test: speed targets live in the benches).
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        for (k, n) in [(768, 50257), (768, 1000)] {
+        let w: Vec<i8> = (0..k * n).map(|i| (i * 7 % 251) as u8 as i8).collect();
+        let packed = PackedI8::from_k_by_n(&w, k, n);
+        let xq: Vec<u8> = (0..packed.kp).map(|i| (i * 13 % 256) as u8).collect();
+        let mut acc = vec![0i32; n];
+        for kernel in Kernel::available() {
+            let t = std::time::Instant::now();
+            let reps = 20 * 50257 / n;
+            for _ in 0..reps {
+                kernel.run(&xq, 3, 1, &packed, &mut acc);
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!("{k}x{n} {:>12}: {:.3} ms, {:.1} GB/s", kernel.name(), s * 1e3, (packed.w.len() as f64) / s / 1e9);
+        }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The dynamic-quantization product of `quantize_dynamic` files, on our own int8 kernels.
+//!
+//! ONNX Runtime's `quantize_dynamic` writes each weight product as
+//! `DynamicQuantizeLinear(x) -> MatMulInteger(xq, W, xzp, Wzp) -> Cast(float) -> Mul(xs * Ws)`.
+//! tract runs that as written, through its generic integer matmul: natively 2.7x slower than ONNX
+//! Runtime on the same file, and in wasm slower than FP32 (no integer matrix-vector kernel there,
+//! FINDINGS 5). [`rewrite::fuse`] replaces the four nodes, in the ONNX protobuf, by one
+//! `WasmlmDynQMatMul(x, W, Wzp, Ws)` node; this module gives tract that op. It computes the same
+//! thing: the activations quantized per tensor exactly as tract's (and the ONNX spec's)
+//! DynamicQuantizeLinear, the product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in
+//! the graph's order. The weights are packed once, at load, column by column.
+
+pub mod blockq8;
+pub mod kernel;
+pub mod rewrite;
+
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+use tract_onnx::Onnx;
+
+use kernel::{Kernel, PackedI8};
+
+/// The op name [`rewrite::fuse`] writes and [`register`] teaches tract.
+pub const OP_TYPE: &str = "WasmlmDynQMatMul";
+
+/// "N x dynamic-quant KERNEL, M x q8 blocks KERNEL" for the products fused, or None.
+pub fn describe(dynamic: usize, blocks: usize) -> Option<String> {
+    let mut parts = vec![];
+    if dynamic > 0 {
+        parts.push(format!("{dynamic} x dynamic-quant {}", Kernel::best().name()));
+    }
+    if blocks > 0 {
+        parts.push(format!("{blocks} x q8 blocks {}", blockq8::BlockKernel::best().name()));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Makes `onnx` understand the fused nodes.
+pub fn register(onnx: &mut Onnx) {
+    onnx.op_register.insert(OP_TYPE, build);
+    onnx.op_register.insert(blockq8::OP_TYPE, blockq8::build);
+}
+
+fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    ensure!(node.input.len() == 4, "{OP_TYPE} takes x, W, W zero point, W scale");
+    Ok((expand(DynQMatMulExpansion), vec![]))
+}
+
+/// The inference-level face of the op: shapes, then wiring with the constants read.
+#[derive(Debug, Clone)]
+struct DynQMatMulExpansion;
+
+impl Expansion for DynQMatMulExpansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> TractResult<()> {
+        check_input_arity(inputs, 4)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[1].rank, 2)?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for i in 0..rank - 1 {
+                s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
+            }
+            s.equals(&outputs[0].shape[rank - 1], &inputs[1].shape[1])
+        })
+    }
+
+    fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let konst = |ix: usize, what: &str| -> TractResult<Arc<Tensor>> {
+            target.outlet_fact(inputs[ix])?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
+        };
+        let w = konst(1, "the weights")?;
+        ensure!(w.datum_type() == i8::datum_type() && w.rank() == 2, "{prefix}: weights must be int8 (K, N)");
+        let (k, n) = (w.shape()[0], w.shape()[1]);
+        let zp = konst(2, "the weight zero point")?.cast_to::<i32>()?.into_owned();
+        let scale = konst(3, "the weight scale")?.cast_to::<f32>()?.into_owned();
+        let zp: Vec<i32> = zp.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+        let scale: Vec<f32> = scale.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        ensure!(zp.len() == 1 || zp.len() == n, "{prefix}: zero point per tensor or per column");
+        ensure!(scale.len() == 1 || scale.len() == n, "{prefix}: scale per tensor or per column");
+        let x = target.outlet_fact(inputs[0])?;
+        ensure!(x.shape.last() == Some(&k.to_dim()), "{prefix}: x's last axis must be K = {k}, found {:?}", x.shape);
+        let packed = PackedI8::from_k_by_n(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n);
+        let op = DynQMatMul {
+            w: Arc::new(packed),
+            w_zp: Arc::new(zp),
+            w_scale: Arc::new(scale),
+            kernel: Kernel::best(),
+        };
+        target.wire_node(prefix, op, &[inputs[0]])
+    }
+}
+
+/// `y = float(Σ_k (q(x) - xzp)(W - Wzp)) * (xs * Ws)`, with `q(x), xs, xzp` the
+/// DynamicQuantizeLinear of the whole of x.
+#[derive(Debug, Clone)]
+pub struct DynQMatMul {
+    pub w: Arc<PackedI8>,
+    /// One per tensor, or one per column.
+    pub w_zp: Arc<Vec<i32>>,
+    pub w_scale: Arc<Vec<f32>>,
+    pub kernel: Kernel,
+}
+
+impl PartialEq for DynQMatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w) && self.kernel == other.kernel
+    }
+}
+impl Eq for DynQMatMul {}
+
+impl Op for DynQMatMul {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("K={} N={} kernel={}", self.w.k, self.w.cols, self.kernel.name())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DynQMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let xs = x.try_as_plain_ram()?;
+        let xs = xs.as_slice::<f32>()?;
+        let (k, kp, n) = (self.w.k, self.w.kp, self.w.cols);
+        let rows = xs.len() / k;
+        let (scale, zp) = dynamic_quantization(xs);
+        let mut xq = vec![zp; rows * kp];
+        for (src, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kp)) {
+            quantize(src, scale, zp, &mut dst[..k]);
+        }
+        let mut acc = vec![0i32; rows * n];
+        self.kernel.run(&xq, zp, rows, &self.w, &mut acc);
+        let mut shape: TVec<usize> = x.shape().into();
+        *shape.last_mut().unwrap() = n;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys = view.as_slice_mut::<f32>()?;
+            let per_col = |v: &[f32], c: usize| v[if v.len() == 1 { 0 } else { c }];
+            // the graph's Mul(x_scale, W_scale), then Mul(Cast(acc), that)
+            let col_scale: Vec<f32> = (0..n).map(|c| scale * per_col(&self.w_scale, c)).collect();
+            let has_wzp = self.w_zp.iter().any(|&z| z != 0);
+            for r in 0..rows {
+                // Σ (xq - xzp)(w - wzp) = Σ (xq - xzp) w - wzp Σ (xq - xzp)
+                let row_sum: i32 =
+                    if has_wzp { xq[r * kp..r * kp + k].iter().map(|&q| q as i32 - zp as i32).sum() } else { 0 };
+                for c in 0..n {
+                    let z = if has_wzp { self.w_zp[if self.w_zp.len() == 1 { 0 } else { c }] } else { 0 };
+                    let v = acc[r * n + c] - z * row_sum;
+                    ys[r * n + c] = v as f32 * col_scale[c];
+                }
+            }
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for DynQMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
+        ensure!(shape.last() == Some(&self.w.k.to_dim()), "x's last axis must be K = {}", self.w.k);
+        *shape.last_mut().unwrap() = self.w.cols.to_dim();
+        Ok(tvec!(f32::fact(&shape)))
+    }
+
+    as_op!();
+}
+
+/// DynamicQuantizeLinear's scale and zero point over all of `x`, as the ONNX spec (and tract's
+/// implementation of it) define them: the range extended to include 0, u8 target.
+pub fn dynamic_quantization(x: &[f32]) -> (f32, u8) {
+    let (mut min, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v < min {
+            min = v;
+        } else if v > max {
+            max = v;
+        }
+    }
+    let scale = (max - min) / 255.0;
+    let zp = (-min / scale).round_ties_even().max(0.0).min(255.0) as u8;
+    (scale, zp)
+}
+
+/// `saturate(round_half_to_even(x / scale) + zp)`.
+pub fn quantize(x: &[f32], scale: f32, zp: u8, out: &mut [u8]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (((v / scale).round_ties_even() as i32) + zp as i32).clamp(0, 255) as u8;
+    }
+}

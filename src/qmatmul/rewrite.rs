@@ -1,0 +1,258 @@
+//! In the ONNX protobuf: `quantize_dynamic`'s four-node product -> one `WasmlmDynQMatMul` node.
+//!
+//! Matched, names checked end to end (anything else is left to tract as written):
+//!
+//! ```text
+//! (xq, xs, xzp) = DynamicQuantizeLinear(x)
+//! y  = MatMulInteger(xq, W, xzp, Wzp)     W: int8 (K, N) initializer; Wzp: int8 initializer
+//! yf = Cast(y, to = FLOAT)                 y used here only
+//! s  = Mul(xs, Ws)                         Ws: f32 initializer, per tensor or per column
+//! z  = Mul(yf, s)                          yf used here only
+//! ```
+//!
+//! becomes `z = WasmlmDynQMatMul(x, W, Wzp, Ws)`. The DynamicQuantizeLinear and the scale Mul
+//! go when nothing else reads them (q, k and v projections share one quantization of x).
+
+use std::collections::{HashMap, HashSet};
+
+use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto};
+
+use super::{blockq8, OP_TYPE};
+
+/// Rewrites in place; returns how many products were fused.
+pub fn fuse(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
+    let init: HashMap<&str, (i32, usize)> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), (t.data_type, t.dims.iter().product::<i64>() as usize)))
+        .collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut users: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+        for x in &n.input {
+            users.entry(x.as_str()).or_default().push(i);
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let only_user = |name: &str| -> Option<usize> {
+        match users.get(name).map(|u| u.as_slice()) {
+            Some(&[u]) if !graph_outputs.contains(name) => Some(u),
+            _ => None,
+        }
+    };
+    let node = |i: usize| &graph.node[i];
+    let is_init = |name: &str, dt: DataType| init.get(name).is_some_and(|&(d, _)| d == dt as i32);
+
+    let mut fused: Vec<(usize, NodeProto)> = vec![]; // (position of the final Mul, new node)
+    let mut dead: HashSet<usize> = HashSet::new();
+    for (m, mmi) in graph.node.iter().enumerate() {
+        if mmi.op_type != "MatMulInteger" || mmi.input.len() != 4 || mmi.output.len() != 1 {
+            continue;
+        }
+        let Some(&d) = producer.get(mmi.input[0].as_str()) else { continue };
+        let dql = node(d);
+        if dql.op_type != "DynamicQuantizeLinear" || dql.output.len() != 3 {
+            continue;
+        }
+        if dql.output[0] != mmi.input[0] || dql.output[2] != mmi.input[2] {
+            continue;
+        }
+        let (w, wzp) = (mmi.input[1].as_str(), mmi.input[3].as_str());
+        if !is_init(w, DataType::Int8) || !is_init(wzp, DataType::Int8) {
+            continue;
+        }
+        let Some(c) = only_user(&mmi.output[0]) else { continue };
+        let cast = node(c);
+        let to_float = cast.attribute.iter().any(|a| a.name == "to" && a.i == DataType::Float as i64);
+        if cast.op_type != "Cast" || !to_float {
+            continue;
+        }
+        let Some(u) = only_user(&cast.output[0]) else { continue };
+        let mul = node(u);
+        if mul.op_type != "Mul" || mul.input.len() != 2 {
+            continue;
+        }
+        let s = if mul.input[0] == cast.output[0] { &mul.input[1] } else { &mul.input[0] };
+        let Some(&sm) = producer.get(s.as_str()) else { continue };
+        let scale_mul = node(sm);
+        if scale_mul.op_type != "Mul" || scale_mul.input.len() != 2 {
+            continue;
+        }
+        let xs = &dql.output[1];
+        let ws = if &scale_mul.input[0] == xs { &scale_mul.input[1] } else { &scale_mul.input[0] };
+        if !scale_mul.input.contains(xs) || !is_init(ws, DataType::Float) {
+            continue;
+        }
+        fused.push((
+            u,
+            NodeProto {
+                name: format!("{}.fused", mmi.name),
+                op_type: OP_TYPE.into(),
+                input: vec![dql.input[0].clone(), w.into(), wzp.into(), ws.clone()],
+                output: vec![mul.output[0].clone()],
+                ..Default::default()
+            },
+        ));
+        dead.extend([m, c, u]);
+    }
+    let count = fused.len();
+    if count == 0 {
+        return 0;
+    }
+    let mut replaced: HashMap<usize, NodeProto> = fused.into_iter().collect();
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if let Some(new) = replaced.remove(&i) {
+            graph.node.push(new);
+        } else if !dead.contains(&i) {
+            graph.node.push(n);
+        }
+    }
+    drop_unread(graph);
+    count
+}
+
+/// `q8b32`'s products (prefold.rs describes the dequantization) -> `WasmlmBlockQ8MatMul` nodes
+/// that keep the weights as INT8 blocks (blockq8.rs). Matched:
+///
+/// ```text
+/// R = Reshape(Mul(Cast(q), Cast(s)), shape)   q: int8 initializer, s: fp16 initializer
+/// MatMul(x, R)  or  Gemm(x, R, C) (alpha = beta = 1, no transposition)   q: (K/32, 32, N)
+/// MatMul(x, Transpose(R, perm = [1, 0]))                                  q: (N, K/32, 32)
+/// ```
+///
+/// The second is the tied LM head, whose R also feeds the embedding's Gather: R stays for it
+/// (prefold.rs then dequantizes it); elsewhere R goes when nothing else reads it.
+pub fn fuse_blocks(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
+    let init: HashMap<&str, (i32, Vec<i64>)> =
+        graph.initializer.iter().map(|t| (t.name.as_str(), (t.data_type, t.dims.clone()))).collect();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut users: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+        for x in &n.input {
+            *users.entry(x.as_str()).or_default() += 1;
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let single = |name: &str| users.get(name) == Some(&1) && !graph_outputs.contains(name);
+    let made_by = |name: &str, op: &str| producer.get(name).copied().filter(|&i| graph.node[i].op_type == op);
+    let attr_i = |n: &NodeProto, name: &str, default: i64| {
+        n.attribute.iter().find(|a| a.name == name).map(|a| a.i).unwrap_or(default)
+    };
+    let attr_f = |n: &NodeProto, name: &str| n.attribute.iter().find(|a| a.name == name).map(|a| a.f).unwrap_or(1.0);
+    // R -> (q, s) when R = Reshape(Mul(Cast(q int8), Cast(s fp16)), shape)
+    let blocks = |r: &str| -> Option<(String, String, Vec<i64>)> {
+        let reshape = &graph.node[made_by(r, "Reshape")?];
+        let mul = &graph.node[made_by(&reshape.input[0], "Mul")?];
+        if mul.input.len() != 2 {
+            return None;
+        }
+        let mut q = None;
+        let mut s = None;
+        for x in &mul.input {
+            let cast = &graph.node[made_by(x, "Cast")?];
+            let src = cast.input.first()?;
+            match init.get(src.as_str()) {
+                Some((dt, dims)) if *dt == DataType::Int8 as i32 => q = Some((src.clone(), dims.clone())),
+                Some((dt, _)) if *dt == DataType::Float16 as i32 => s = Some(src.clone()),
+                _ => return None,
+            }
+        }
+        let ((q, dims), s) = (q?, s?);
+        (dims.len() == 3).then_some((q, s, dims))
+    };
+    let block = blockq8::BLOCK as i64;
+    let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        let gemm = node.op_type == "Gemm";
+        if !(node.op_type == "MatMul" || gemm) || node.input.len() < 2 {
+            continue;
+        }
+        if gemm && (attr_i(node, "transA", 0) != 0 || attr_i(node, "transB", 0) != 0
+            || attr_f(node, "alpha") != 1.0 || attr_f(node, "beta") != 1.0)
+        {
+            continue;
+        }
+        let b = node.input[1].as_str();
+        let (q, s, layout) = if let Some((q, s, dims)) = blocks(b).filter(|_| single(b)) {
+            if dims[1] != block {
+                continue;
+            }
+            (q, s, "kn")
+        } else if let Some(t) = made_by(b, "Transpose").filter(|_| single(b) && !gemm) {
+            let t = &graph.node[t];
+            let perm: Option<&[i64]> = t.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints.as_slice());
+            let Some((q, s, dims)) = blocks(&t.input[0]) else { continue };
+            if perm != Some(&[1, 0][..]) || dims[2] != block {
+                continue;
+            }
+            (q, s, "nk")
+        } else {
+            continue;
+        };
+        let out = node.output[0].clone();
+        let bias = node.input.get(2).filter(|c| gemm && !c.is_empty());
+        let product = if bias.is_some() { format!("{out}.q8mm") } else { out.clone() };
+        let mut new = vec![NodeProto {
+            name: format!("{}.q8", node.name),
+            op_type: blockq8::OP_TYPE.into(),
+            input: vec![node.input[0].clone(), q, s],
+            output: vec![product.clone()],
+            attribute: vec![tract_onnx::pb::AttributeProto {
+                name: "layout".into(),
+                r#type: tract_onnx::pb::attribute_proto::AttributeType::String as i32,
+                s: layout.as_bytes().to_vec(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }];
+        if let Some(c) = bias {
+            new.push(NodeProto {
+                name: format!("{}.bias", node.name),
+                op_type: "Add".into(),
+                input: vec![product, c.clone()],
+                output: vec![out],
+                ..Default::default()
+            });
+        }
+        replace.insert(i, new);
+    }
+    let count = replace.len();
+    if count == 0 {
+        return 0;
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        match replace.remove(&i) {
+            Some(new) => graph.node.extend(new),
+            None => graph.node.push(n),
+        }
+    }
+    drop_unread(graph);
+    count
+}
+
+/// Removes, to a fixed point, the nodes none of whose outputs is read (the quantizations and
+/// scale products the fused nodes no longer need), then the initializers nothing reads.
+fn drop_unread(graph: &mut tract_onnx::pb::GraphProto) {
+    loop {
+        let mut read: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        for n in &graph.node {
+            read.extend(n.input.iter().cloned());
+        }
+        let before = graph.node.len();
+        graph.node.retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
+        if graph.node.len() == before {
+            graph.initializer.retain(|t| read.contains(&t.name));
+            return;
+        }
+    }
+}
