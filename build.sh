@@ -90,6 +90,15 @@ dist() {
     ids+=("\"$ref\"")
   done
   (IFS=,; echo "{\"models\": [${ids[*]}]}") > "$out.partial/models/index.json"
+  # the benchmark mode's optional peer: onnxruntime-web's wasm build (the npm package pinned in
+  # tests/node/package-lock.json), run by the worker on the same file
+  [[ -d tests/node/node_modules/onnxruntime-web ]] || (cd tests/node && npm ci --no-audit --no-fund --silent)
+  local ort=tests/node/node_modules/onnxruntime-web
+  mkdir -p "$out.partial/ort"
+  cp "$ort/dist/ort.wasm.min.mjs" "$ort/dist/ort-wasm-simd-threaded.mjs" "$ort/dist/ort-wasm-simd-threaded.wasm" \
+     "$out.partial/ort/"
+  cp "$ort/package.json" "$out.partial/ort/"
+  [[ -f "$ort/LICENSE" ]] && cp "$ort/LICENSE" "$out.partial/ort/"
   if [[ -f "$table" ]]; then
     cp "$table" "$out.partial/baselines.json"
     [[ -f "${table%.json}.md" ]] && cp "${table%.json}.md" "$out.partial/baselines.md"

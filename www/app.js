@@ -130,10 +130,18 @@ function onWorkerMessage(msg) {
       onDone(msg);
       break;
     case "bench-progress":
-      $("bench-status").textContent = msg.run === 0 ? "warm-up run…" : `run ${msg.run} of ${msg.of}…`;
+      $("bench-status").textContent = `${msg.backend}: ` + (msg.run === 0 ? "warm-up run…" : `run ${msg.run} of ${msg.of}…`);
       break;
     case "bench-done":
       onBenchDone(msg.row);
+      break;
+    case "peer-done":
+      onPeerDone(msg.row);
+      break;
+    case "peer-error":
+      $("bench-status").textContent += ` — onnxruntime-web: ${msg.message}`;
+      state.peerPending = false;
+      setRunning(null);
       break;
     case "error":
       if (msg.during === "load") state.loaded = null;
@@ -337,7 +345,10 @@ $("bench").onclick = async () => {
   }
   $("bench-download").hidden = true;
   setRunning("bench");
-  state.worker.postMessage({ type: "bench", text: state.benchText, runs: Number($("bench-runs").value) || 5 });
+  state.peerPending = $("bench-peer").checked;
+  state.worker.postMessage({
+    type: "bench", text: state.benchText, runs: Number($("bench-runs").value) || 5, peer: state.peerPending,
+  });
 };
 
 function onBenchDone(row) {
@@ -358,6 +369,24 @@ function onBenchDone(row) {
   if (a.href) URL.revokeObjectURL(a.href);
   a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
   a.hidden = false;
+  state.benchStatus = $("bench-status").textContent;
+  if (state.peerPending) $("bench-status").textContent += "; now onnxruntime-web on the same file…";
+  else setRunning(null);
+}
+
+// The optional peer row: onnxruntime-web in this browser, same file, prompt and protocol, run
+// right after ours; the table then shows the ratio of the two.
+function onPeerDone(row) {
+  const { info, build } = state.loaded;
+  const full = { ...row, ...liveRowBase(info, build), backend: row.backend, kind: "benchmark mode, peer",
+    measured_at: new Date().toISOString() };
+  state.live = state.live.filter((r) => !(r.kind === full.kind && r.file === full.file && r.model === full.model))
+    .concat([full]);
+  renderTable();
+  const d = full.decode_ms_per_token;
+  $("bench-status").textContent = `${state.benchStatus}; onnxruntime-web: decode ${d.median} ms/token median, ` +
+    `prefill ${full.prefill_ms.median} ms`;
+  state.peerPending = false;
   setRunning(null);
 }
 

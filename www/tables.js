@@ -64,6 +64,10 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
       const n = nativeMedian(data.rows, r, backend);
       if (n) parts.push(`${(r.decode_ms_per_token.median / n).toFixed(2)}\u00d7 ${label}`);
     }
+    // our benchmark row against the peer measured in this browser, on the same file
+    const peer = r.live && r.kind === "benchmark mode" &&
+      live.find((x) => /^onnxruntime-web/.test(x.backend) && x.model === r.model && x.file === r.file);
+    if (peer) parts.push(`${(r.decode_ms_per_token.median / peer.decode_ms_per_token.median).toFixed(2)}\u00d7 onnxruntime-web (this browser)`);
     return parts.join(", ") || "no native row for this file";
   };
   const keep = (r) => (!filter.model || r.model === filter.model) && (!filter.withPast || r.cache === "with_past");

@@ -9,8 +9,10 @@
 //   {type:"generate", prompt, options}               {type:"token", id, text, ms, prefill, index}*
 //                                                    {type:"done", reason, promptTokens, cancelled}
 //   {type:"cancel"}                                  (the running generate/bench ends early)
-//   {type:"bench", text, runs}                       {type:"bench-progress", run, of}*
-//                                                    {type:"bench-done", row} | {type:"done", cancelled:true}
+//   {type:"bench", text, runs, peer}                 {type:"bench-progress", run, of, backend}*
+//                                                    {type:"bench-done", row}, then with peer:
+//                                                    {type:"peer-done", row} | {type:"peer-error", message}
+//                                                    | {type:"done", cancelled:true}
 //   {type:"reset"}                                   {type:"reset-done"}
 //   any failure                                      {type:"error", during, message, fatal}
 //
@@ -26,6 +28,7 @@ let build = null; // {simd, version, ...}
 let engine = null;
 let session = null;
 let cancelled = false;
+let loaded = null; // {base, entry, manifest} of the bundle file loaded (for the peer)
 
 const post = (msg) => self.postMessage(msg);
 
@@ -154,6 +157,7 @@ async function load(source) {
   await loadWasm();
   if (session) { session.free(); session = null; }
   if (engine) { engine.free(); engine = null; }
+  loaded = null;
   const t0 = performance.now();
   if (source.kind === "bundle") {
     const cache = await openCache();
@@ -173,6 +177,7 @@ async function load(source) {
     if (tokenizer.sha256) sha256["tokenizer.json"] = tokenizer.sha256;
     engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, tokenizer.bytes, { sha256 });
     onnx = null;
+    loaded = { base: source.base, entry: find(source.file), manifest };
   } else {
     const read = async (file) => new Uint8Array(await file.arrayBuffer());
     post({ type: "status", text: `reading ${source.name}` });
@@ -201,22 +206,90 @@ async function generate(prompt, options) {
   post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens, cancelled });
 }
 
-async function bench(text, runs) {
+async function bench(text, runs, peer) {
   if (!engine) throw new Error("no model loaded");
   if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
   cancelled = false;
   const prompt = engine.benchPrompt(text);
+  const backend = `tract wasm ${build.simd}`;
   const results = [];
   for (let run = 0; run <= runs; run++) {
-    post({ type: "bench-progress", run, of: runs });
+    post({ type: "bench-progress", run, of: runs, backend });
     await yieldToEvents();
     if (cancelled) { post({ type: "done", cancelled: true, reason: "Cancelled" }); return; }
     const r = engine.benchRun(prompt);
     if (run > 0) results.push(r); // run 0 is the warm-up
   }
-  const backend = `tract wasm ${build.simd}`;
   const row = engine.benchRow(results, prompt.length, backend);
   post({ type: "bench-done", row });
+  if (!peer) return;
+  try {
+    const peerRow = await peerBench(Array.from(prompt), runs);
+    if (peerRow) post({ type: "peer-done", row: peerRow });
+  } catch (err) {
+    post({ type: "peer-error", message: err instanceof Error ? err.message : String(err) });
+  }
+}
+
+// The peer: onnxruntime-web (its wasm backend, 1 thread, shipped in ort/ by build.sh dist) on
+// the very same file and prompt tokens, under the same protocol: one warm-up run, then `runs`
+// runs of the prompt and 63 greedy steps; the times are those of session.run. Its session is
+// released at the end (it holds its own copy of the weights).
+const NEW_TOKENS = 64;
+async function peerBench(prompt, runs) {
+  if (!loaded) throw new Error("the peer runs on the page's bundle files only, not on dropped files");
+  const ort = await import("./ort/ort.wasm.min.mjs").catch((err) => {
+    throw new Error(`onnxruntime-web is not shipped with this page (ort/): ${err.message}`);
+  });
+  ort.env.wasm.numThreads = 1;
+  ort.env.wasm.wasmPaths = new URL("./ort/", self.location.href).href;
+  const { base, entry, manifest } = loaded;
+  const arch = manifest.architecture;
+  const onnx = await fetchFile(base, entry, await openCache());
+  const t0 = performance.now();
+  const session = await ort.InferenceSession.create(onnx.bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+  const loadMs = performance.now() - t0;
+  try {
+    const pastNames = session.inputNames.filter((n) => n !== "input_ids");
+    const presentOf = (name) => name.replace("past_key_values.", "present.").replace("past_", "present_");
+    if (pastNames.some((n) => !/^past_(key|value)_\d+$|^past_key_values\.\d+\.(key|value)$/.test(n))) {
+      throw new Error(`${entry.name}: inputs ${session.inputNames.join(", ")}: only input_ids and the cache are fed`);
+    }
+    const backend = `onnxruntime-web ${ort.env.versions?.web ?? ""} wasm`.replace("  ", " ");
+    const results = [];
+    for (let run = 0; run <= runs; run++) {
+      post({ type: "bench-progress", run, of: runs, backend });
+      await yieldToEvents();
+      if (cancelled) { post({ type: "done", cancelled: true, reason: "Cancelled" }); return null; }
+      let past = Object.fromEntries(pastNames.map((n) =>
+        [n, new ort.Tensor("float32", new Float32Array(0), [1, arch.kv_heads, 0, arch.head_dim])]));
+      let ids = prompt;
+      const times = [];
+      for (let step = 0; step < NEW_TOKENS; step++) {
+        const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]), ...past };
+        const t = performance.now();
+        const out = await session.run(feeds);
+        times.push(performance.now() - t);
+        const logits = out.logits;
+        const vocab = logits.dims[2];
+        const offset = (logits.dims[1] - 1) * vocab;
+        let next = 0;
+        for (let i = 1; i < vocab; i++) if (logits.data[offset + i] > logits.data[offset + next]) next = i;
+        past = Object.fromEntries(pastNames.map((n) => [n, out[presentOf(n)]]));
+        ids = [next];
+      }
+      if (run > 0) results.push({ prefill_ms: times[0], steps_ms: times.slice(1) });
+    }
+    // summarized by the engine's own statistics, as the tract row
+    const row = engine.benchRow(results, prompt.length, backend);
+    row.load_ms = Math.round(loadMs * 10) / 10;
+    delete row.load_phases_ms;
+    delete row.int8_kernels;
+    delete row.engine;
+    return row;
+  } finally {
+    await session.release();
+  }
 }
 
 let busy = null;
@@ -232,7 +305,7 @@ self.onmessage = async (e) => {
   try {
     if (msg.type === "load") await load(msg.source);
     else if (msg.type === "generate") await generate(msg.prompt, msg.options);
-    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5);
+    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5, !!msg.peer);
     else if (msg.type === "reset") { session?.reset(); post({ type: "reset-done" }); }
     else throw new Error(`unknown message ${msg.type}`);
   } catch (err) {

@@ -2,7 +2,8 @@
 // serve the built dist/ folder the way `./build.sh serve` does, load the default model (SmolLM2
 // INT8 with past) through the page, ask "What is the capital of France?" in chat mode, and check
 // that "Paris" streams into the output, that the per-token timings are positive, that the live
-// row and the benchmark row land in the baseline table, and that generated markup ("<b>") shows
+// row and the benchmark row land in the baseline table (then the peer's, onnxruntime-web on the
+// same file in the same browser, with our ratio to it), and that generated markup ("<b>") shows
 // as text, and that a reload loads the model from the Cache API. A screenshot goes to
 // tests/out/e2e.png.
 //
@@ -118,18 +119,29 @@ async function main() {
     assert.equal(await page.locator("#output *").count(), 0, "no element was created from generated text");
     assert.ok((await page.innerText("#output")).includes("<b>"), "the tag shows as text");
 
-    // 3. Benchmark mode: the native bench's protocol; its row lands in the table.
+    // 3. Benchmark mode: the native bench's protocol; its row lands in the table, then the
+    //    peer's (onnxruntime-web in this browser, same file), and our row names the ratio.
     await page.fill("#bench-runs", "3");
+    await page.check("#bench-peer");
     await page.click("#bench");
     await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
+    await page.waitForFunction(() => !document.querySelector("#bench").disabled, null, { timeout: 600_000 });
     const benchStatus = await page.textContent("#bench-status");
     log("bench:", benchStatus);
-    const benchRow = page.locator("#baselines tr.live", { hasText: "benchmark mode" });
+    assert.doesNotMatch(benchStatus, /onnxruntime-web: (?!decode)/, "the peer ran without error");
+    const benchRow = page.locator("#baselines tr.live", { hasText: "benchmark mode)" });
     assert.equal(await benchRow.count(), 1, "the benchmark row is in the table");
     const cells = await benchRow.locator("td").allTextContents();
     log("bench row:", cells.join(" | "));
     const [median] = cells[6].split(" / ").map(Number);
     assert.ok(median > 0, "bench decode median is positive");
+    assert.match(cells[9], /× onnxruntime-web \(this browser\)/, "our row compares with the peer's");
+    const peerRow = page.locator("#baselines tr.live", { hasText: "benchmark mode, peer" });
+    assert.equal(await peerRow.count(), 1, "the peer row is in the table");
+    const peerCells = await peerRow.locator("td").allTextContents();
+    log("peer row:", peerCells.join(" | "));
+    assert.match(peerCells[1], /^onnxruntime-web/);
+    assert.ok(Number(peerCells[6].split(" / ")[0]) > 0, "peer decode median is positive");
 
     await page.screenshot({ path: resolve(out, "e2e.png"), fullPage: true });
 
