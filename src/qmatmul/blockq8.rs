@@ -10,7 +10,7 @@
 //! 32 of them stay below 2^31.
 //!
 //! Kernels: scalar (any target), wasm SIMD128 (`i16x8.load8x8_s`, `i32x4.dot_i16x8_s`),
-//! x86_64 AVX2 (`vpmovsxbw`, `vpmaddwd`). Weights in panels as [`super::kernel::PackedI8`].
+//! x86_64 AVX2 (`vpmovsxbw`, `vpmaddwd`) and AVX-512 VNNI (`vpdpwssd`, one block per instruction). Weights in panels as [`super::kernel::PackedI8`].
 
 use std::sync::Arc;
 
@@ -210,10 +210,21 @@ pub enum BlockKernel {
     Simd128,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw")
 }
 
 impl BlockKernel {
     pub fn best() -> BlockKernel {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_vnni() {
+            return BlockKernel::Avx512Vnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             return BlockKernel::Avx2;
@@ -231,6 +242,10 @@ impl BlockKernel {
         if std::is_x86_feature_detected!("avx2") {
             all.push(BlockKernel::Avx2);
         }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_vnni() {
+            all.push(BlockKernel::Avx512Vnni);
+        }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         all.push(BlockKernel::Simd128);
         all
@@ -243,6 +258,8 @@ impl BlockKernel {
             BlockKernel::Simd128 => "simd128",
             #[cfg(target_arch = "x86_64")]
             BlockKernel::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            BlockKernel::Avx512Vnni => "avx512vnni",
         }
     }
 
@@ -267,6 +284,8 @@ impl BlockKernel {
                     BlockKernel::Simd128 => unsafe { simd128::dot4(x, panel, ps, &mut out) },
                     #[cfg(target_arch = "x86_64")]
                     BlockKernel::Avx2 => unsafe { x86::dot4(x, panel, ps, &mut out) },
+                    #[cfg(target_arch = "x86_64")]
+                    BlockKernel::Avx512Vnni => unsafe { x86::dot4_vnni(x, panel, ps, &mut out) },
                 }
                 for j in 0..take {
                     y[r * n + p * PANEL + j] = out[j] * sx[r];
@@ -381,6 +400,33 @@ mod x86 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
             out[j] = _mm_cvtss_f32(s);
+        }
+    }
+
+    /// One block (32 int16 activations, 32 weights widened to int16) per `vpdpwssd`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4_vnni(x: &[i16], panel: &[i8], ps: &[f32], out: &mut [f32; PANEL]) {
+        let kp = x.len();
+        let xp = x.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for h in 0..K_ALIGN / BLOCK {
+                let o = k + h * BLOCK;
+                let a = _mm512_loadu_si512(xp.add(o) as *const _);
+                for j in 0..PANEL {
+                    let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(j * K_ALIGN + h * BLOCK) as *const __m256i));
+                    let d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, w);
+                    let s = _mm512_set1_ps(*ps.as_ptr().add((o / BLOCK) * PANEL + j));
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[j]);
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            out[j] = _mm512_reduce_add_ps(acc[j]);
         }
     }
 }
