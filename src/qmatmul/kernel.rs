@@ -20,7 +20,7 @@ pub struct PackedI8 {
     pub kp: usize,
     pub cols: usize,
     pub w: Vec<i8>,
-    /// Σ_k w[c][k] per column (for the u8 kernels' zero-point correction).
+    /// `Σ_k w[c][k]` per column (for the u8 kernels' zero-point correction).
     pub col_sum: Vec<i32>,
 }
 

@@ -1,14 +1,19 @@
-//! The dynamic-quantization product of `quantize_dynamic` files, on our own int8 kernels.
+//! INT8 weight products on our own integer kernels, in place of tract's.
 //!
-//! ONNX Runtime's `quantize_dynamic` writes each weight product as
-//! `DynamicQuantizeLinear(x) -> MatMulInteger(xq, W, xzp, Wzp) -> Cast(float) -> Mul(xs * Ws)`.
-//! tract runs that as written, through its generic integer matmul: natively 2.7x slower than ONNX
-//! Runtime on the same file, and in wasm slower than FP32 (no integer matrix-vector kernel there,
-//! FINDINGS 5). [`rewrite::fuse`] replaces the four nodes, in the ONNX protobuf, by one
-//! `WasmlmDynQMatMul(x, W, Wzp, Ws)` node; this module gives tract that op. It computes the same
-//! thing: the activations quantized per tensor exactly as tract's (and the ONNX spec's)
-//! DynamicQuantizeLinear, the product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in
-//! the graph's order. The weights are packed once, at load, column by column.
+//! Two kinds, both found in the ONNX protobuf before tract sees it ([`rewrite`]):
+//!
+//! - This module: the dynamic-quantization product of `quantize_dynamic` files. ONNX Runtime
+//!   writes each weight product as
+//!   `DynamicQuantizeLinear(x) -> MatMulInteger(xq, W, xzp, Wzp) -> Cast(float) -> Mul(xs * Ws)`.
+//!   tract runs that as written, through its generic integer matmul: natively 1.7-2.7x slower
+//!   than ONNX Runtime on the same file, and in wasm slower than FP32 (no integer
+//!   matrix-vector kernel there, FINDINGS 5). [`rewrite::fuse`] replaces the four nodes by one
+//!   `WasmlmDynQMatMul(x, W, Wzp, Ws)` node, which computes the same thing: the activations
+//!   quantized per tensor exactly as tract's (and the ONNX spec's) DynamicQuantizeLinear, the
+//!   product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in the graph's order.
+//! - [`blockq8`]: `q8b32`'s block weights, kept as INT8 ([`rewrite::fuse_blocks`]).
+//!
+//! The weights are packed once, at load, in panels ([`kernel::PackedI8`]).
 
 pub mod blockq8;
 pub mod kernel;

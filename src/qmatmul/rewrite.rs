@@ -1,6 +1,7 @@
-//! In the ONNX protobuf: `quantize_dynamic`'s four-node product -> one `WasmlmDynQMatMul` node.
+//! In the ONNX protobuf, INT8 weight products -> our fused nodes: [`fuse`] for
+//! `quantize_dynamic`'s four-node product (below), [`fuse_blocks`] for `q8b32`'s blocks.
 //!
-//! Matched, names checked end to end (anything else is left to tract as written):
+//! [`fuse`] matches, names checked end to end (anything else is left to tract as written):
 //!
 //! ```text
 //! (xq, xs, xzp) = DynamicQuantizeLinear(x)
