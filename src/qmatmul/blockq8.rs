@@ -19,6 +19,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use super::kernel::{PackedI8, K_ALIGN, PANEL};
+use super::{constant, product_facts, product_output};
 
 /// The op name [`super::rewrite::fuse_blocks`] writes.
 pub const OP_TYPE: &str = "WasmlmBlockQ8MatMul";
@@ -68,9 +69,7 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let konst = |ix: usize, what: &str| -> TractResult<Arc<Tensor>> {
-            target.outlet_fact(inputs[ix])?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
-        };
+        let konst = |ix: usize, what: &str| constant(target, inputs[ix], prefix, what);
         let q = konst(1, "the weights")?;
         let scales = konst(2, "the scales")?.cast_to::<f32>()?.into_owned();
         ensure!(q.datum_type() == i8::datum_type() && q.rank() == 3, "{prefix}: weights must be int8 of rank 3");
@@ -149,9 +148,7 @@ impl EvalOp for BlockQ8MatMul {
         for r in 0..rows {
             sx[r] = quantize_row(&xv[r * k..(r + 1) * k], &mut xi[r * kp..r * kp + k]);
         }
-        let mut shape: TVec<usize> = x.shape().into();
-        *shape.last_mut().unwrap() = n;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let mut y = product_output(&x, n)?;
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
@@ -163,10 +160,7 @@ impl EvalOp for BlockQ8MatMul {
 
 impl TypedOp for BlockQ8MatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
-        ensure!(shape.last() == Some(&self.w.k.to_dim()), "x's last axis must be K = {}", self.w.k);
-        *shape.last_mut().unwrap() = self.w.cols.to_dim();
-        Ok(tvec!(f32::fact(&shape)))
+        product_facts(inputs[0], &self.w)
     }
 
     as_op!();

@@ -324,30 +324,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// `cargo test --release --lib kernel_speed -- --ignored --nocapture`: GB/s of each kernel on
-    /// the LM head's shape (not a pass/fail test: speed targets live in the benches).
-    #[test]
-    #[ignore]
-    fn kernel_speed() {
-        for (k, n) in [(768, 50257), (768, 1000)] {
-        let w: Vec<i8> = (0..k * n).map(|i| (i * 7 % 251) as u8 as i8).collect();
-        let packed = PackedI8::from_k_by_n(&w, k, n);
-        let xq: Vec<u8> = (0..packed.kp).map(|i| (i * 13 % 256) as u8).collect();
-        let mut acc = vec![0i32; n];
-        for kernel in Kernel::available() {
-            let t = std::time::Instant::now();
-            let reps = 20 * 50257 / n;
-            for _ in 0..reps {
-                kernel.run(&xq, 3, 1, &packed, &mut acc);
-            }
-            let s = t.elapsed().as_secs_f64() / reps as f64;
-            println!("{k}x{n} {:>12}: {:.3} ms, {:.1} GB/s", kernel.name(), s * 1e3, (packed.w.len() as f64) / s / 1e9);
-        }
-        }
-    }
-}

@@ -85,9 +85,7 @@ impl Expansion for DynQMatMulExpansion {
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let konst = |ix: usize, what: &str| -> TractResult<Arc<Tensor>> {
-            target.outlet_fact(inputs[ix])?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
-        };
+        let konst = |ix: usize, what: &str| constant(target, inputs[ix], prefix, what);
         let w = konst(1, "the weights")?;
         ensure!(w.datum_type() == i8::datum_type() && w.rank() == 2, "{prefix}: weights must be int8 (K, N)");
         let (k, n) = (w.shape()[0], w.shape()[1]);
@@ -156,9 +154,7 @@ impl EvalOp for DynQMatMul {
         }
         let mut acc = vec![0i32; rows * n];
         self.kernel.run(&xq, zp, rows, &self.w, &mut acc);
-        let mut shape: TVec<usize> = x.shape().into();
-        *shape.last_mut().unwrap() = n;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let mut y = product_output(&x, n)?;
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
@@ -183,13 +179,30 @@ impl EvalOp for DynQMatMul {
 
 impl TypedOp for DynQMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
-        ensure!(shape.last() == Some(&self.w.k.to_dim()), "x's last axis must be K = {}", self.w.k);
-        *shape.last_mut().unwrap() = self.w.cols.to_dim();
-        Ok(tvec!(f32::fact(&shape)))
+        product_facts(inputs[0], &self.w)
     }
 
     as_op!();
+}
+
+/// A weight input of a fused node, which must be a constant (an initializer).
+pub(crate) fn constant(target: &TypedModel, outlet: OutletId, prefix: &str, what: &str) -> TractResult<Arc<Tensor>> {
+    target.outlet_fact(outlet)?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
+}
+
+/// The product's type: x's shape with K replaced by N, f32.
+pub(crate) fn product_facts(x: &TypedFact, w: &PackedI8) -> TractResult<TVec<TypedFact>> {
+    let mut shape: TVec<TDim> = x.shape.to_tvec();
+    ensure!(shape.last() == Some(&w.k.to_dim()), "x's last axis must be K = {}", w.k);
+    *shape.last_mut().unwrap() = w.cols.to_dim();
+    Ok(tvec!(f32::fact(&shape)))
+}
+
+/// The product's output for x, uninitialized: every element is written by the caller.
+pub(crate) fn product_output(x: &Tensor, n: usize) -> TractResult<Tensor> {
+    let mut shape: TVec<usize> = x.shape().into();
+    *shape.last_mut().unwrap() = n;
+    unsafe { Tensor::uninitialized::<f32>(&shape) }
 }
 
 /// DynamicQuantizeLinear's scale and zero point over all of `x`, as the ONNX spec (and tract's
