@@ -15,6 +15,7 @@ use crate::clock::now_ms;
 use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
+use crate::pow;
 use crate::prefold;
 use crate::qmatmul;
 
@@ -98,12 +99,12 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     qmatmul::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
+    pow::cube_powers(&mut proto);
     let (dynamic, blocks) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
     } else {
         (0, 0)
     };
-    let kernels = qmatmul::describe(dynamic, blocks);
     let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
     phases.mark("parse");
     let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
@@ -135,6 +136,7 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     }
     let typed = prepare(model, prep, &mut phases)?;
     let nodes = typed.nodes.len();
+    let kernels = qmatmul::describe(&typed);
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod generate;
 pub mod graph;
 pub mod manifest;
+pub mod pow;
 pub mod prefold;
 pub mod qmatmul;
 pub mod sampler;

@@ -74,7 +74,11 @@ $("baseline-past").onchange = renderTable;
 
 function startWorker() {
   state.worker?.terminate();
-  state.worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+  // ?build=simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
+  const workerUrl = new URL("./worker.js", import.meta.url);
+  const forced = new URLSearchParams(location.search).get("build");
+  if (forced) workerUrl.searchParams.set("build", forced);
+  state.worker = new Worker(workerUrl, { type: "module" });
   state.worker.onmessage = (e) => onWorkerMessage(e.data);
   state.worker.onerror = (e) => {
     setStatus(`the engine's worker failed: ${e.message || "could not start (module workers need a recent browser)"}`, true);

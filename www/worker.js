@@ -41,14 +41,20 @@ const yieldToEvents = () => new Promise((resolve) => { pending.push(resolve); ch
 async function loadWasm() {
   if (wasm) return;
   if (typeof WebAssembly !== "object") throw new Error("this browser has no WebAssembly");
+  // the SIMD128 build where WebAssembly.validate says SIMD is there; ?build= forces one (to compare)
   const simd = WebAssembly.validate(SIMD_PROBE);
-  const dir = simd ? "./pkg/simd/" : "./pkg/nosimd/";
+  const supported = { simd, nosimd: true };
+  const forced = new URL(self.location.href).searchParams.get("build");
+  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected simd or nosimd`);
+  if (forced && !supported[forced]) throw new Error(`?build=${forced}: this browser has no WebAssembly SIMD`);
+  const flavour = forced || (simd ? "simd" : "nosimd");
+  const dir = `./pkg/${flavour}/`;
   wasm = await import(dir + "wasmlm.js");
   await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
   build = { ...wasm.buildInfo(), dir, simdSupported: simd };
   try {
     const sizes = await (await fetch(new URL("./pkg/sizes.json", import.meta.url))).json();
-    build.wasmBytes = sizes[simd ? "simd" : "nosimd"];
+    build.wasmBytes = sizes[flavour];
   } catch {
     // sizes.json is informative only
   }

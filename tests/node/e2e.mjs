@@ -98,7 +98,10 @@ async function main() {
     const status = await page.textContent("#status");
     assert.ok(!(await page.getAttribute("#status", "class")).includes("error"), `load failed: ${status}`);
     log(`ready after ${((Date.now() - t0) / 1000).toFixed(1)} s: ${status}`);
-    log(await page.textContent("#model-info"));
+    const modelInfo = await page.textContent("#model-info");
+    log(modelInfo);
+    // Chromium validates SIMD: the page must pick that build (feature detection)
+    assert.match(modelInfo, /WebAssembly build: simd128/, "the SIMD128 build is loaded where supported");
     assert.match(await page.textContent("#progress-text"), /MB/, "download progress was shown");
 
     // 1. The question, in chat mode (the page's default), greedy.
