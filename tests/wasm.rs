@@ -82,8 +82,8 @@ fn parity(model: &str) {
         assert_eq!(ids(&native["prompt"]), PROMPT.to_vec());
         let onnx = read(&format!("{}/{file}", b.dir));
         let engine = Engine::from_bytes(&manifest, file, &onnx, &b.tokenizer, Prepare::default()).unwrap();
-        // INT8 files run on our int8 kernels, this build's own: SIMD128 (the relaxed build too),
-        // scalar without SIMD
+        // INT8 files run on our int8 kernels, this build's own (scalar without SIMD), every
+        // product on the same one
         let kernels = engine.info.int8_kernels.clone().unwrap_or_default();
         let want = match (file, cfg!(target_feature = "simd128")) {
             ("model.with_past.onnx", _) => "",
