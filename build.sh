@@ -9,6 +9,9 @@
 #                  PyTorch, bitsandbytes, ONNX Runtime, tract native through the engine, then
 #                  tract wasm and onnxruntime-web in Node)
 #   bench-wasm     only the Node rows of the baselines (tract wasm, onnxruntime-web)
+#   compare [N]    tract native / ONNX Runtime on the with-past INT8 files, 1 and 2 threads, in N
+#                  (default 3) alternating rounds: build/compare.json + .md (the machine drifts
+#                  within minutes, so the ratio is taken within each round)
 #   dist           assemble dist/: www/ + wasm builds + bundles + baselines
 #   serve          serve dist/ on http://127.0.0.1:$PORT (default 8080)
 #   test           setup, then the tests: pytest (tests/models), cargo nextest (tests/*.rs), the
@@ -70,6 +73,15 @@ bench_wasm() {
   (cd tests/node && npm ci --no-audit --no-fund --silent)
   node tests/node/bench.mjs --out build/baselines.json "${flags[@]}" --text ../shared/data/tinyshakespeare.txt
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json)
+}
+
+compare() {
+  local dirs=()
+  for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); done
+  say "tract native vs ONNX Runtime, alternating rounds"
+  (cd models && ../"$PY" -m wasmlm_models compare "${dirs[@]}" --out ../build/compare.json \
+      --tract ../target/release/wasmlm --text ../../shared/data/tinyshakespeare.txt --rounds "${1:-3}")
+  cat build/compare.md
 }
 
 # dist [OUT] [BASELINES]: the static site (default dist/ with build/baselines.json).
@@ -271,6 +283,7 @@ cmd=${1:-all}
 case "$cmd" in
   all) setup; models; engine; wasm; baselines; dist; serve ;;
   bench-wasm) setup; bench_wasm ;;
+  compare) setup; engine; compare "$@" ;;
   setup) setup ;;
   models) setup; models "$@" ;;
   engine) engine ;;
@@ -281,5 +294,5 @@ case "$cmd" in
   test) setup; run_tests "$@" ;;
   test-wasm) setup; test_wasm ;;
   test-e2e) setup; test_e2e ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|bench-wasm|test|test-wasm|test-e2e]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|bench-wasm|compare [N]|test|test-wasm|test-e2e]" >&2; exit 2 ;;
 esac

@@ -149,3 +149,26 @@ fn truncate_then_continue_equals_a_fresh_prefill() {
     fresh.prefill(&PROMPT).unwrap();
     assert!(max_abs_diff(&again, &fresh.step(44).unwrap()) < 1e-5);
 }
+
+/// Our products cut across threads (qmatmul/split): 2 threads, every product split however
+/// small (the tiny models' are below the size that splits by default), give the very logits
+/// of 1 thread, prefill (rows cut) and decode (columns cut), on both kinds of fused product.
+#[test]
+fn products_split_across_threads_equal_one_thread() {
+    wasmlm::qmatmul::split::set_min_work(0);
+    for (model, file) in [
+        ("tiny-gpt2", "model.with_past.report-int8.onnx"),
+        ("tiny-llama", "model.with_past.report-int8.onnx"),
+        ("tiny-llama", "model.with_past.int8.onnx"),
+    ] {
+        let dir = bundle(model);
+        let one = load(&dir, file);
+        let two = Engine::from_dir(&dir, Some(file), Prepare { threads: 2, ..Prepare::default() }).unwrap();
+        let (a, ta) = engine_run(&one, &PROMPT, 3, 32);
+        let before = wasmlm::qmatmul::split::splits();
+        let (b, tb) = engine_run(&two, &PROMPT, 3, 32);
+        assert!(wasmlm::qmatmul::split::splits() > before, "{model} {file}: no product was split");
+        assert_eq!(a, b, "{model} {file}");
+        assert_eq!(ta, tb, "{model} {file}");
+    }
+}

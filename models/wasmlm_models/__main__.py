@@ -48,6 +48,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("bundle", type=Path)
     q.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     q.add_argument("--tokens", type=int, default=4096)
+    c = sub.add_parser("compare", help="tract native vs ONNX Runtime on the with-past INT8 files, "
+                                       "measured alternately (JSON + .md)")
+    c.add_argument("bundles", nargs="+", type=Path)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--tract", type=Path, required=True, help="the wasmlm CLI")
+    c.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompt source")
+    c.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--files", nargs="+", help="only these ONNX files")
     m = sub.add_parser("render", help="rewrite baselines.md from baselines.json")
     m.add_argument("table", type=Path)
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
@@ -81,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                 got = fidelity.compare(args.bundle / "model.onnx", args.bundle / f["name"], ids, window)
                 print(json.dumps({"preset": f["preset"], "file": f["name"], "mib": round(f["bytes"] / 2**20, 1),
                                   "text": args.text.name, **got}))
+        return 0
+    if args.cmd == "compare":
+        from . import compare
+        try:
+            compare.build(args.bundles, args.out, args.tract.resolve(), args.text.resolve(), args.threads,
+                          args.rounds, args.files)
+        except (RuntimeError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.cmd == "render":
         import json

@@ -18,7 +18,7 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::kernel::{PackedI8, K_ALIGN, PANEL};
+use super::kernel::{PackedI8, Part, K_ALIGN, PANEL};
 use super::{constant, product_facts, product_output};
 
 /// The op name [`super::rewrite::fuse_blocks`] writes.
@@ -152,7 +152,8 @@ impl EvalOp for BlockQ8MatMul {
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
-            self.kernel.run(&xi, &sx, rows, &self.w, &self.scales, ys);
+            let (w, scales, kernel) = (&*self.w, &self.scales[..], self.kernel);
+            super::split::split(rows, n, w.w.len(), ys, |part, y| kernel.run_part(&xi, &sx, w, scales, part, y));
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -262,16 +263,24 @@ impl BlockKernel {
     /// `xi`: rows of `w.kp` int16 (0 beyond K); `sx`: one scale per row; `scales`: from
     /// [`panel_scales`]; `y`: rows * cols.
     pub fn run(self, xi: &[i16], sx: &[f32], rows: usize, w: &PackedI8, scales: &[f32], y: &mut [f32]) {
-        let (kp, n) = (w.kp, w.cols);
+        self.run_part(xi, sx, w, scales, Part { rows: 0..rows, panels: 0..w.cols.div_ceil(PANEL) }, y)
+    }
+
+    /// Rows `part.rows` by the columns of panels `part.panels`, into `y`: `part.rows.len() *
+    /// part.width(w.cols)`, row-major (one thread's share, [`super::split`]).
+    pub fn run_part(self, xi: &[i16], sx: &[f32], w: &PackedI8, scales: &[f32], part: Part, y: &mut [f32]) {
+        let kp = w.kp;
         let kbp = kp / BLOCK;
-        let panels = n.div_ceil(PANEL);
-        assert!(xi.len() >= rows * kp && sx.len() >= rows && y.len() >= rows * n);
-        assert!(scales.len() >= panels * kbp * PANEL);
-        for p in 0..panels {
+        let n = part.width(w.cols);
+        let c0 = part.panels.start * PANEL;
+        assert!(xi.len() >= part.rows.end * kp && sx.len() >= part.rows.end && y.len() >= part.rows.len() * n);
+        assert!(scales.len() >= part.panels.end * kbp * PANEL);
+        for p in part.panels.clone() {
             let panel = &w.w[p * PANEL * kp..(p + 1) * PANEL * kp];
             let ps = &scales[p * kbp * PANEL..(p + 1) * kbp * PANEL];
-            let take = (n - p * PANEL).min(PANEL);
-            for r in 0..rows {
+            let c = p * PANEL - c0;
+            let take = (n - c).min(PANEL);
+            for (i, r) in part.rows.clone().enumerate() {
                 let x = &xi[r * kp..(r + 1) * kp];
                 let mut out = [0f32; PANEL];
                 match self {
@@ -284,7 +293,7 @@ impl BlockKernel {
                     BlockKernel::Avx512Vnni => unsafe { x86::dot4_vnni(x, panel, ps, &mut out) },
                 }
                 for j in 0..take {
-                    y[r * n + p * PANEL + j] = out[j] * sx[r];
+                    y[i * n + c + j] = out[j] * sx[r];
                 }
             }
         }
@@ -453,6 +462,11 @@ mod tests {
             for kernel in BlockKernel::available() {
                 let mut y = vec![0f32; rows * n];
                 kernel.run(&xi, &sx, rows, &w, &scales, &mut y);
+                let mut parts = vec![0f32; rows * n];
+                crate::qmatmul::split::for_each_part(rows, n, 3, &mut parts, |part, out| {
+                    kernel.run_part(&xi, &sx, &w, &scales, part, out)
+                });
+                assert_eq!(parts, y, "{}: parts differ from the whole", kernel.name());
                 for r in 0..rows {
                     for c in 0..n {
                         let exact: f64 = (0..k)

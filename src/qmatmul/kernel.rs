@@ -118,10 +118,22 @@ impl Kernel {
     /// `xq`: `rows` rows of `w.kp` bytes (beyond K: anything, the weights there are 0).
     /// `acc`: `rows * w.cols`, row-major.
     pub fn run(self, xq: &[u8], xzp: u8, rows: usize, w: &PackedI8, acc: &mut [i32]) {
+        self.run_part(xq, xzp, w, Part { rows: 0..rows, panels: 0..w.cols.div_ceil(PANEL) }, acc)
+    }
+
+    /// The products of rows `part.rows` of `xq` by the columns of panels `part.panels`, into
+    /// `acc`: `part.rows.len() * part.width(w)`, row-major (a part of the whole product that one
+    /// thread computes, [`super::split`]).
+    pub fn run_part(self, xq: &[u8], xzp: u8, w: &PackedI8, part: Part, acc: &mut [i32]) {
         let kp = w.kp;
-        assert!(xq.len() >= rows * kp && acc.len() >= rows * w.cols);
-        let acc = &mut acc[..rows * w.cols];
-        let part = Panels { w, rows };
+        let width = part.width(w.cols);
+        assert!(xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
+        let acc = &mut acc[..part.rows.len() * width];
+        #[allow(unused_variables)]
+        let c0 = part.panels.start * PANEL;
+        #[allow(unused_variables)]
+        let xq_rows = &xq[part.rows.start * kp..part.rows.end * kp];
+        let part = Panels { w, part };
         match self {
             Kernel::Scalar => {
                 part.each(acc, |r, panel, out| {
@@ -137,13 +149,13 @@ impl Kernel {
             }
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Kernel::Simd128 => {
-                let a = centered_i16(xq, xzp, rows * kp);
-                part.each(acc, |r, panel, out| unsafe { simd128::dot4(&a[r * kp..(r + 1) * kp], panel, out) });
+                let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
+                part.each(acc, |r, panel, out| unsafe { simd128::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
-                let a = centered_i16(xq, xzp, rows * kp);
-                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[r * kp..(r + 1) * kp], panel, out) });
+                let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => {
@@ -151,8 +163,8 @@ impl Kernel {
                 // Σ (x - zp) w = Σ x w - zp Σ w
                 let z = xzp as i32;
                 if z != 0 {
-                    for row in acc.chunks_exact_mut(w.cols) {
-                        for (v, s) in row.iter_mut().zip(&w.col_sum) {
+                    for row in acc.chunks_exact_mut(width) {
+                        for (v, s) in row.iter_mut().zip(&w.col_sum[c0..c0 + width]) {
                             *v -= z * s;
                         }
                     }
@@ -162,35 +174,51 @@ impl Kernel {
     }
 }
 
-#[allow(dead_code)]
-fn centered_i16(xq: &[u8], xzp: u8, len: usize) -> Vec<i16> {
-    xq[..len].iter().map(|&v| v as i16 - xzp as i16).collect()
+/// A block of a product: rows of the activations by panels of the weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub rows: std::ops::Range<usize>,
+    pub panels: std::ops::Range<usize>,
 }
 
-/// The products of `rows` rows by every panel.
+impl Part {
+    /// The output columns of the part, of a product with `n` columns.
+    pub fn width(&self, n: usize) -> usize {
+        (self.panels.end * PANEL).min(n) - self.panels.start * PANEL
+    }
+}
+
+#[allow(dead_code)]
+fn centered_i16(xq: &[u8], xzp: u8) -> Vec<i16> {
+    xq.iter().map(|&v| v as i16 - xzp as i16).collect()
+}
+
+/// The products of a part's rows by its panels.
 struct Panels<'a> {
     w: &'a PackedI8,
-    rows: usize,
+    part: Part,
 }
 
 impl Panels<'_> {
     /// Panel by panel, rows inside: a panel's weights stay in L1 while every row of a prefill
-    /// passes over them. `dot4` adds into `out` (zeroed here); `acc` is `rows * cols`.
+    /// passes over them. `dot4(r, panel, out)` adds into `out` (zeroed here), `r` counted in the
+    /// whole product; `acc` is the part's rows by its width.
     fn each(&self, acc: &mut [i32], dot4: impl Fn(usize, &[i8], &mut [i32; PANEL])) {
-        let n = self.w.cols;
-        for p in 0..n.div_ceil(PANEL) {
+        let n = self.part.width(self.w.cols);
+        let c0 = self.part.panels.start * PANEL;
+        for p in self.part.panels.clone() {
             let panel = self.w.panel(p);
-            let c = p * PANEL;
+            let c = p * PANEL - c0;
             let take = (n - c).min(PANEL);
-            for r in 0..self.rows {
+            for (i, r) in self.part.rows.clone().enumerate() {
                 let mut out = [0i32; PANEL];
                 dot4(r, panel, &mut out);
                 if take == PANEL {
                     // a fixed-size store: a slice of variable length is a memcpy call per panel
-                    let dst: &mut [i32; PANEL] = (&mut acc[r * n + c..r * n + c + PANEL]).try_into().unwrap();
+                    let dst: &mut [i32; PANEL] = (&mut acc[i * n + c..i * n + c + PANEL]).try_into().unwrap();
                     *dst = out;
                 } else {
-                    acc[r * n + c..r * n + c + take].copy_from_slice(&out[..take]);
+                    acc[i * n + c..i * n + c + take].copy_from_slice(&out[..take]);
                 }
             }
         }
@@ -325,6 +353,13 @@ pub fn check_kernels() -> Result<Vec<&'static str>, String> {
                 if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
                     let name = kernel.name();
                     return Err(format!("{name} rows={rows} k={k} n={n} zp={xzp}: [{i}] = {} instead of {}", got[i], want[i]));
+                }
+                // and in parts, as split::split cuts a product across threads
+                let mut parts = vec![0i32; rows * n];
+                let panels = n.div_ceil(PANEL);
+                super::split::for_each_part(rows, n, 3, &mut parts, |part, out| kernel.run_part(&xq, xzp, &packed, part, out));
+                if parts != got {
+                    return Err(format!("{} rows={rows} k={k} n={n} zp={xzp}: parts of {panels} panels differ from the whole", kernel.name()));
                 }
                 if !checked.contains(&kernel.name()) {
                     checked.push(kernel.name());

@@ -18,6 +18,7 @@
 pub mod blockq8;
 pub mod kernel;
 pub mod rewrite;
+pub mod split;
 
 use std::sync::Arc;
 
@@ -157,7 +158,8 @@ impl EvalOp for DynQMatMul {
             quantize(src, scale, zp, &mut dst[..k]);
         }
         let mut acc = vec![0i32; rows * n];
-        self.kernel.run(&xq, zp, rows, &self.w, &mut acc);
+        let (w, kernel) = (&*self.w, self.kernel);
+        split::split(rows, n, w.w.len(), &mut acc, |part, acc| kernel.run_part(&xq, zp, w, part, acc));
         let mut y = product_output(&x, n)?;
         {
             let mut view = y.try_as_plain_ram_mut()?;

@@ -1,0 +1,121 @@
+//! A product split across the session's threads.
+//!
+//! tract runs the plan on the calling thread and offers its ops the session's executor
+//! (`--threads N` natively: a rayon pool of N; the wasm builds have one thread). tract's own
+//! matmuls use that pool; ours did not, and they are most of a token's time (70% of
+//! distilgpt2-shape's `report` file). Now a decode step (one row) cuts a product's columns at
+//! panel boundaries, so each thread streams its own share of the weights: a matrix-vector
+//! product is bound by memory bandwidth, and two cores of this machine read 81 MB in 1.5-1.7 ms
+//! against 2.1-2.8 ms for one. A prefill cuts the rows. The threads are our own ([`team`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use super::kernel::{Part, PANEL};
+
+/// Weight bytes times rows below which a product stays on the calling thread: handing work to
+/// another thread costs a few microseconds, a 256 KiB product takes ~7 µs at ~35 GB/s.
+static MIN_WORK: AtomicUsize = AtomicUsize::new(256 << 10);
+
+/// Sets the size below which products are not split (for the tests: 0 splits every product).
+#[doc(hidden)]
+pub fn set_min_work(bytes: usize) {
+    MIN_WORK.store(bytes, Relaxed);
+}
+
+static SPLITS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many products this process has split so far (for the tests).
+#[doc(hidden)]
+pub fn splits() -> usize {
+    SPLITS.load(Relaxed)
+}
+
+/// Calls `f(part, out)` on disjoint parts of the `rows x n` row-major output `out` that
+/// together cover it: one per thread of the session's executor, or one part if the product is
+/// small or there is one thread. Parts are independent, so the result does not depend on the
+/// split (the tests check each kernel's parts against its whole).
+pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, out: &mut [T], f: impl Fn(Part, &mut [T]) + Sync) {
+    let threads = if weight_bytes.saturating_mul(rows) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
+    if threads <= 1 {
+        return f(Part { rows: 0..rows, panels: 0..n.div_ceil(PANEL) }, &mut out[..rows * n]);
+    }
+    let parts = cut(rows, n, threads, out);
+    if parts.len() == 1 {
+        let (p, o) = parts.into_iter().next().unwrap();
+        return f(p, o);
+    }
+    SPLITS.fetch_add(1, Relaxed);
+    run_all(parts, &f)
+}
+
+/// `f` on the parts of a cut in `parts`, one after the other (for the kernels' tests).
+#[doc(hidden)]
+pub fn for_each_part<T>(rows: usize, n: usize, parts: usize, out: &mut [T], f: impl Fn(Part, &mut [T])) {
+    cut(rows, n, parts, out).into_iter().for_each(|(p, o)| f(p, o))
+}
+
+/// At most `parts` parts: a single row is cut at panel boundaries, several rows by rows.
+fn cut<T>(rows: usize, n: usize, parts: usize, out: &mut [T]) -> Vec<(Part, &mut [T])> {
+    let panels = n.div_ceil(PANEL);
+    let out = &mut out[..rows * n];
+    if parts <= 1 || (rows == 1 && panels < 2) {
+        return vec![(Part { rows: 0..rows, panels: 0..panels }, out)];
+    }
+    if rows == 1 {
+        let per = panels.div_ceil(parts);
+        out.chunks_mut(per * PANEL)
+            .enumerate()
+            .map(|(i, o)| (Part { rows: 0..1, panels: i * per..((i + 1) * per).min(panels) }, o))
+            .collect()
+    } else {
+        let per = rows.div_ceil(parts);
+        out.chunks_mut(per * n)
+            .enumerate()
+            .map(|(i, o)| (Part { rows: i * per..((i + 1) * per).min(rows), panels: 0..panels }, o))
+            .collect()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod pool {
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+
+    use super::{team, Part};
+
+    /// The session's thread count: its executor's pool size.
+    pub fn threads() -> usize {
+        match current_tract_executor() {
+            Executor::SingleThread => 1,
+            Executor::MultiThread(pool) => pool.current_num_threads(),
+            Executor::RayonGlobal => rayon::current_num_threads(),
+        }
+    }
+
+    pub fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+        let slots: Vec<std::sync::Mutex<Option<(Part, &mut [T])>>> =
+            parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
+        team::run(slots.len(), &|i| {
+            if let Some((p, o)) = slots[i].lock().unwrap().take() {
+                f(p, o)
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+mod pool {
+    use super::Part;
+
+    pub fn threads() -> usize {
+        1
+    }
+
+    pub fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+        parts.into_iter().for_each(|(p, o)| f(p, o))
+    }
+}
+
+use pool::{run_all, threads};
+
+#[cfg(not(target_arch = "wasm32"))]
+mod team;

@@ -1,0 +1,135 @@
+//! Helper threads that spin between products (native only).
+//!
+//! A decode step runs ~25 (distilgpt2-shape) to ~210 (SmolLM2) products of 10-1,500 µs each,
+//! with the rest of the graph in between on the calling thread. Handing each product to a rayon
+//! pool made 2 threads slower than 1 (4.9-5.3 against 4.1-4.2 ms/token on distilgpt2-shape's
+//! `report` file, measured alternately): `install` from outside the pool parks the caller and
+//! wakes a sleeping worker, then the other way round, for every product. Here the caller runs
+//! part 0 itself, and helpers that spin for a while after each part (then park) take the others
+//! as soon as they see the job (3.1-3.5 ms/token on the same file).
+//!
+//! One team per thread count, made on first use; its helpers live as long as the process
+//! (parked when idle). One caller at a time: a second caller that finds the team busy runs its
+//! parts itself.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an idle helper spins before it parks: longer than the gaps between a token's
+/// products (tens of µs), short enough not to burn a core after the last token.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// The work of one call, on the caller's stack: `f(i)` for part `i < parts`.
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    parts: usize,
+}
+
+struct Team {
+    helpers: usize,
+    /// Bumped once per job; a helper runs a job when it sees a new epoch.
+    epoch: AtomicUsize,
+    job: AtomicPtr<Job>,
+    /// Helpers that have not finished the current job.
+    pending: AtomicUsize,
+    panicked: AtomicBool,
+    /// Held by the caller for the whole of a job.
+    busy: Mutex<()>,
+    sleeping: AtomicUsize,
+    park: Mutex<()>,
+    wake: Condvar,
+}
+
+static TEAMS: Mutex<Vec<Arc<Team>>> = Mutex::new(vec![]);
+
+fn team(threads: usize) -> Arc<Team> {
+    let mut teams = TEAMS.lock().unwrap();
+    if let Some(t) = teams.iter().find(|t| t.helpers + 1 == threads) {
+        return t.clone();
+    }
+    let team = Arc::new(Team {
+        helpers: threads - 1,
+        epoch: AtomicUsize::new(0),
+        job: AtomicPtr::new(std::ptr::null_mut()),
+        pending: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
+        busy: Mutex::new(()),
+        sleeping: AtomicUsize::new(0),
+        park: Mutex::new(()),
+        wake: Condvar::new(),
+    });
+    for i in 1..threads {
+        let t = team.clone();
+        std::thread::Builder::new()
+            .name(format!("wasmlm-{threads}-{i}"))
+            .spawn(move || helper(&t, i))
+            .expect("spawning a helper thread");
+    }
+    teams.push(team.clone());
+    team
+}
+
+fn helper(team: &Team, me: usize) {
+    let mut seen = 0;
+    loop {
+        let since = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = team.epoch.load(SeqCst);
+            if e != seen {
+                seen = e;
+                break;
+            }
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && since.elapsed() > SPIN {
+                let mut guard = team.park.lock().unwrap();
+                team.sleeping.fetch_add(1, SeqCst);
+                while team.epoch.load(SeqCst) == seen {
+                    guard = team.wake.wait(guard).unwrap();
+                }
+                team.sleeping.fetch_sub(1, SeqCst);
+            }
+        }
+        // SAFETY: the caller published the job before bumping the epoch and does not return (the
+        // job and what `f` borrows stay alive) until `pending` is back to 0.
+        let job = unsafe { &*team.job.load(SeqCst) };
+        if me < job.parts {
+            let f = unsafe { &*job.f };
+            if catch_unwind(AssertUnwindSafe(|| f(me))).is_err() {
+                team.panicked.store(true, SeqCst);
+            }
+        }
+        team.pending.fetch_sub(1, SeqCst);
+    }
+}
+
+/// `f(i)` for every `i < parts`, on `parts` threads (the caller's among them) when a team of
+/// that size is free, else on the caller alone. Returns once all are done.
+pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    let inline = || (0..parts).for_each(f);
+    if parts <= 1 {
+        return inline();
+    }
+    let team = team(parts);
+    let Ok(_busy) = team.busy.try_lock() else { return inline() };
+    // SAFETY: only the pointer's lifetime is erased; `f` outlives the job (see `helper`).
+    let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+    let mut job = Job { f, parts };
+    team.job.store(&mut job, SeqCst);
+    team.pending.store(team.helpers, SeqCst);
+    team.epoch.fetch_add(1, SeqCst);
+    if team.sleeping.load(SeqCst) > 0 {
+        let _guard = team.park.lock().unwrap();
+        team.wake.notify_all();
+    }
+    let mine = catch_unwind(AssertUnwindSafe(|| unsafe { (*job.f)(0) }));
+    while team.pending.load(SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+    if mine.is_err() || team.panicked.swap(false, SeqCst) {
+        panic!("a product's part panicked");
+    }
+}
