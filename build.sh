@@ -120,10 +120,24 @@ dist() {
   rm -rf "$out" && mv "$out.partial" "$out"
 }
 
+# serve [DIR]: a static server for dist/ (or DIR) that sends the cross-origin isolation headers
+# (COOP/COEP), so the page can run the threaded build; a static host without them gets the same
+# from the page's service worker (www/coi-sw.js). The E2E test serves through this too.
 serve() {
-  [[ -d dist ]] || { echo "error: dist/ is missing: run ./build.sh first" >&2; exit 1; }
-  say "serving dist/ at http://127.0.0.1:$PORT/  (Ctrl-C stops)"
-  exec python3 -m http.server "$PORT" --bind 127.0.0.1 --directory dist
+  local dir=${1:-dist}
+  [[ -d $dir ]] || { echo "error: $dir/ is missing: run ./build.sh first" >&2; exit 1; }
+  say "serving $dir/ at http://127.0.0.1:$PORT/  (Ctrl-C stops)"
+  exec python3 -c '
+import functools, http.server, sys
+class Isolated(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+        super().end_headers()
+handler = functools.partial(Isolated, directory=sys.argv[2])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+' "$PORT" "$dir"
 }
 
 rust_setup() {
@@ -135,11 +149,23 @@ wasm_bindgen_version() {
   awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock
 }
 
+# The threaded wasm build's toolchain (wasm threads need std rebuilt with atomics: nightly only).
+NIGHTLY=nightly-2026-05-20
+THREADS_RUSTFLAGS="-C target-feature=+atomics,+bulk-memory,+mutable-globals,+simd128 -C link-arg=--shared-memory \
+  -C link-arg=--import-memory -C link-arg=--max-memory=4294967296 -C link-arg=--export=__wasm_init_tls \
+  -C link-arg=--export=__tls_size -C link-arg=--export=__tls_align -C link-arg=--export=__tls_base"
+
 wasm_tools() {
   rust_setup
   if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
     say "setup: rustup target add wasm32-unknown-unknown"
     rustup target add wasm32-unknown-unknown
+  fi
+  if ! rustup run "$NIGHTLY" rustc --version >/dev/null 2>&1 ||
+     ! rustup component list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -q '^rust-src' ||
+     ! rustup target list --toolchain "$NIGHTLY" --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    say "setup: rustup toolchain install $NIGHTLY (the threaded wasm build; once)"
+    rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --target wasm32-unknown-unknown
   fi
   local want
   want=$(wasm_bindgen_version)
@@ -152,11 +178,17 @@ wasm_tools() {
 
 # One flavour of the wasm engine: cargo build for wasm32 with its RUSTFLAGS (its own target dir,
 # so switching flavours rebuilds nothing), then wasm-bindgen's ES-module glue into $out.
+# The threaded flavour: a pinned nightly (build-std recompiles std with atomics), the `threads`
+# feature (wasm-bindgen-rayon), shared memory up to 4 GiB.
 wasm_flavour() {
-  local flavour=$1 rustflags=$2 out=$3
+  local flavour=$1 rustflags=$2 out=$3 cargo=(cargo) extra=()
+  if [[ $flavour == threads ]]; then
+    cargo=(cargo "+$NIGHTLY")
+    extra=(--features threads -Z build-std=panic_abort,std)
+  fi
   say "wasm: $flavour build (RUSTFLAGS='$rustflags')"
-  RUSTFLAGS="$rustflags" cargo build --release --locked --lib --target wasm32-unknown-unknown \
-    --target-dir "target/wasm-$flavour"
+  RUSTFLAGS="$rustflags" "${cargo[@]}" build --release --locked --lib --target wasm32-unknown-unknown \
+    --target-dir "target/wasm-$flavour" "${extra[@]}"
   # without the name section: 25% smaller download; a panic's message still reaches the console
   wasm-bindgen --target web --out-dir "$out/$flavour" --out-name wasmlm --no-typescript \
     --remove-name-section --remove-producers-section \
@@ -164,7 +196,8 @@ wasm_flavour() {
   if command -v wasm-opt >/dev/null; then
     local features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
                     --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
-    [[ $flavour == simd ]] && features+=(--enable-simd)
+    [[ $flavour != nosimd ]] && features+=(--enable-simd)
+    [[ $flavour == threads ]] && features+=(--enable-threads)
     wasm-opt -O2 "${features[@]}" "$out/$flavour/wasmlm_bg.wasm" -o "$out/$flavour/wasmlm_bg.opt.wasm" \
       && mv "$out/$flavour/wasmlm_bg.opt.wasm" "$out/$flavour/wasmlm_bg.wasm" \
       || echo "warning: wasm-opt failed; the unoptimized .wasm is used" >&2
@@ -176,9 +209,11 @@ wasm() {
   rm -rf build/pkg.partial && mkdir -p build/pkg.partial
   wasm_flavour simd "-C target-feature=+simd128" build/pkg.partial
   wasm_flavour nosimd "" build/pkg.partial
-  # download sizes for the page: raw and gzip -9 (what a static host typically serves)
+  wasm_flavour threads "$THREADS_RUSTFLAGS" build/pkg.partial
+  # download sizes for the page: raw and gzip -9 (what a static host typically serves); the
+  # page also reads from it which builds there are
   local sizes=() f
-  for f in simd nosimd; do
+  for f in simd nosimd threads; do
     sizes+=("\"$f\": {\"raw\": $(stat -c %s "build/pkg.partial/$f/wasmlm_bg.wasm"), \"gzip\": $(gzip -9c "build/pkg.partial/$f/wasmlm_bg.wasm" | wc -c)}")
   done
   (IFS=,; echo "{${sizes[*]}}") > build/pkg.partial/sizes.json
@@ -290,9 +325,9 @@ case "$cmd" in
   wasm) wasm ;;
   baselines) setup; engine; wasm; baselines ;;
   dist) dist "$@" ;;
-  serve) serve ;;
+  serve) serve "$@" ;;
   test) setup; run_tests "$@" ;;
   test-wasm) setup; test_wasm ;;
   test-e2e) setup; test_e2e ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve|bench-wasm|compare [N]|test|test-wasm|test-e2e]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve [DIR]|bench-wasm|compare [N]|test|test-wasm|test-e2e]" >&2; exit 2 ;;
 esac

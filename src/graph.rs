@@ -39,6 +39,8 @@ pub struct Graph {
     pub fused: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
+    /// The session's threads (its executor's).
+    pub threads: usize,
 }
 
 /// How to prepare the graph (the defaults are the fast path; the others exist to test it).
@@ -140,7 +142,8 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels })
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels,
+               threads: prep.threads.max(1) })
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -152,10 +155,21 @@ fn run_options(prep: Prepare) -> Result<RunOptions> {
     Ok(options)
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "threads")))]
 fn run_options(prep: Prepare) -> Result<RunOptions> {
     if prep.threads > 1 {
         return Err(Error::Optimize("this WebAssembly build runs on one thread".into()));
+    }
+    Ok(RunOptions::default())
+}
+
+/// The threaded wasm build: tract's own ops stay on this thread (its executor would share
+/// rayon's pool, whose workers are our product helpers there: qmatmul/split/team.rs); the
+/// products are cut across `threads` (the session's step runs under split::with_threads).
+#[cfg(all(target_arch = "wasm32", feature = "threads"))]
+fn run_options(prep: Prepare) -> Result<RunOptions> {
+    if prep.threads > 1 {
+        crate::qmatmul::split::team::helpers_available(prep.threads).map_err(Error::Optimize)?;
     }
     Ok(RunOptions::default())
 }

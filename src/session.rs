@@ -89,16 +89,18 @@ impl Session {
 
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let inputs = self.inputs(ids)?;
-        let outputs = self.state.run(inputs).map_err(Error::run)?;
+        let threads = self.graph.threads;
+        let outputs = crate::qmatmul::split::with_threads(threads, || self.state.run(inputs)).map_err(Error::run)?;
         self.absorb(ids, outputs)
     }
 
     /// `step`, timing every node of the plan: op name -> (ms, calls), added into `times`.
     pub fn step_profiled(&mut self, id: u32, times: &mut Vec<(String, f64, usize)>) -> Result<Vec<f32>> {
         let inputs = self.inputs(&[id])?;
-        let outputs = self
-            .state
-            .run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+        let threads = self.graph.threads;
+        let state = &mut self.state;
+        let outputs = crate::qmatmul::split::with_threads(threads, || {
+            state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
                 let t = now_ms();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
                 let ms = now_ms() - t;
@@ -109,7 +111,8 @@ impl Session {
                 }
                 out
             })
-            .map_err(Error::run)?;
+        })
+        .map_err(Error::run)?;
         self.absorb(&[id], outputs)
     }
 

@@ -24,6 +24,16 @@ use crate::graph::Prepare;
 use crate::manifest::Manifest;
 use crate::session::Session;
 
+/// The threaded build: starts `workers` Web Workers sharing this module's memory (rayon's
+/// global pool, wasm-bindgen-rayon's `initThreadPool`), before any engine is loaded; a session
+/// of `threads: workers + 1` then cuts its products across them and the calling thread.
+#[cfg(feature = "threads")]
+#[wasm_bindgen(js_name = startThreads)]
+pub fn start_threads(workers: usize) -> js_sys::Promise {
+    crate::qmatmul::split::team::POOL_WORKERS.store(workers, std::sync::atomic::Ordering::SeqCst);
+    wasm_bindgen_rayon::init_thread_pool(workers)
+}
+
 #[wasm_bindgen(start)]
 pub fn start() {
     console_error_panic_hook::set_once();
@@ -39,7 +49,8 @@ pub fn build_info() -> JsValue {
     } else {
         "none"
     };
-    let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": crate::TRACT_VERSION });
+    let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": crate::TRACT_VERSION,
+                                   "threads": cfg!(feature = "threads") });
     to_js(&info)
 }
 
@@ -70,7 +81,7 @@ fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, k
     serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
 }
 
-const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "int8_kernels", "sha256"];
+const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "int8_kernels", "sha256", "threads"];
 const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                                  "stop", "ignore_eos", "chat"];
 
@@ -84,6 +95,8 @@ struct LoadOptions {
     /// File name -> sha256 (hex) the caller computed with WebCrypto: compared with the manifest
     /// instead of hashing again in wasm (the sizes are checked all the same).
     sha256: std::collections::HashMap<String, String>,
+    /// More than 1: the threaded build's pool (initThreadPool first); the others refuse it.
+    threads: usize,
 }
 
 impl Default for LoadOptions {
@@ -94,6 +107,7 @@ impl Default for LoadOptions {
             optimize: p.optimize,
             int8_kernels: p.int8_kernels,
             sha256: Default::default(),
+            threads: 1,
         }
     }
 }
@@ -104,7 +118,7 @@ impl LoadOptions {
             fold_constants: self.fold_constants,
             optimize: self.optimize,
             int8_kernels: self.int8_kernels,
-            threads: 1,
+            threads: self.threads.max(1),
         }
     }
 }
@@ -207,7 +221,7 @@ impl JsEngine {
         }
         let runs: Vec<Run> = serde_wasm_bindgen::from_value(runs).map_err(|e| JsError::new(&format!("bench runs: {e}")))?;
         let results: Vec<(f64, Vec<f64>)> = runs.into_iter().map(|r| (r.prefill_ms, r.steps_ms)).collect();
-        let mut row = bench::base_row(&self.inner, backend, prompt_tokens, 1);
+        let mut row = bench::base_row(&self.inner, backend, prompt_tokens, self.inner.graph.threads);
         bench::add_runs(&mut row, &results);
         Ok(to_js(&row))
     }

@@ -74,7 +74,7 @@ $("baseline-past").onchange = renderTable;
 
 function startWorker() {
   state.worker?.terminate();
-  // ?build=simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
+  // ?build=threads|simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
   const workerUrl = new URL("./worker.js", import.meta.url);
   const forced = new URLSearchParams(location.search).get("build");
   if (forced) workerUrl.searchParams.set("build", forced);
@@ -115,7 +115,7 @@ function onWorkerMessage(msg) {
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
         `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
         (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
-        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, 1 thread` +
+        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, ${threadsText(msg.build)}` +
         (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
       // the table follows the loaded model
       if ([...$("baseline-model").options].some((o) => o.value === i.model)) {
@@ -308,10 +308,15 @@ function browserName() {
   return m ? `${m[1]} ${m[2]}` : navigator.userAgent;
 }
 
+// "1 thread", or "2 threads (threaded build)"
+function threadsText(build) {
+  return build.threadCount > 1 ? `${build.threadCount} threads (threaded build)` : "1 thread";
+}
+
 function liveRowBase(info, build) {
   return {
-    model: info.model, backend: `tract wasm ${build.simd}`, precision: info.precision, preset: info.preset,
-    cache: info.cache, threads: 1, file: info.file, file_bytes: info.file_bytes,
+    model: info.model, backend: `tract wasm ${build.simd}${build.threads ? " threads" : ""}`, precision: info.precision,
+    preset: info.preset, cache: info.cache, threads: build.threadCount, file: info.file, file_bytes: info.file_bytes,
     browser: browserName(), user_agent: navigator.userAgent,
   };
 }
@@ -368,7 +373,7 @@ function onBenchDone(row) {
   renderTable();
   const d = full.decode_ms_per_token;
   $("bench-status").textContent = `decode ${d.median} ms/token median, ${d.p90} p90 over ${d.runs} runs; ` +
-    `prefill ${full.prefill_ms.median} ms (${browserName()}, 1 thread, ${build.simd === "none" ? "build without SIMD" : build.simd + " build"})`;
+    `prefill ${full.prefill_ms.median} ms (${browserName()}, ${threadsText(build)}, ${build.simd === "none" ? "build without SIMD" : build.simd + " build"})`;
   const a = $("bench-download");
   if (a.href) URL.revokeObjectURL(a.href);
   a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
@@ -396,11 +401,34 @@ function onPeerDone(row) {
 
 // ---- start --------------------------------------------------------------------------------
 
+// The threaded build needs a cross-origin isolated page: `./build.sh serve` sends the headers; on
+// a static host coi-sw.js adds them, which takes one reload after it first installs. ?isolate=0
+// skips it (the single-threaded build then runs).
+async function isolate() {
+  if (self.crossOriginIsolated || !("serviceWorker" in navigator) || !window.isSecureContext) return;
+  if (new URLSearchParams(location.search).get("isolate") === "0") return;
+  if (sessionStorage.getItem("wasmlm-isolation-reload")) {
+    notice("This page could not be made cross-origin isolated: the single-threaded build runs.");
+    return;
+  }
+  try {
+    await navigator.serviceWorker.register("coi-sw.js");
+    await navigator.serviceWorker.ready;
+    sessionStorage.setItem("wasmlm-isolation-reload", "1");
+    location.reload();
+    await new Promise(() => {}); // the reload replaces this page
+  } catch (err) {
+    notice(`No cross-origin isolation (${err.message}): the single-threaded build runs.`);
+  }
+}
+
 async function main() {
   if (typeof WebAssembly !== "object") {
     setStatus("This browser has no WebAssembly: the engine cannot run here.", true);
     return;
   }
+  await isolate();
+  if (self.crossOriginIsolated) sessionStorage.removeItem("wasmlm-isolation-reload");
   startWorker();
   chart.draw();
   let ids = ["smollm2-135m", "distilgpt2-shape"];

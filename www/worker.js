@@ -41,22 +41,42 @@ const yieldToEvents = () => new Promise((resolve) => { pending.push(resolve); ch
 async function loadWasm() {
   if (wasm) return;
   if (typeof WebAssembly !== "object") throw new Error("this browser has no WebAssembly");
-  // the SIMD128 build where WebAssembly.validate says SIMD is there; ?build= forces one (to compare)
+  let sizes = {};
+  try {
+    sizes = await (await fetch(new URL("./pkg/sizes.json", import.meta.url))).json();
+  } catch {
+    // sizes.json is informative, and says which builds dist/ holds; without it: no threads build
+  }
+  // The threaded build where the page is cross-origin isolated (SharedArrayBuffer: the served
+  // COOP/COEP headers, or the service worker coi-sw.js on a static host) and SIMD is there; else
+  // the SIMD128 build where WebAssembly.validate says SIMD is there; ?build= forces one.
   const simd = WebAssembly.validate(SIMD_PROBE);
-  const supported = { simd, nosimd: true };
+  const isolated = self.crossOriginIsolated === true && typeof SharedArrayBuffer === "function";
+  const supported = { threads: simd && isolated && "threads" in sizes, simd, nosimd: true };
   const forced = new URL(self.location.href).searchParams.get("build");
-  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected simd or nosimd`);
-  if (forced && !supported[forced]) throw new Error(`?build=${forced}: this browser has no WebAssembly SIMD`);
-  const flavour = forced || (simd ? "simd" : "nosimd");
+  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected threads, simd or nosimd`);
+  if (forced && !supported[forced]) {
+    throw new Error(`?build=${forced}: ` + (forced === "simd" ? "this browser has no WebAssembly SIMD"
+      : !("threads" in sizes) ? "this site has no threaded build" : !simd ? "this browser has no WebAssembly SIMD"
+      : "the page is not cross-origin isolated (no SharedArrayBuffer)"));
+  }
+  // One core stays with the page, whose main thread draws every token: on 2 cores (Chromium 148,
+  // SmolLM2 q8b32) 2 threads decoded at 8.4 ms/token in benchmark mode (1 thread: 10.3) but at
+  // 13-15 while the page drew each token (1 thread: 11-12). So the threaded build is picked from
+  // 3 cores on, with a thread per core but one; ?build=threads forces it with 2 threads at least.
+  const cores = navigator.hardwareConcurrency || 1;
+  const threadCount = Math.min(Math.max(cores - 1, forced === "threads" ? 2 : 1), 8);
+  const flavour = forced || (supported.threads && threadCount >= 2 ? "threads" : simd ? "simd" : "nosimd");
   const dir = `./pkg/${flavour}/`;
   wasm = await import(dir + "wasmlm.js");
   await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
-  build = { ...wasm.buildInfo(), dir, simdSupported: simd };
-  try {
-    const sizes = await (await fetch(new URL("./pkg/sizes.json", import.meta.url))).json();
-    build.wasmBytes = sizes[flavour];
-  } catch {
-    // sizes.json is informative only
+  build = { ...wasm.buildInfo(), dir, simdSupported: simd, isolated, threadCount: 1, wasmBytes: sizes[flavour] };
+  if (flavour === "threads") {
+    // this worker and threadCount - 1 Web Workers sharing the module's memory, which take their
+    // share of each product (src/qmatmul/split)
+    build.threadCount = threadCount;
+    post({ type: "status", text: `starting ${build.threadCount - 1} WebAssembly worker thread(s)` });
+    await wasm.startThreads(build.threadCount - 1);
   }
   if (!simd) {
     post({ type: "notice", text: "This browser has no WebAssembly SIMD: the slower build without SIMD is used." });
@@ -181,7 +201,7 @@ async function load(source) {
     const sha256 = {};
     if (onnx.sha256) sha256[source.file] = onnx.sha256;
     if (tokenizer.sha256) sha256["tokenizer.json"] = tokenizer.sha256;
-    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, tokenizer.bytes, { sha256 });
+    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, tokenizer.bytes, { sha256, threads: build.threadCount });
     onnx = null;
     loaded = { base: source.base, entry: find(source.file), manifest };
   } else {
@@ -192,7 +212,7 @@ async function load(source) {
     const config = source.config ? await read(source.config) : undefined;
     post({ type: "status", text: `optimizing the graph (${source.name})` });
     await yieldToEvents();
-    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, {});
+    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, { threads: build.threadCount });
   }
   session = engine.session();
   post({ type: "ready", info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
@@ -217,7 +237,7 @@ async function bench(text, runs, peer) {
   if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
   cancelled = false;
   const prompt = engine.benchPrompt(text);
-  const backend = `tract wasm ${build.simd}`;
+  const backend = `tract wasm ${build.simd}${build.threads ? " threads" : ""}`;
   const results = [];
   for (let run = 0; run <= runs; run++) {
     post({ type: "bench-progress", run, of: runs, backend });
@@ -237,7 +257,7 @@ async function bench(text, runs, peer) {
   }
 }
 
-// The peer: onnxruntime-web (its wasm backend, 1 thread, shipped in ort/ by build.sh dist) on
+// The peer: onnxruntime-web (its wasm backend, as many threads as ours, shipped in ort/ by build.sh dist) on
 // the very same file and prompt tokens, under the same protocol: one warm-up run, then `runs`
 // runs of the prompt and 63 greedy steps; the times are those of session.run. Its session is
 // released at the end (it holds its own copy of the weights).
@@ -247,7 +267,7 @@ async function peerBench(prompt, runs) {
   const ort = await import("./ort/ort.wasm.min.mjs").catch((err) => {
     throw new Error(`onnxruntime-web is not shipped with this page (ort/): ${err.message}`);
   });
-  ort.env.wasm.numThreads = 1;
+  ort.env.wasm.numThreads = build.threadCount; // its own workers where the page is isolated
   ort.env.wasm.wasmPaths = new URL("./ort/", self.location.href).href;
   const { base, entry, manifest } = loaded;
   const arch = manifest.architecture;

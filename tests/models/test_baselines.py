@@ -44,3 +44,29 @@ def test_dynamic_int8_rewrites_gpt2_conv1d(tiny_bundles):
     assert len(dynamic) == 2 * 4 + 1      # 4 per layer (c_attn, c_proj, c_fc, mlp c_proj) + LM head
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_compare_alternates_rounds_and_takes_each_rounds_ratio(tiny_bundles, tmp_path):
+    """`./build.sh compare`: ONNX Runtime's row then tract's, per round; the ratio within each
+    round. tract is a stand-in here (the CLI is built after these tests): a script that prints a
+    row as `wasmlm bench-row` does and logs its arguments."""
+    import stat
+    import sys
+    from wasmlm_models import compare
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "wasmlm"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                    "print(json.dumps({'decode_ms_per_token': {'median': 2.0}, 'int8_kernels': 'stand-in'}))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "compare.json"
+    table = compare.build([tiny_bundles["tiny-llama"]], out, fake, baselines.files.DEFAULT_TEXT, [1], 2, None)
+    files = {r["file"] for r in table["results"]}
+    assert files == {"model.with_past.report-int8.onnx", "model.with_past.int8.onnx"}
+    for r in table["results"]:
+        assert len(r["rounds"]) == 2 and r["threads"] == 1
+        for p in r["rounds"]:
+            assert p["tract"] == 2.0 and p["onnxruntime"] > 0
+            assert p["ratio"] == round(2.0 / p["onnxruntime"], 3)
+    assert calls.read_text().count("bench-row") == 4
+    assert "--threads 1" in calls.read_text()
+    assert out.with_suffix(".md").read_text().count("| tiny-llama |") == 2

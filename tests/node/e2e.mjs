@@ -35,19 +35,35 @@ async function freePort() {
   });
 }
 
-async function serve(port) {
-  // The same static server as ./build.sh serve.
-  const server = spawn("python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", dist],
-    { stdio: ["ignore", "ignore", "pipe"] });
+// isolated: `./build.sh serve`, which sends the cross-origin isolation headers; otherwise a plain
+// static server (a static host: the page's service worker must isolate it).
+async function serve(port, isolated) {
+  const server = isolated
+    ? spawn("bash", [resolve(repo, "build.sh"), "serve", dist], { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, PORT: String(port) } })
+    : spawn("python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1", "--directory", dist],
+      { stdio: ["ignore", "ignore", "pipe"] });
   for (let i = 0; i < 100; i++) {
     try {
       const res = await fetch(`http://127.0.0.1:${port}/index.html`);
-      if (res.ok) return server;
+      if (res.ok) {
+        assert.equal(res.headers.get("cross-origin-embedder-policy"), isolated ? "require-corp" : null);
+        return server;
+      }
     } catch { /* not up yet */ }
     await new Promise((r) => setTimeout(r, 100));
   }
   server.kill();
   throw new Error("the static server did not start");
+}
+
+async function loadModel(page) {
+  await page.waitForSelector("#model option", { state: "attached" });
+  await page.click("#load");
+  await page.waitForFunction(() => !document.querySelector("#generate").disabled ||
+    document.querySelector("#status").className === "error", null, { timeout: 600_000 });
+  const status = await page.textContent("#status");
+  assert.ok(!(await page.getAttribute("#status", "class")).includes("error"), `load failed: ${status}`);
+  return status;
 }
 
 async function generate(page, prompt, maxNew) {
@@ -70,7 +86,8 @@ async function generate(page, prompt, maxNew) {
 
 async function main() {
   const port = await freePort();
-  const server = await serve(port);
+  const server = await serve(port, true);
+  const servers = [server];
   const browser = await chromium.launch({
     executablePath: chromiumPath,
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -92,16 +109,16 @@ async function main() {
 
     log("load", picked.file);
     const t0 = Date.now();
-    await page.click("#load");
-    await page.waitForFunction(() => !document.querySelector("#generate").disabled ||
-      document.querySelector("#status").className === "error", null, { timeout: 600_000 });
-    const status = await page.textContent("#status");
-    assert.ok(!(await page.getAttribute("#status", "class")).includes("error"), `load failed: ${status}`);
+    const status = await loadModel(page);
     log(`ready after ${((Date.now() - t0) / 1000).toFixed(1)} s: ${status}`);
     const modelInfo = await page.textContent("#model-info");
     log(modelInfo);
-    // Chromium validates SIMD: the page must pick that build (feature detection)
-    assert.match(modelInfo, /WebAssembly build: simd128/, "the SIMD128 build is loaded where supported");
+    // Chromium validates SIMD and the served headers isolate the page: the page must pick the
+    // threaded SIMD128 build from 3 cores on (a thread per core but one), else the SIMD128 one
+    assert.equal(await page.evaluate(() => self.crossOriginIsolated), true, "./build.sh serve isolates the page");
+    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+    assert.match(modelInfo, cores >= 3 ? new RegExp(`WebAssembly build: simd128, ${Math.min(cores - 1, 8)} threads \\(threaded build\\)`)
+      : /WebAssembly build: simd128, 1 thread\b/, `the build for ${cores} cores is loaded`);
     assert.match(await page.textContent("#progress-text"), /MB/, "download progress was shown");
 
     // 1. The question, in chat mode (the page's default), greedy.
@@ -148,11 +165,26 @@ async function main() {
 
     await page.screenshot({ path: resolve(out, "e2e.png"), fullPage: true });
 
-    // 4. A reload starts from the Cache API: no download of the model files.
-    await page.reload();
-    await page.waitForSelector("#model option", { state: "attached" });
-    await page.click("#load");
-    await page.waitForFunction(() => !document.querySelector("#generate").disabled, null, { timeout: 600_000 });
+    // 4. A reload starts from the Cache API: no download of the model files. The other build:
+    //    ?build=threads (or ?build=simd where the threaded one was picked) must answer with the
+    //    very same greedy text; the threaded one also runs the benchmark mode.
+    const other = cores >= 3 ? "simd" : "threads";
+    await page.goto(`${url}?build=${other}`);
+    await loadModel(page);
+    const otherInfo = await page.textContent("#model-info");
+    assert.match(otherInfo, other === "threads" ? /WebAssembly build: simd128, [2-8] threads \(threaded build\)/
+      : /WebAssembly build: simd128, 1 thread\b/);
+    await page.check("#chat");
+    const again = await generate(page, "What is the capital of France?", 16);
+    log(`answer, ?build=${other}:`, JSON.stringify(again));
+    assert.equal(again.text, paris.text, "the threaded and single-threaded builds give the same greedy text");
+    await page.uncheck("#bench-peer");
+    await page.click("#bench");
+    await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
+    await page.waitForFunction(() => !document.querySelector("#bench").disabled, null, { timeout: 600_000 });
+    const otherBench = await page.textContent("#bench-status");
+    log(`bench, ?build=${other}:`, otherBench);
+    assert.match(otherBench, /^decode \d/, "the other build's benchmark ran");
     const cached = await page.textContent("#progress-text");
     log("after reload:", cached);
     assert.match(cached, /from the browser's cache/, "the second load reads the cache");
@@ -170,11 +202,30 @@ async function main() {
     assert.match(bad, /ONNX file could not be read/, "a clear error for bytes that are not ONNX");
     await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
     assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
+
+    // 6. A static host sends no isolation headers: the page's service worker (coi-sw.js) adds
+    //    them, after one reload, and the page is cross-origin isolated all the same.
+    const plainPort = await freePort();
+    servers.push(await serve(plainPort, false));
+    const plain = await browser.newPage();
+    plain.on("pageerror", (e) => errors.push(`pageerror (static host): ${e.message}`));
+    await plain.goto(`http://127.0.0.1:${plainPort}/`);
+    let isolated = false;
+    for (let i = 0; i < 120 && !isolated; i++) {
+      // the page reloads itself once: a check may land in the old page and fail
+      isolated = await plain.evaluate(() => self.crossOriginIsolated === true).catch(() => false);
+      if (!isolated) await new Promise((r) => setTimeout(r, 250));
+    }
+    assert.ok(isolated, "the service worker made the static-host page cross-origin isolated");
+    await plain.waitForSelector("#model option", { state: "attached" });
+    assert.ok(await plain.evaluate(() => !!navigator.serviceWorker.controller), "the service worker controls the page");
+    log("static host: isolated by the service worker");
+    assert.deepEqual(errors, [], "no page errors");
     log("screenshot:", resolve(out, "e2e.png"));
     log("passed");
   } finally {
     await browser.close();
-    server.kill();
+    servers.forEach((s) => s.kill());
   }
 }
 

@@ -1,13 +1,16 @@
 //! A product split across the session's threads.
 //!
-//! tract runs the plan on the calling thread and offers its ops the session's executor
-//! (`--threads N` natively: a rayon pool of N; the wasm builds have one thread). tract's own
-//! matmuls use that pool; ours did not, and they are most of a token's time (70% of
-//! distilgpt2-shape's `report` file). Now a decode step (one row) cuts a product's columns at
-//! panel boundaries, so each thread streams its own share of the weights: a matrix-vector
-//! product is bound by memory bandwidth, and two cores of this machine read 81 MB in 1.5-1.7 ms
-//! against 2.1-2.8 ms for one. A prefill cuts the rows. The threads are our own ([`team`]).
+//! tract runs the plan on the calling thread. Natively, `--threads N` also gives tract a rayon
+//! pool of N for its own matmuls; ours are most of a token's time (70% of distilgpt2-shape's
+//! `report` file), so a session's step runs [`with_threads`] and its products are cut across
+//! that many threads: a decode step (one row) cuts the columns at panel boundaries, so each
+//! thread streams its own share of the weights (a matrix-vector product is bound by memory
+//! bandwidth: two cores of this machine read 81 MB in 1.5-1.7 ms against 2.1-2.8 ms for one);
+//! a prefill cuts the rows. The threads are our own helpers ([`team`]): natively OS threads, in
+//! the threaded wasm build the Web Workers of wasm-bindgen-rayon's pool (where tract's own ops
+//! stay on one thread).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::kernel::{Part, PANEL};
@@ -76,46 +79,43 @@ fn cut<T>(rows: usize, n: usize, parts: usize, out: &mut [T]) -> Vec<(Part, &mut
     }
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-mod pool {
-    use tract_linalg::multithread::{current_tract_executor, Executor};
-
-    use super::{team, Part};
-
-    /// The session's thread count: its executor's pool size.
-    pub fn threads() -> usize {
-        match current_tract_executor() {
-            Executor::SingleThread => 1,
-            Executor::MultiThread(pool) => pool.current_num_threads(),
-            Executor::RayonGlobal => rayon::current_num_threads(),
-        }
-    }
-
-    pub fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
-        let slots: Vec<std::sync::Mutex<Option<(Part, &mut [T])>>> =
-            parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
-        team::run(slots.len(), &|i| {
-            if let Some((p, o)) = slots[i].lock().unwrap().take() {
-                f(p, o)
-            }
-        });
-    }
+thread_local! {
+    /// The running session's thread count (see [`with_threads`]).
+    static THREADS: Cell<usize> = const { Cell::new(1) };
 }
 
-#[cfg(target_arch = "wasm32")]
-mod pool {
-    use super::Part;
+/// Runs `f` (a session's step: tract runs the plan on this thread) with products split across
+/// `threads` threads.
+pub fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    let before = THREADS.replace(threads.max(1));
+    let out = f();
+    THREADS.set(before);
+    out
+}
 
-    pub fn threads() -> usize {
+fn threads() -> usize {
+    if cfg!(any(not(target_arch = "wasm32"), feature = "threads")) {
+        THREADS.get()
+    } else {
         1
     }
-
-    pub fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
-        parts.into_iter().for_each(|(p, o)| f(p, o))
-    }
 }
 
-use pool::{run_all, threads};
+#[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+    let slots: Vec<std::sync::Mutex<Option<(Part, &mut [T])>>> =
+        parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
+    team::run(slots.len(), &|i| {
+        if let Some((p, o)) = slots[i].lock().unwrap().take() {
+            f(p, o)
+        }
+    });
+}
 
-#[cfg(not(target_arch = "wasm32"))]
-mod team;
+#[cfg(not(any(not(target_arch = "wasm32"), feature = "threads")))]
+fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+    parts.into_iter().for_each(|(p, o)| f(p, o))
+}
+
+#[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
+pub mod team;

@@ -1,4 +1,4 @@
-//! Helper threads that spin between products (native only).
+//! Helper threads that spin between products.
 //!
 //! A decode step runs ~25 (distilgpt2-shape) to ~210 (SmolLM2) products of 10-1,500 µs each,
 //! with the rest of the graph in between on the calling thread. Handing each product to a rayon
@@ -10,16 +10,20 @@
 //!
 //! One team per thread count, made on first use; its helpers live as long as the process
 //! (parked when idle). One caller at a time: a second caller that finds the team busy runs its
-//! parts itself.
+//! parts itself. Natively the helpers are OS threads. In the threaded wasm build they are the
+//! Web Workers of rayon's global pool (wasm-bindgen-rayon's `initThreadPool(n - 1)`): each
+//! helper is a rayon job that never ends, so nothing else may use that pool (tract's executor
+//! stays single-threaded there, graph.rs). The same hand-off through rayon's own jobs measured
+//! 7-8 ms/token against 4.5-4.9 on one thread (Chromium, distilgpt2-shape `report`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use crate::clock::now_ms;
 
-/// How long an idle helper spins before it parks: longer than the gaps between a token's
+/// How long (ms) an idle helper spins before it parks: longer than the gaps between a token's
 /// products (tens of µs), short enough not to burn a core after the last token.
-const SPIN: Duration = Duration::from_millis(2);
+const SPIN_MS: f64 = 2.0;
 
 /// The work of one call, on the caller's stack: `f(i)` for part `i < parts`.
 struct Job {
@@ -62,19 +66,49 @@ fn team(threads: usize) -> Arc<Team> {
     });
     for i in 1..threads {
         let t = team.clone();
-        std::thread::Builder::new()
-            .name(format!("wasmlm-{threads}-{i}"))
-            .spawn(move || helper(&t, i))
-            .expect("spawning a helper thread");
+        spawn(format!("wasmlm-{threads}-{i}"), move || helper(&t, i));
     }
     teams.push(team.clone());
     team
 }
 
+#[cfg(not(target_arch = "wasm32"))]
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new().name(name).spawn(f).expect("spawning a helper thread");
+}
+
+#[cfg(target_arch = "wasm32")]
+fn spawn(_name: String, f: impl FnOnce() + Send + 'static) {
+    rayon::spawn(f)
+}
+
+/// Workers in rayon's global pool, as started by the page (`startThreads`, src/wasm.rs): rayon
+/// itself reports 1 for a pool nobody started (it falls back to the calling thread, on which a
+/// helper job would never run).
+#[cfg(target_arch = "wasm32")]
+pub static POOL_WORKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether a team of `threads` can have its helpers: in wasm, from the workers of rayon's pool
+/// that no team has taken yet.
+#[cfg(target_arch = "wasm32")]
+pub fn helpers_available(threads: usize) -> Result<(), String> {
+    let teams = TEAMS.lock().unwrap();
+    if teams.iter().any(|t| t.helpers + 1 == threads) {
+        return Ok(());
+    }
+    let taken: usize = teams.iter().map(|t| t.helpers).sum();
+    let free = POOL_WORKERS.load(SeqCst).saturating_sub(taken);
+    if free + 1 < threads {
+        return Err(format!("{threads} threads need {} free WebAssembly workers (startThreads), there are {free}",
+                           threads - 1));
+    }
+    Ok(())
+}
+
 fn helper(team: &Team, me: usize) {
     let mut seen = 0;
     loop {
-        let since = Instant::now();
+        let since = now_ms();
         let mut spins = 0u32;
         loop {
             let e = team.epoch.load(SeqCst);
@@ -84,7 +118,7 @@ fn helper(team: &Team, me: usize) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && since.elapsed() > SPIN {
+            if spins % 256 == 0 && now_ms() - since > SPIN_MS {
                 let mut guard = team.park.lock().unwrap();
                 team.sleeping.fetch_add(1, SeqCst);
                 while team.epoch.load(SeqCst) == seen {
