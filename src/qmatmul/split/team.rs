@@ -11,7 +11,8 @@
 //! One team per thread count, made on first use; its helpers live as long as the process
 //! (parked when idle). One caller at a time: a second caller that finds the team busy runs its
 //! parts itself. Natively the helpers are OS threads. In the threaded wasm build they are the
-//! Web Workers of rayon's global pool (wasm-bindgen-rayon's `initThreadPool(n - 1)`): each
+//! Web Workers of rayon's global pool (`startThreads(n - 1)` in wasm.rs, which calls
+//! wasm-bindgen-rayon's `initThreadPool`): each
 //! helper is a rayon job that never ends, so nothing else may use that pool (tract's executor
 //! stays single-threaded there, graph.rs). The same hand-off through rayon's own jobs measured
 //! 7-8 ms/token against 4.5-4.9 on one thread (Chromium, distilgpt2-shape `report`).
