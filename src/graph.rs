@@ -39,7 +39,8 @@ pub struct Graph {
     pub fused: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
-    /// The session's threads (its executor's).
+    /// The threads a session's products are cut across (qmatmul/split); natively tract's own
+    /// executor gets as many.
     pub threads: usize,
 }
 

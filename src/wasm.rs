@@ -95,7 +95,7 @@ struct LoadOptions {
     /// File name -> sha256 (hex) the caller computed with WebCrypto: compared with the manifest
     /// instead of hashing again in wasm (the sizes are checked all the same).
     sha256: std::collections::HashMap<String, String>,
-    /// More than 1: the threaded build's pool (initThreadPool first); the others refuse it.
+    /// More than 1: the threaded build only, after `startThreads(threads - 1)`; the others refuse it.
     threads: usize,
 }
 

@@ -34,8 +34,8 @@ pub fn splits() -> usize {
 }
 
 /// Calls `f(part, out)` on disjoint parts of the `rows x n` row-major output `out` that
-/// together cover it: one per thread of the session's executor, or one part if the product is
-/// small or there is one thread. Parts are independent, so the result does not depend on the
+/// together cover it: one per thread of the running session ([`with_threads`]), or one part if
+/// the product is small or there is one thread. Parts are independent, so the result does not depend on the
 /// split (the tests check each kernel's parts against its whole).
 pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, out: &mut [T], f: impl Fn(Part, &mut [T]) + Sync) {
     let threads = if weight_bytes.saturating_mul(rows) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
@@ -48,7 +48,7 @@ pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, out: &mut [T],
         return f(p, o);
     }
     SPLITS.fetch_add(1, Relaxed);
-    run_all(parts, &f)
+    run_all(threads, parts, &f)
 }
 
 /// `f` on the parts of a cut in `parts`, one after the other (for the kernels' tests).
@@ -102,10 +102,10 @@ fn threads() -> usize {
 }
 
 #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
-fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+fn run_all<T: Send>(threads: usize, parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
     let slots: Vec<std::sync::Mutex<Option<(Part, &mut [T])>>> =
         parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
-    team::run(slots.len(), &|i| {
+    team::run(threads, slots.len(), &|i| {
         if let Some((p, o)) = slots[i].lock().unwrap().take() {
             f(p, o)
         }
@@ -113,7 +113,7 @@ fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) +
 }
 
 #[cfg(not(any(not(target_arch = "wasm32"), feature = "threads")))]
-fn run_all<T: Send>(parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
+fn run_all<T: Send>(_threads: usize, parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
     parts.into_iter().for_each(|(p, o)| f(p, o))
 }
 

@@ -141,14 +141,17 @@ fn helper(team: &Team, me: usize) {
     }
 }
 
-/// `f(i)` for every `i < parts`, on `parts` threads (the caller's among them) when a team of
-/// that size is free, else on the caller alone. Returns once all are done.
-pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+/// `f(i)` for every `i < parts` (at most `threads`) on the team of the session's `threads` (the
+/// caller's thread among them; helpers beyond `parts` have nothing to do) when it is free, else
+/// on the caller alone. Returns once all are done. The team is the session's whatever the
+/// number of parts: a product cut in fewer parts must not make a team of another size, which
+/// in wasm would queue its helpers on a pool whose workers are all taken.
+pub fn run(threads: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
     let inline = || (0..parts).for_each(f);
-    if parts <= 1 {
+    if parts <= 1 || threads < parts {
         return inline();
     }
-    let team = team(parts);
+    let team = team(threads);
     let Ok(_busy) = team.busy.try_lock() else { return inline() };
     // SAFETY: only the pointer's lifetime is erased; `f` outlives the job (see `helper`).
     let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
