@@ -38,10 +38,9 @@ def build(bundles: list[Path], out: Path, tract: Path, text: Path, threads: list
             if only_files and f["name"] not in only_files:
                 continue
             for t in threads:
-                spec = {"model": manifest["id"], "real_weights": manifest["real_weights"], "prompt_ids": prompt,
-                        "shape": manifest["architecture"], "backend": "onnxruntime", "precision": "int8",
-                        "preset": f["preset"], "cache": "with_past", "threads": t,
-                        "file": str(bundle / f["name"]), "file_bytes": f["bytes"]}
+                # the baselines' own ONNX Runtime row for this file (no PyTorch folder needed)
+                spec = next(s for s in baselines.specs(bundle, manifest, None, prompt, [t])
+                            if s["backend"] == "onnxruntime" and Path(s["file"]).name == f["name"])
                 pairs = []
                 for r in range(rounds):
                     ort = baselines.measure(spec)
