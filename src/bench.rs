@@ -74,7 +74,7 @@ pub fn base_row(engine: &Engine, backend: &str, prompt_tokens: usize, threads: u
         "preset": info.preset, "cache": info.cache, "threads": threads,
         "real_weights": info.real_weights, "file": info.file, "file_bytes": info.file_bytes,
         "load_ms": (info.load_ms * 10.0).round() / 10.0, "load_phases_ms": info.load_phases_ms,
-        "prompt_tokens": prompt_tokens, "int8_kernels": info.int8_kernels,
+        "prompt_tokens": prompt_tokens, "int8_kernels": info.int8_kernels, "fused_ops": info.fused_ops,
         "engine": format!("wasmlm {} (tract {})", env!("CARGO_PKG_VERSION"), crate::TRACT_VERSION),
     })
 }

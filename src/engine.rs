@@ -26,6 +26,15 @@ pub struct LoadedInfo {
     pub nodes: usize,
     /// Our int8 kernels in use, if any (see `Graph::kernels`).
     pub int8_kernels: Option<String>,
+    /// "N attention products, M GELUs" on our own ops (fused/), if any.
+    pub fused_ops: Option<String>,
+}
+
+fn fused_ops(graph: &Graph) -> Option<String> {
+    match graph.fused_ops {
+        (0, 0) => None,
+        (p, g) => Some(format!("{p} attention products, {g} GELUs")),
+    }
 }
 
 fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {
@@ -92,6 +101,7 @@ impl Engine {
             load_phases_ms,
             nodes: graph.nodes,
             int8_kernels: graph.kernels.clone(),
+            fused_ops: fused_ops(&graph),
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
     }
@@ -147,6 +157,7 @@ impl Engine {
             load_phases_ms,
             nodes: graph.nodes,
             int8_kernels: graph.kernels.clone(),
+            fused_ops: fused_ops(&graph),
         };
         Ok(Engine { graph: Arc::new(graph), text, eos_ids, context, info })
     }

@@ -15,6 +15,7 @@ use crate::clock::now_ms;
 use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
+use crate::fused;
 use crate::pow;
 use crate::prefold;
 use crate::qmatmul;
@@ -39,6 +40,8 @@ pub struct Graph {
     pub fused: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
+    /// (attention products, GELUs) on our ops (fused/).
+    pub fused_ops: (usize, usize),
     /// The threads a session's products are cut across (qmatmul/split); natively tract's own
     /// executor gets as many.
     pub threads: usize,
@@ -54,11 +57,14 @@ pub struct Prepare {
     /// Run `quantize_dynamic`'s products on our int8 kernels (qmatmul/) rather than tract's
     /// generic integer matmul.
     pub int8_kernels: bool,
+    /// Attention's products and GPT-2's GELU on ops of our own (fused/) rather than tract's
+    /// packed matmuls and element-wise nodes.
+    pub fused_ops: bool,
 }
 
 impl Default for Prepare {
     fn default() -> Self {
-        Prepare { fold_constants: true, optimize: true, threads: 1, int8_kernels: true }
+        Prepare { fold_constants: true, optimize: true, threads: 1, int8_kernels: true, fused_ops: true }
     }
 }
 
@@ -100,6 +106,7 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let mut phases = Phases::start();
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     qmatmul::register(&mut onnx);
+    fused::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
     pow::cube_powers(&mut proto);
@@ -109,6 +116,9 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
         (0, 0)
     };
     let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
+    if prep.fused_ops {
+        fused::rewrite(&mut proto);
+    }
     phases.mark("parse");
     let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
     drop(proto);
@@ -140,10 +150,11 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let typed = prepare(model, prep, &mut phases)?;
     let nodes = typed.nodes.len();
     let kernels = qmatmul::describe(&typed);
+    let fused_ops = fused::count(&typed);
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels,
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels, fused_ops,
                threads: prep.threads.max(1) })
 }
 

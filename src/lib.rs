@@ -9,6 +9,7 @@ pub mod convention;
 pub mod engine;
 pub mod error;
 pub mod fold;
+pub mod fused;
 pub mod generate;
 pub mod graph;
 pub mod manifest;

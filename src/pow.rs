@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
-fn scalar_f32(t: &TensorProto) -> Option<f32> {
+/// The value of a one-element FLOAT tensor.
+pub(crate) fn scalar_f32(t: &TensorProto) -> Option<f32> {
     if t.data_type != DataType::Float as i32 || t.dims.iter().product::<i64>() != 1 {
         return None;
     }
@@ -23,9 +24,8 @@ fn scalar_f32(t: &TensorProto) -> Option<f32> {
     }
 }
 
-/// Rewrites in place; returns how many `Pow` nodes became two `Mul`s.
-pub fn cube_powers(model: &mut ModelProto) -> usize {
-    let Some(graph) = model.graph.as_mut() else { return 0 };
+/// The graph's one-element FLOAT constants by name: initializers and `Constant` nodes' outputs.
+pub(crate) fn scalar_constants(graph: &tract_onnx::pb::GraphProto) -> HashMap<String, f32> {
     let mut constants: HashMap<String, f32> =
         graph.initializer.iter().filter_map(|t| Some((t.name.clone(), scalar_f32(t)?))).collect();
     for n in &graph.node {
@@ -36,6 +36,13 @@ pub fn cube_powers(model: &mut ModelProto) -> usize {
             }
         }
     }
+    constants
+}
+
+/// Rewrites in place; returns how many `Pow` nodes became two `Mul`s.
+pub fn cube_powers(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
+    let constants = scalar_constants(graph);
     let mut nodes = Vec::with_capacity(graph.node.len());
     let mut rewritten = 0;
     for n in std::mem::take(&mut graph.node) {

@@ -81,7 +81,7 @@ fn options<T: for<'de> Deserialize<'de> + Default>(value: JsValue, what: &str, k
     serde_wasm_bindgen::from_value(value).map_err(|e| JsError::new(&format!("{what} options: {e}")))
 }
 
-const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "int8_kernels", "sha256", "threads"];
+const LOAD_KEYS: &[&str] = &["fold_constants", "optimize", "int8_kernels", "fused_ops", "sha256", "threads"];
 const GENERATE_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                                  "stop", "ignore_eos", "chat"];
 
@@ -92,6 +92,8 @@ struct LoadOptions {
     optimize: bool,
     /// Our int8 kernels for dynamic-quantization files (false: tract's integer matmul).
     int8_kernels: bool,
+    /// Our attention products and GELU (fused/) (false: tract's ops).
+    fused_ops: bool,
     /// File name -> sha256 (hex) the caller computed with WebCrypto: compared with the manifest
     /// instead of hashing again in wasm (the sizes are checked all the same).
     sha256: std::collections::HashMap<String, String>,
@@ -106,6 +108,7 @@ impl Default for LoadOptions {
             fold_constants: p.fold_constants,
             optimize: p.optimize,
             int8_kernels: p.int8_kernels,
+            fused_ops: p.fused_ops,
             sha256: Default::default(),
             threads: 1,
         }
@@ -118,6 +121,7 @@ impl LoadOptions {
             fold_constants: self.fold_constants,
             optimize: self.optimize,
             int8_kernels: self.int8_kernels,
+            fused_ops: self.fused_ops,
             threads: self.threads.max(1),
         }
     }

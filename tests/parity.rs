@@ -135,6 +135,40 @@ fn int8_kernels_equal_the_unfused_graph() {
     }
 }
 
+/// Our attention products and GELU (fused/) against tract's own ops on the same file. The GELU
+/// is bit-identical (its unit test); the products sum in another order than tract's kernels, so
+/// logits may move by float rounding: held at the FP32 parity bound, 1e-4, and the same greedy
+/// tokens for 32 steps.
+#[test]
+fn fused_ops_equal_tracts_ops() {
+    // (products, GELUs) per file, counted with the onnx package: each layer's two attention
+    // MatMuls and GPT-2's one tanh GELU per layer. Two other MatMuls stay tract's, having a
+    // constant operand: the LM head's transposed embedding, and Llama's rotary inverse
+    // frequencies (an Expand to batch 1, constant once typed).
+    let cases = [
+        ("tiny-gpt2", "model.with_past.onnx", (4, 2)),
+        ("tiny-gpt2", "model.onnx", (4, 2)),
+        ("tiny-gpt2", "model.with_past.report-int8.onnx", (4, 2)),
+        ("tiny-gpt2", "model.with_past.int8.onnx", (4, 2)),
+        ("tiny-llama", "model.with_past.onnx", (4, 0)),
+        ("tiny-llama", "model.with_past.report-int8.onnx", (4, 0)),
+        ("tiny-llama", "model.int8.onnx", (4, 0)),
+    ];
+    for (model, file, counts) in cases {
+        let dir = bundle(model);
+        let fused = load(&dir, file);
+        let plain = Engine::from_dir(&dir, Some(file), Prepare { fused_ops: false, ..Prepare::default() }).unwrap();
+        assert_eq!((fused.graph.fused_ops, plain.graph.fused_ops), (counts, (0, 0)), "{model} {file}");
+        let (a, ta) = engine_run(&fused, &PROMPT, 3, 32);
+        let (b, tb) = engine_run(&plain, &PROMPT, 3, 32);
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            let d = max_abs_diff(x, y);
+            assert!(d < 1e-4, "{model} {file} step {step}: {d}");
+        }
+        assert_eq!(ta, tb, "{model} {file}");
+    }
+}
+
 #[test]
 fn truncate_then_continue_equals_a_fresh_prefill() {
     let dir = bundle("tiny-llama");

@@ -114,7 +114,8 @@ function onWorkerMessage(msg) {
       $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
         `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
         `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
-        (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
+        (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") +
+        (i.fused_ops ? `, fused ops: ${i.fused_ops}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
         `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, ${threadsText(msg.build)}` +
         (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
       // the table follows the loaded model

@@ -311,6 +311,7 @@ async function peerBench(prompt, runs) {
     row.load_ms = Math.round(loadMs * 10) / 10;
     delete row.load_phases_ms;
     delete row.int8_kernels;
+    delete row.fused_ops;
     delete row.engine;
     return row;
   } finally {

@@ -243,7 +243,7 @@ pub fn fuse_blocks(model: &mut ModelProto) -> usize {
 
 /// Removes, to a fixed point, the nodes none of whose outputs is read (the quantizations and
 /// scale products the fused nodes no longer need), then the initializers nothing reads.
-fn drop_unread(graph: &mut tract_onnx::pb::GraphProto) {
+pub(crate) fn drop_unread(graph: &mut tract_onnx::pb::GraphProto) {
     loop {
         let mut read: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
         for n in &graph.node {

@@ -40,14 +40,16 @@ impl Args {
     }
 }
 
-/// The engine's preparation from `--threads N`, `--no-fold` (tract's own constant folding only)
-/// and `--no-int8-kernels` (tract's integer matmul for dynamic-quantization files): the last two
-/// exist to compare against the fast path.
+/// The engine's preparation from `--threads N`, `--no-fold` (tract's own constant folding only),
+/// `--no-int8-kernels` (tract's integer matmul for dynamic-quantization files) and
+/// `--no-fused-ops` (tract's attention products and GELU nodes): the last three exist to
+/// compare against the fast path.
 fn prepare(a: &mut Args) -> Res<Prepare> {
     Ok(Prepare {
         threads: a.parsed("--threads")?.unwrap_or(1),
         fold_constants: !a.flag("--no-fold"),
         int8_kernels: !a.flag("--no-int8-kernels"),
+        fused_ops: !a.flag("--no-fused-ops"),
         ..Prepare::default()
     })
 }
