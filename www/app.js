@@ -403,11 +403,15 @@ function onPeerDone(row) {
 // ---- start --------------------------------------------------------------------------------
 
 // The threaded build needs a cross-origin isolated page: `./build.sh serve` sends the headers; on
-// a static host coi-sw.js adds them, which takes one reload after it first installs. ?isolate=0
-// skips it (the single-threaded build then runs).
+// a static host coi-sw.js adds them, which takes one reload after it first installs. Only where
+// that build would run (worker.js: from 3 cores on, or ?build=threads); ?isolate=0 skips it (the
+// single-threaded build then runs).
 async function isolate() {
   if (self.crossOriginIsolated || !("serviceWorker" in navigator) || !window.isSecureContext) return;
-  if (new URLSearchParams(location.search).get("isolate") === "0") return;
+  const query = new URLSearchParams(location.search);
+  if (query.get("isolate") === "0") return;
+  const forced = query.get("build");
+  if (forced ? forced !== "threads" : (navigator.hardwareConcurrency || 1) < 3) return;
   if (sessionStorage.getItem("wasmlm-isolation-reload")) {
     notice("This page could not be made cross-origin isolated: the single-threaded build runs.");
     return;

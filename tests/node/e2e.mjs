@@ -203,13 +203,23 @@ async function main() {
     await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
     assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
 
-    // 6. A static host sends no isolation headers: the page's service worker (coi-sw.js) adds
-    //    them, after one reload, and the page is cross-origin isolated all the same.
+    // 6. A static host sends no isolation headers: where the threaded build would run (3 cores
+    //    on, or ?build=threads) the page's service worker (coi-sw.js) adds them, after one
+    //    reload, and the page is cross-origin isolated all the same; elsewhere no service worker
+    //    is registered (nothing to gain, and no reload).
     const plainPort = await freePort();
     servers.push(await serve(plainPort, false));
     const plain = await browser.newPage();
     plain.on("pageerror", (e) => errors.push(`pageerror (static host): ${e.message}`));
-    await plain.goto(`http://127.0.0.1:${plainPort}/`);
+    if (cores < 3) {
+      await plain.goto(`http://127.0.0.1:${plainPort}/`);
+      await plain.waitForSelector("#model option", { state: "attached" });
+      const registered = await plain.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length);
+      assert.equal(registered, 0, `no service worker on ${cores} cores without ?build=threads`);
+      assert.equal(await plain.evaluate(() => self.crossOriginIsolated), false);
+      log(`static host, ${cores} cores: no service worker, not isolated`);
+    }
+    await plain.goto(`http://127.0.0.1:${plainPort}/${cores < 3 ? "?build=threads" : ""}`);
     let isolated = false;
     for (let i = 0; i < 120 && !isolated; i++) {
       // the page reloads itself once: a check may land in the old page and fail

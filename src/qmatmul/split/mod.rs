@@ -87,10 +87,15 @@ thread_local! {
 /// Runs `f` (a session's step: tract runs the plan on this thread) with products split across
 /// `threads` threads.
 pub fn with_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
-    let before = THREADS.replace(threads.max(1));
-    let out = f();
-    THREADS.set(before);
-    out
+    /// Puts the count back however `f` ends (a panic too, which a wasm caller may survive).
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREADS.set(self.0);
+        }
+    }
+    let _restore = Restore(THREADS.replace(threads.max(1)));
+    f()
 }
 
 fn threads() -> usize {
