@@ -32,8 +32,9 @@ pub struct LoadedInfo {
 
 fn fused_ops(graph: &Graph) -> Option<String> {
     match graph.fused_ops {
-        (0, 0) => None,
-        (p, g) => Some(format!("{p} attention products, {g} GELUs")),
+        (0, _, 0) => None,
+        (p, 0, g) => Some(format!("{p} attention products, {g} GELUs")),
+        (p, kv, g) => Some(format!("{p} attention products ({kv} on grouped key/value heads), {g} GELUs")),
     }
 }
 

@@ -40,8 +40,8 @@ pub struct Graph {
     pub fused: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
-    /// (attention products, GELUs) on our ops (fused/).
-    pub fused_ops: (usize, usize),
+    /// (attention products, of which on grouped key/value heads, GELUs) on our ops (fused/).
+    pub fused_ops: (usize, usize, usize),
     /// The threads a session's products are cut across (qmatmul/split); natively tract's own
     /// executor gets as many.
     pub threads: usize,
@@ -208,6 +208,9 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
     let mut typed = model.into_typed().map_err(opt)?;
     phases.mark("into_typed");
     typed.declutter().map_err(opt)?;
+    if prep.fused_ops {
+        fused::matmul::absorb_kv_repeats(&mut typed).map_err(opt)?;
+    }
     phases.mark("declutter");
     if prep.fold_constants {
         fold::fold_all_constants(&mut typed).map_err(opt)?;

@@ -120,17 +120,90 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
             && a.konst.is_none()
             && b.konst.is_none();
         if ours {
-            target.wire_node(prefix, ActMatMul { trans_b: self.trans_b }, inputs)
+            target.wire_node(prefix, ActMatMul { trans_b: self.trans_b, group: 1 }, inputs)
         } else {
             self.tracts.wire(prefix, target, inputs)
         }
     }
 }
 
+/// On the typed model (after tract's declutter): grouped-query attention repeats each key and
+/// value head for `group` query heads before the product,
+///
+/// ```text
+/// B = Reshape(heads: [kv, group] -> [kv * group])(MultiBroadcastTo(AddAxis(heads + 1)(x)))
+/// ```
+///
+/// which tract's own einsum absorbed, but which our product would get materialized (SmolLM2: 60
+/// `MultiBroadcastTo` per token). Such a product reads x instead, with `group` set. Returns how
+/// many products were changed.
+pub fn absorb_kv_repeats(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    let only_reader = |m: &TypedModel, o: OutletId| m.outlet_successors(o).len() == 1 && !m.output_outlets().unwrap_or(&[]).contains(&o);
+    let mut found = vec![];
+    for node in &model.nodes {
+        let Some(op) = node.op_as::<ActMatMul>() else { continue };
+        let b = node.inputs[1];
+        let rank = model.outlet_fact(b)?.rank();
+        if op.group != 1 || rank < 3 || model.outlet_fact(node.inputs[0])?.rank() != rank || !only_reader(model, b) {
+            continue;
+        }
+        let reshape = model.node(b.node);
+        let Some(AxisOp::Reshape(at, from, to)) = reshape.op_as::<AxisOp>() else { continue };
+        let group = from.get(1).and_then(|g| g.to_usize().ok());
+        let merges_heads = *at == rank - 3 && from.len() == 2 && to.len() == 1 && to[0] == from[0].clone() * from[1].clone();
+        let (Some(group), true) = (group, merges_heads) else { continue };
+        let broadcast = model.node(reshape.inputs[0].node);
+        if broadcast.op_as::<MultiBroadcastTo>().is_none() || !only_reader(model, reshape.inputs[0]) {
+            continue;
+        }
+        let add = model.node(broadcast.inputs[0].node);
+        if add.op_as::<AxisOp>() != Some(&AxisOp::Add(at + 1)) || !only_reader(model, broadcast.inputs[0]) {
+            continue;
+        }
+        // the broadcast only repeats the new axis: (…, kv, 1, L, d) -> (…, kv, group, L, d)
+        let (before, after) = (model.outlet_fact(add.id.into())?.shape.to_tvec(), model.outlet_fact(broadcast.id.into())?.shape.to_tvec());
+        let repeats_only = before.len() == after.len()
+            && before.iter().zip(&after).enumerate().all(|(d, (x, y))| if d == at + 1 { x.is_one() && *y == group.to_dim() } else { x == y });
+        if repeats_only {
+            found.push((node.id, op.trans_b, group, add.inputs[0]));
+        }
+    }
+    for &(id, trans_b, group, x) in &found {
+        let node = model.node(id);
+        let mut patch = TypedModelPatch::default();
+        let a = patch.tap_model(model, node.inputs[0])?;
+        let x = patch.tap_model(model, x)?;
+        let out = patch.wire_node(&node.name, ActMatMul { trans_b, group }, &[a, x])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+        patch.apply(model)?;
+    }
+    model.compact()?;
+    Ok(found.len())
+}
+
 /// `C = A B` (or `A Bᵀ`), batch axes broadcast; A is (…, M, K), B (…, K, N) or (…, N, K).
+///
+/// `group` > 1: grouped-query attention's keys and values, read without their repeat. B's last
+/// batch axis (the heads) has `group` times fewer entries than A's, and A's head `h` is
+/// multiplied by B's head `h / group` ([`absorb_kv_repeats`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ActMatMul {
     pub trans_b: bool,
+    pub group: usize,
+}
+
+impl ActMatMul {
+    /// B's shape as the product sees it: its heads axis repeated `group` times.
+    fn b_shape<D: DimLike>(&self, b: &[D]) -> TVec<D> {
+        let mut b: TVec<D> = b.into();
+        let r = b.len();
+        if self.group > 1 && r >= 3 {
+            b[r - 3] = b[r - 3].clone() * self.group;
+        }
+        b
+    }
 }
 
 impl Op for ActMatMul {
@@ -139,7 +212,7 @@ impl Op for ActMatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("trans_b={}", self.trans_b)])
+        Ok(vec![format!("trans_b={} group={}", self.trans_b, self.group)])
     }
 
     op_as_typed_op!();
@@ -150,12 +223,13 @@ impl EvalOp for ActMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (a, b) = args_2!(inputs);
-        let (_, _, _, c_shape) = compute_shapes(a.shape().into(), b.shape().into(), false, self.trans_b, false)?;
+        let (_, _, _, c_shape) = compute_shapes(a.shape().into(), self.b_shape(b.shape()), false, self.trans_b, false)?;
         let (av, bv) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let mut c = unsafe { Tensor::uninitialized::<f32>(&c_shape)? };
         {
             let mut cv = c.try_as_plain_ram_mut()?;
-            product(av.as_slice::<f32>()?, a.shape(), bv.as_slice::<f32>()?, b.shape(), self.trans_b, cv.as_slice_mut()?);
+            let (a, b) = (av.as_slice::<f32>()?, bv.as_slice::<f32>()?);
+            product(a, av.shape(), b, bv.shape(), self.trans_b, self.group, cv.as_slice_mut()?);
         }
         Ok(tvec!(c.into_tvalue()))
     }
@@ -163,7 +237,8 @@ impl EvalOp for ActMatMul {
 
 impl TypedOp for ActMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let (a, b) = (inputs[0].shape.to_tvec(), inputs[1].shape.to_tvec());
+        ensure!(self.group == 1 || (inputs[0].rank() >= 3 && inputs[0].rank() == inputs[1].rank()), "grouped heads need A and B of one rank");
+        let (a, b) = (inputs[0].shape.to_tvec(), self.b_shape(&inputs[1].shape));
         let (_, _, _, c) = compute_shapes(a, b, false, self.trans_b, false)?;
         Ok(tvec!(f32::fact(c)))
     }
@@ -176,23 +251,23 @@ impl TypedOp for ActMatMul {
 ///
 /// The loops are plain Rust; on x86_64 with AVX2 they are compiled a second time for it (the
 /// build's baseline is SSE2), chosen at run time. No FMA: the same roundings either way.
-pub fn product(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, c: &mut [f32]) {
+pub fn product(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, group: usize, c: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present, checked just above.
-        return unsafe { product_avx2(a, a_shape, b, b_shape, trans_b, c) };
+        return unsafe { product_avx2(a, a_shape, b, b_shape, trans_b, group, c) };
     }
-    product_any(a, a_shape, b, b_shape, trans_b, c)
+    product_any(a, a_shape, b, b_shape, trans_b, group, c)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn product_avx2(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, c: &mut [f32]) {
-    product_any(a, a_shape, b, b_shape, trans_b, c)
+unsafe fn product_avx2(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, group: usize, c: &mut [f32]) {
+    product_any(a, a_shape, b, b_shape, trans_b, group, c)
 }
 
 #[inline(always)]
-fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, c: &mut [f32]) {
+fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans_b: bool, group: usize, c: &mut [f32]) {
     let (ar, br) = (a_shape.len(), b_shape.len());
     let (m, k) = (a_shape[ar - 2], a_shape[ar - 1]);
     let n = if trans_b { b_shape[br - 2] } else { b_shape[br - 1] };
@@ -204,15 +279,18 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
         d
     };
     let (ad, bd) = (dims(a_shape), dims(b_shape));
-    let cd: Vec<usize> = ad.iter().zip(&bd).map(|(&x, &y)| x.max(y)).collect();
+    // B's heads (its last batch axis) each serve `group` of C's
+    let heads = if rank >= 3 && group > 1 { Some(rank - 3) } else { None };
+    let g = |d: usize| if Some(d) == heads { group } else { 1 };
+    let cd: Vec<usize> = (0..rank - 2).map(|d| ad[d].max(bd[d] * g(d))).collect();
     let batches: usize = cd.iter().product();
     let mut index = vec![0usize; cd.len()];
     for batch in 0..batches {
         // the batch's offset in a and b: an axis of 1 is broadcast (stride 0)
         let (mut ao, mut bo) = (0, 0);
-        for ((&i, &x), &y) in index.iter().zip(&ad).zip(&bd) {
+        for (d, ((&i, &x), &y)) in index.iter().zip(&ad).zip(&bd).enumerate() {
             ao = ao * x + if x == 1 { 0 } else { i };
-            bo = bo * y + if y == 1 { 0 } else { i };
+            bo = bo * y + if y == 1 { 0 } else { i / g(d) };
         }
         let a = &a[ao * m * k..][..m * k];
         let b = &b[bo * k * n..][..k * n];
@@ -315,6 +393,35 @@ mod tests {
         (c_shape, out)
     }
 
+    /// Grouped heads: B of 3 heads, each serving 3 of A's 9 (SmolLM2's shape), against the
+    /// textbook loop on B with its heads repeated.
+    #[test]
+    fn grouped_heads_equal_the_repeated_product() {
+        let mut seed = 11u64;
+        let mut rnd = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for (m, l, trans_b) in [(1, 13, true), (1, 13, false), (4, 4, true), (4, 4, false)] {
+            let (a_shape, d) = ([1, 9, m, if trans_b { 64 } else { l }], 64);
+            let b_shape = [1, 3, l, d]; // (N, K) when trans_b, else (K, N)
+            let a: Vec<f32> = (0..a_shape.iter().product()).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..b_shape.iter().product()).map(|_| rnd()).collect();
+            // B's heads repeated: head h of the full B is head h / 3 of b
+            let per_head = l * d;
+            let full: Vec<f32> = (0..9).flat_map(|h| b[(h / 3) * per_head..][..per_head].to_vec()).collect();
+            let (c_shape, want) = reference(&a, &a_shape, &full, &[1, 9, l, d], trans_b);
+            for path in 0..2 {
+                let mut got = vec![f32::NAN; c_shape.iter().product()];
+                let run = if path == 0 { product } else { product_any };
+                run(&a, &a_shape, &b, &b_shape, trans_b, 3, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() < 1e-5, "m={m} l={l} trans_b={trans_b} path {path}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn products_equal_the_textbook_loop_with_broadcast_batches() {
         let cases: &[(&[usize], &[usize], bool)] = &[
@@ -341,7 +448,7 @@ mod tests {
             for path in 0..2 {
                 let mut got = vec![f32::NAN; c_shape.iter().product()];
                 let run = if path == 0 { product } else { product_any };
-                run(&a, a_shape, &b, b_shape, trans_b, &mut got);
+                run(&a, a_shape, &b, b_shape, trans_b, 1, &mut got);
                 for (g, w) in got.iter().zip(&want) {
                     assert!((*g as f64 - w).abs() < 1e-5, "{a_shape:?} x {b_shape:?} trans_b={trans_b} path {path}: {g} vs {w}");
                 }

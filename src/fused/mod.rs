@@ -24,10 +24,12 @@ pub fn rewrite(model: &mut ModelProto) -> (usize, usize) {
     (matmul::rewrite(model), gelu::rewrite(model))
 }
 
-/// (products, GELUs) on our ops in `model`: read off the ops, so a `MatMul` left to tract at
-/// wiring (a constant operand, another type) is not counted.
-pub fn count(model: &TypedModel) -> (usize, usize) {
-    let products = model.nodes.iter().filter(|n| n.op_is::<matmul::ActMatMul>()).count();
+/// (products, of which reading grouped key/value heads, GELUs) on our ops in `model`: read off
+/// the ops, so a `MatMul` left to tract at wiring (a constant operand, another type) is not
+/// counted.
+pub fn count(model: &TypedModel) -> (usize, usize, usize) {
+    let products: Vec<&matmul::ActMatMul> = model.nodes.iter().filter_map(|n| n.op_as::<matmul::ActMatMul>()).collect();
+    let grouped = products.iter().filter(|p| p.group > 1).count();
     let gelus = model.nodes.iter().filter(|n| n.op_is::<gelu::GeluTanh>()).count();
-    (products, gelus)
+    (products.len(), grouped, gelus)
 }
