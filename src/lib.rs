@@ -15,6 +15,7 @@ pub mod graph;
 pub mod manifest;
 pub mod pow;
 pub mod prefold;
+mod proto;
 pub mod qmatmul;
 pub mod sampler;
 pub mod session;

@@ -8,36 +8,9 @@
 //! the reference's arithmetic. Only a scalar FLOAT exponent of exactly 3, from an initializer or
 //! a `Constant` node, is rewritten; anything else stays a `Pow`.
 
-use std::collections::HashMap;
+use tract_onnx::pb::{ModelProto, NodeProto};
 
-use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
-
-/// The value of a one-element FLOAT tensor.
-pub(crate) fn scalar_f32(t: &TensorProto) -> Option<f32> {
-    if t.data_type != DataType::Float as i32 || t.dims.iter().product::<i64>() != 1 {
-        return None;
-    }
-    match (t.float_data.as_slice(), t.raw_data.as_slice()) {
-        (&[v], _) => Some(v),
-        (_, &[a, b, c, d]) => Some(f32::from_le_bytes([a, b, c, d])),
-        _ => None,
-    }
-}
-
-/// The graph's one-element FLOAT constants by name: initializers and `Constant` nodes' outputs.
-pub(crate) fn scalar_constants(graph: &tract_onnx::pb::GraphProto) -> HashMap<String, f32> {
-    let mut constants: HashMap<String, f32> =
-        graph.initializer.iter().filter_map(|t| Some((t.name.clone(), scalar_f32(t)?))).collect();
-    for n in &graph.node {
-        if n.op_type == "Constant" && n.output.len() == 1 {
-            let value = n.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref());
-            if let Some(v) = value.and_then(scalar_f32) {
-                constants.insert(n.output[0].clone(), v);
-            }
-        }
-    }
-    constants
-}
+use crate::proto::scalar_constants;
 
 /// Rewrites in place; returns how many `Pow` nodes became two `Mul`s.
 pub fn cube_powers(model: &mut ModelProto) -> usize {
@@ -75,7 +48,7 @@ pub fn cube_powers(model: &mut ModelProto) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::{AttributeProto, GraphProto};
+    use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, GraphProto, TensorProto};
 
     fn constant(out: &str, v: f32) -> NodeProto {
         let t = TensorProto { data_type: DataType::Float as i32, float_data: vec![v], ..Default::default() };

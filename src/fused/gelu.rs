@@ -11,16 +11,16 @@
 //! binary path: 0.2 ms per distilgpt2-shape token for six layers, against ~2 µs of arithmetic.
 //! [`GeluTanh`] computes the very same operations in the same order (IEEE `+` and `*` commute,
 //! so operand order does not matter), tanh included: tract's own f32 kernel. Its results are
-//! therefore bit-identical to the unfused graph's; `fused_ops_equal_tracts_ops` checks it.
+//! therefore bit-identical to the unfused graph's (`the_fused_gelu_equals_tracts_nodes_bit_for_bit`).
 //! Constants are read from the file, so other GELU constants match too; any other shape of
 //! graph is left alone.
-
-use std::collections::HashMap;
 
 use tract_linalg::routines::Func;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto};
 use tract_onnx::tract_hir::internal::*;
+
+use crate::proto::{default_domain, drop_unread, scalar_constants, Index};
 
 /// The op name [`rewrite`] writes.
 pub const OP_TYPE: &str = "WasmlmGeluTanh";
@@ -28,23 +28,12 @@ pub const OP_TYPE: &str = "WasmlmGeluTanh";
 /// Rewrites in place; returns how many GELUs were fused.
 pub fn rewrite(model: &mut ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else { return 0 };
-    let constants = crate::pow::scalar_constants(graph);
-    let mut readers: HashMap<&str, usize> = HashMap::new();
-    for n in &graph.node {
-        for x in &n.input {
-            *readers.entry(x.as_str()).or_default() += 1;
-        }
-    }
-    for o in &graph.output {
-        *readers.entry(o.name.as_str()).or_default() += 1;
-    }
-    let producer: HashMap<&str, usize> =
-        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
+    let constants = scalar_constants(graph);
+    let index = Index::new(graph);
     // the inputs of `name`'s producer if it is an `op` read only by its one consumer
     let made_by = |name: &str, op: &str| -> Option<&[String]> {
-        let n = &graph.node[*producer.get(name)?];
-        let plain = n.domain.is_empty() || n.domain == "ai.onnx";
-        (n.op_type == op && plain && n.output.len() == 1 && readers.get(name) == Some(&1)).then_some(n.input.as_slice())
+        let n = index.producer(name)?;
+        (n.op_type == op && default_domain(n) && n.output.len() == 1 && index.read_once(name)).then_some(n.input.as_slice())
     };
     // a binary node's (other operand, scalar constant)
     let with_constant = |ins: &[String]| -> Option<(String, f32)> {
@@ -98,7 +87,7 @@ pub fn rewrite(model: &mut ModelProto) -> usize {
         };
     }
     if count > 0 {
-        crate::qmatmul::rewrite::drop_unread(graph);
+        drop_unread(graph);
     }
     count
 }

@@ -18,6 +18,8 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::matmul::{compute_shapes, MatMulInference};
 
+use crate::proto::{default_domain, drop_unread, Index};
+
 /// The op name [`rewrite`] writes.
 pub const OP_TYPE: &str = "WasmlmMatMul";
 
@@ -29,40 +31,33 @@ pub fn rewrite(model: &mut tract_onnx::pb::ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else { return 0 };
     // constant: initializers, and the outputs of nodes whose inputs are all constant (a
     // dequantized weight, a transposed embedding), in the file's topological order
-    let mut constant: std::collections::HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
+    let mut constant: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     for n in &graph.node {
-        if n.input.iter().all(|x| x.is_empty() || constant.contains(x)) {
-            constant.extend(n.output.iter().cloned());
+        if n.input.iter().all(|x| x.is_empty() || constant.contains(x.as_str())) {
+            constant.extend(n.output.iter().map(|o| o.as_str()));
         }
     }
-    let mut readers: std::collections::HashMap<String, usize> = Default::default();
-    for n in &graph.node {
-        for x in &n.input {
-            *readers.entry(x.clone()).or_default() += 1;
-        }
-    }
-    for o in &graph.output {
-        *readers.entry(o.name.clone()).or_default() += 1;
-    }
-    let producer: std::collections::HashMap<String, usize> =
-        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
-    let mut count = 0;
-    for i in 0..graph.node.len() {
-        let n = &graph.node[i];
-        let plain = n.domain.is_empty() || n.domain == "ai.onnx";
-        if n.op_type != "MatMul" || !plain || n.input.len() != 2 || n.input.iter().any(|x| constant.contains(x)) {
+    let index = Index::new(graph);
+    // (node, what B becomes when it is a Transpose folded in)
+    let mut found: Vec<(usize, Option<String>)> = vec![];
+    for (i, n) in graph.node.iter().enumerate() {
+        if n.op_type != "MatMul" || !default_domain(n) || n.input.len() != 2 || n.input.iter().any(|x| constant.contains(x.as_str())) {
             continue;
         }
-        let b = n.input[1].clone();
+        let b = &n.input[1];
         // b = Transpose(t) swapping the last two axes, read only here: read t as Bᵀ.
-        let transposed = producer.get(&b).map(|&p| &graph.node[p]).and_then(|t| {
-            let perm = t.attribute.iter().find(|a| a.name == "perm")?.ints.clone();
+        let transposed = index.producer(b).filter(|t| t.op_type == "Transpose" && index.read_once(b)).and_then(|t| {
+            let perm = &t.attribute.iter().find(|a| a.name == "perm")?.ints;
             let r = perm.len();
             let swaps_last_two = r >= 2
                 && perm[..r - 2].iter().enumerate().all(|(i, &p)| p == i as i64)
                 && perm[r - 2..] == [r as i64 - 1, r as i64 - 2];
-            (t.op_type == "Transpose" && swaps_last_two && readers.get(&b) == Some(&1)).then(|| t.input[0].clone())
+            swaps_last_two.then(|| t.input[0].clone())
         });
+        found.push((i, transposed));
+    }
+    let count = found.len();
+    for (i, transposed) in found {
         let node = &mut graph.node[i];
         node.op_type = OP_TYPE.into();
         node.domain.clear();
@@ -75,10 +70,9 @@ pub fn rewrite(model: &mut tract_onnx::pb::ModelProto) -> usize {
                 ..Default::default()
             });
         }
-        count += 1;
     }
     if count > 0 {
-        crate::qmatmul::rewrite::drop_unread(graph);
+        drop_unread(graph);
     }
     count
 }

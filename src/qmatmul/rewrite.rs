@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto};
 
 use super::{blockq8, OP_TYPE};
+use crate::proto::drop_unread;
 
 /// Rewrites in place; returns how many products were fused.
 pub fn fuse(model: &mut ModelProto) -> usize {
@@ -239,21 +240,4 @@ pub fn fuse_blocks(model: &mut ModelProto) -> usize {
     }
     drop_unread(graph);
     count
-}
-
-/// Removes, to a fixed point, the nodes none of whose outputs is read (the quantizations and
-/// scale products the fused nodes no longer need), then the initializers nothing reads.
-pub(crate) fn drop_unread(graph: &mut tract_onnx::pb::GraphProto) {
-    loop {
-        let mut read: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
-        for n in &graph.node {
-            read.extend(n.input.iter().cloned());
-        }
-        let before = graph.node.len();
-        graph.node.retain(|n| n.output.iter().any(|o| !o.is_empty() && read.contains(o)));
-        if graph.node.len() == before {
-            graph.initializer.retain(|t| read.contains(&t.name));
-            return;
-        }
-    }
 }
