@@ -160,13 +160,29 @@ fn fused_ops_equal_tracts_ops() {
         let fused = load(&dir, file);
         let plain = Engine::from_dir(&dir, Some(file), Prepare { fused_ops: false, ..Prepare::default() }).unwrap();
         assert_eq!((fused.graph.fused_ops, plain.graph.fused_ops), (counts, (0, 0, 0)), "{model} {file}");
-        let (a, ta) = engine_run(&fused, &PROMPT, 3, 32);
-        let (b, tb) = engine_run(&plain, &PROMPT, 3, 32);
-        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-            let d = max_abs_diff(x, y);
-            assert!(d < 1e-4, "{model} {file} step {step}: {d}");
+        // 7 tokens: the products' own loops; 40: a prefill's attention on the blocked kernel
+        // (BLOCKED_ROWS in src/fused/matmul.rs), whose summation order differs from tract's.
+        // There `report`, which quantizes activations at run time, may round an activation
+        // code the other way: int8_parity's bound for that (0.02 of the logits' range,
+        // teacher-forced agreement >= 30/32); it measured 0.0017 on tiny GPT-2.
+        let long: Vec<u32> = (0..40).map(|i| PROMPT[i % PROMPT.len()] + 97 * i as u32).collect();
+        for prompt in [&PROMPT[..], &long] {
+            let codes_may_flip = prompt.len() > PROMPT.len() && file.contains("report");
+            let (a, ta) = engine_run(&fused, prompt, 3, 32);
+            let (b, tb) = engine_run(&plain, prompt, 3, 32);
+            for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+                let d = max_abs_diff(x, y);
+                let range = y.iter().cloned().fold(f32::MIN, f32::max) - y.iter().cloned().fold(f32::MAX, f32::min);
+                let bound = if codes_may_flip { 0.02 * range.max(1.0) } else { 1e-4 };
+                assert!(d < bound, "{model} {file} {} tokens, step {step}: {d}", prompt.len());
+            }
+            if codes_may_flip {
+                let agree = matching(&engine_forced(&fused, prompt, &tb), &tb);
+                assert!(agree >= 30, "{model} {file} {} tokens: greedy agreement {agree}/32", prompt.len());
+            } else {
+                assert_eq!(ta, tb, "{model} {file} {} tokens", prompt.len());
+            }
         }
-        assert_eq!(ta, tb, "{model} {file}");
     }
 }
 

@@ -240,6 +240,11 @@ impl TypedOp for ActMatMul {
     as_op!();
 }
 
+/// Rows of A from which a batch goes to `matrixmultiply`'s blocked kernel (packed panels,
+/// register tiles) instead of the loops below, which take one row at a time: a prefill's
+/// attention. Measured on a 680-token prompt (README).
+const BLOCKED_ROWS: usize = 16;
+
 /// The batched product into `c` (every element written). Shapes as numpy's `matmul` with both
 /// ranks >= 2: the batch axes, right-aligned, broadcast where one of them is 1.
 ///
@@ -289,7 +294,14 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
         let a = &a[ao * m * k..][..m * k];
         let b = &b[bo * k * n..][..k * n];
         let c = &mut c[batch * m * n..][..m * n];
-        if trans_b {
+        if m >= BLOCKED_ROWS && k > 0 && n > 0 {
+            // SAFETY: a is m x k and c is m x n, row-major; b is k x n row-major, or n x k
+            // row-major read as its transpose (strides swapped); the slices hold exactly that.
+            let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+            unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), rsb, csb, 0.0, c.as_mut_ptr(), n as isize, 1)
+            }
+        } else if trans_b {
             for (a_row, c_row) in a.chunks_exact(k.max(1)).zip(c.chunks_exact_mut(n.max(1))) {
                 for (b_row, c) in b.chunks_exact(k.max(1)).zip(c_row.iter_mut()) {
                     *c = dot(a_row, b_row);
@@ -396,7 +408,8 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for (m, l, trans_b) in [(1, 13, true), (1, 13, false), (4, 4, true), (4, 4, false)] {
+        // m >= BLOCKED_ROWS: the blocked kernel (a prefill)
+        for (m, l, trans_b) in [(1, 13, true), (1, 13, false), (4, 4, true), (4, 4, false), (20, 20, true), (20, 20, false)] {
             let (a_shape, d) = ([1, 9, m, if trans_b { 64 } else { l }], 64);
             let b_shape = [1, 3, l, d]; // (N, K) when trans_b, else (K, N)
             let a: Vec<f32> = (0..a_shape.iter().product()).map(|_| rnd()).collect();
@@ -428,6 +441,12 @@ mod tests {
             (&[4, 3], &[3, 5], false),
             (&[2, 0, 3], &[2, 3, 4], false),           // empty M
             (&[2, 3, 0], &[2, 0, 4], false),           // empty K: zeros
+            // rows >= BLOCKED_ROWS: matrixmultiply's kernel
+            (&[1, 12, 21, 64], &[1, 12, 21, 64], true), // prefill Q Kᵀ
+            (&[1, 12, 21, 21], &[1, 12, 21, 64], false), // prefill A V
+            (&[2, 3, 17, 9], &[1, 9, 7], false),
+            (&[3, 1, 16, 9], &[2, 7, 9], true),
+            (&[2, 16, 0], &[2, 0, 4], false),
         ];
         let mut seed = 7u64;
         let mut rnd = move || {

@@ -187,6 +187,56 @@ fn profile(mut a: Args) -> Res<()> {
     Ok(())
 }
 
+/// Memory read bandwidth at 1 thread and at N, alternating rounds: the ceiling of a decode step,
+/// which reads every weight once. A buffer far larger than the last-level cache is split into N
+/// equal parts, each XOR-reduced by its own thread (16 u64 lanes, which the compiler vectorizes
+/// with the baseline SIMD); a round's figure for each thread count is the best of 3 passes.
+fn membw(mut a: Args) -> Res<()> {
+    let mib: usize = a.parsed("--mib")?.unwrap_or(512);
+    let rounds: usize = a.parsed("--rounds")?.unwrap_or(7);
+    let threads: usize = a.parsed("--threads")?.unwrap_or(2);
+    if mib == 0 || rounds == 0 || threads < 2 {
+        return Err("--mib and --rounds must be at least 1, --threads at least 2".into());
+    }
+    fn reduce(s: &[u64]) -> u64 {
+        let mut acc = [0u64; 16];
+        let (chunks, rest) = s.as_chunks::<16>();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] ^= c[i];
+            }
+        }
+        acc.iter().chain(rest).fold(0, |x, y| x ^ y)
+    }
+    let words: Vec<u64> = (0..(mib << 20) / 8).map(|i| i as u64).collect();
+    let pass = |n: usize| -> f64 {
+        let start = std::time::Instant::now();
+        let part = words.len().div_ceil(n);
+        let r = std::thread::scope(|s| {
+            let hs: Vec<_> = words.chunks(part).map(|c| s.spawn(move || reduce(c))).collect();
+            hs.into_iter().fold(0, |x, h| x ^ h.join().unwrap())
+        });
+        std::hint::black_box(r);
+        (words.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+    };
+    let (mut one, mut many, mut ratios) = (vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        let g1 = (0..3).map(|_| pass(1)).fold(0.0, f64::max);
+        let gn = (0..3).map(|_| pass(threads)).fold(0.0, f64::max);
+        println!("round {round}: 1 thread {g1:.1} GB/s, {threads} threads {gn:.1} GB/s, ratio {:.2}", gn / g1);
+        one.push(g1);
+        many.push(gn);
+        ratios.push(gn / g1);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("median over {rounds} rounds of {mib} MiB: 1 thread {:.1} GB/s, {threads} threads {:.1} GB/s, ratio {:.2} (range {:.2}-{:.2})",
+             median(&mut one), median(&mut many), median(&mut ratios), ratios[0], ratios[rounds - 1]);
+    Ok(())
+}
+
 /// The parity protocol's output as JSON, for the wasm build's tests to compare with.
 fn trace(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
@@ -204,7 +254,7 @@ fn trace(mut a: Args) -> Res<()> {
 pub fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        eprintln!("usage: wasmlm generate|bench|bench-row … (see src/bin/wasmlm.rs)");
+        eprintln!("usage: wasmlm generate|bench|bench-row|profile|trace|membw … (see src/bin/wasmlm/main.rs)");
         return ExitCode::from(2);
     }
     let cmd = args.remove(0);
@@ -215,7 +265,8 @@ pub fn main() -> ExitCode {
         "bench-row" => bench_row(a),
         "profile" => profile(a),
         "trace" => trace(a),
-        other => Err(format!("unknown command {other:?}: generate, bench")),
+        "membw" => membw(a),
+        other => Err(format!("unknown command {other:?}: generate, bench, bench-row, profile, trace, membw")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 //!   wasmlm bench-row --bundle DIR --file NAME --runs N --text FILE --threads N   (one row)
 //!   wasmlm profile --bundle DIR [--file NAME] [--steps N] [--threads N]   (decode time per op)
 //!   wasmlm trace --bundle DIR --file NAME [--decode N] [--greedy N] ID…  (JSON: logits, tokens)
+//!   wasmlm membw [--mib N] [--rounds N] [--threads N]   (memory read bandwidth, 1 thread vs N)
 
 #[cfg(not(target_arch = "wasm32"))]
 mod cli;
