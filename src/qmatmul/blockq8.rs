@@ -85,20 +85,14 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
         let qv = qv.as_slice::<i8>()?;
         let sv = scales.try_as_plain_ram()?;
         let sv = sv.as_slice::<f32>()?;
-        // to (K, N) row-major for the packer, and scales to [column][block]
-        let mut kn = vec![0i8; k * n];
+        // (K/32, 32, N) is (K, N) row-major and (N, K/32, 32) is (N, K): packed as they lie
+        // (a transposed copy first cost ~0.4 s of SmolLM2's load, its LM head's writes strided
+        // by N = 49152)
+        let w = if self.nk { PackedI8::from_n_by_k(qv, k, n) } else { PackedI8::from_k_by_n(qv, k, n) };
         let col_scales =
             panel_scales(k, n, |c, blk| if self.nk { sv[c * kb + blk] } else { sv[blk * n + c] });
-        for c in 0..n {
-            for blk in 0..kb {
-                for i in 0..BLOCK {
-                    let v = if self.nk { qv[(c * kb + blk) * BLOCK + i] } else { qv[(blk * BLOCK + i) * n + c] };
-                    kn[(blk * BLOCK + i) * n + c] = v;
-                }
-            }
-        }
         let op = BlockQ8MatMul {
-            w: Arc::new(PackedI8::from_k_by_n(&kn, k, n)),
+            w: Arc::new(w),
             scales: Arc::new(col_scales),
             kernel: BlockKernel::best(),
         };

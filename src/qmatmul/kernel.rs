@@ -38,13 +38,42 @@ impl PackedI8 {
         let panels = n.div_ceil(PANEL);
         let mut packed = vec![0i8; panels * PANEL * kp];
         let mut col_sum = vec![0i32; n];
-        for (row, chunk) in w.chunks_exact(n).enumerate() {
-            let (kc, b) = (row / K_ALIGN, row % K_ALIGN);
-            for (c, &v) in chunk.iter().enumerate() {
+        // K_ALIGN rows at a time, column by column: each column's run of the chunk is written
+        // contiguously, its bytes read from K_ALIGN rows that stay in L1 for the next columns
+        // (writing row by row scattered every byte across the whole chunk's panels)
+        for (kc, rows) in w.chunks(K_ALIGN * n.max(1)).enumerate() {
+            let height = rows.len() / n.max(1);
+            for c in 0..n {
                 let (p, j) = (c / PANEL, c % PANEL);
-                packed[((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN + b] = v;
-                col_sum[c] += v as i32;
+                let at = ((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN;
+                let mut sum = 0i32;
+                for (b, dst) in packed[at..at + height].iter_mut().enumerate() {
+                    let v = rows[b * n + c];
+                    *dst = v;
+                    sum += v as i32;
+                }
+                col_sum[c] += sum;
             }
+        }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum }
+    }
+
+    /// From a (N, K) row-major table (each column's K values contiguous, as a tied embedding
+    /// read as `Bᵀ`): the same packing as [`Self::from_k_by_n`] of its transpose, copied in
+    /// runs of [`K_ALIGN`] bytes.
+    pub fn from_n_by_k(w: &[i8], k: usize, n: usize) -> PackedI8 {
+        assert_eq!(w.len(), k * n);
+        let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
+        let panels = n.div_ceil(PANEL);
+        let mut packed = vec![0i8; panels * PANEL * kp];
+        let mut col_sum = vec![0i32; n];
+        for (c, col) in w.chunks_exact(k.max(1)).take(n).enumerate() {
+            let (p, j) = (c / PANEL, c % PANEL);
+            for (kc, run) in col.chunks(K_ALIGN).enumerate() {
+                let at = ((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN;
+                packed[at..at + run.len()].copy_from_slice(run);
+            }
+            col_sum[c] = col.iter().map(|&v| v as i32).sum();
         }
         PackedI8 { k, kp, cols: n, w: packed, col_sum }
     }
@@ -376,5 +405,19 @@ mod tests {
     fn every_kernel_equals_the_scalar_one() {
         let checked = super::check_kernels().unwrap();
         assert!(checked.len() >= 2 || !cfg!(target_arch = "x86_64"), "{checked:?}");
+    }
+
+    /// The (N, K) packer gives the very bytes and column sums of the (K, N) one on the transpose,
+    /// K a multiple of the chunk or not, N a multiple of the panel or not.
+    #[test]
+    fn packing_n_by_k_equals_packing_its_transpose() {
+        for (k, n) in [(64, 4), (576, 49), (100, 7), (1, 1), (130, 9)] {
+            let kn: Vec<i8> = (0..k * n).map(|i| (i as u64).wrapping_mul(2654435761).rotate_right(7) as u8 as i8).collect();
+            let nk: Vec<i8> = (0..n * k).map(|i| kn[(i % k) * n + i / k]).collect();
+            let (a, b) = (super::PackedI8::from_k_by_n(&kn, k, n), super::PackedI8::from_n_by_k(&nk, k, n));
+            assert_eq!((a.k, a.kp, a.cols), (b.k, b.kp, b.cols));
+            assert_eq!(a.w, b.w, "k={k} n={n}");
+            assert_eq!(a.col_sum, b.col_sum, "k={k} n={n}");
+        }
     }
 }
