@@ -38,6 +38,9 @@ pub struct Graph {
     /// Weight products moved onto our int8 kernels (qmatmul/): the report's dynamic
     /// quantization and q8b32's blocks.
     pub fused: usize,
+    /// Embedding lookups on q8b32's blocks (qmatmul/gather.rs), where the table was dequantized
+    /// to FP32 at load before.
+    pub block_lookups: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
     /// (attention products, of which on grouped key/value heads, GELUs) on our ops (fused/).
@@ -110,10 +113,10 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
     pow::cube_powers(&mut proto);
-    let (dynamic, blocks) = if prep.int8_kernels {
+    let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
     } else {
-        (0, 0)
+        (0, (0, 0))
     };
     let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
     if prep.fused_ops {
@@ -154,7 +157,7 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, kernels, fused_ops,
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops,
                threads: prep.threads.max(1) })
 }
 

@@ -64,12 +64,8 @@ pub fn dequantize_block_weights(model: &mut ModelProto) -> usize {
             continue;
         };
         let (q, s) = if a.data_type == DataType::Int8 as i32 { (a, b) } else { (b, a) };
-        let Some(values) = dequantize(q, s) else { continue };
-        let Some(dims) = reshape_dims(shape, values.len()) else { continue };
-        let mut raw = Vec::with_capacity(values.len() * 4);
-        for v in &values {
-            raw.extend_from_slice(&v.to_le_bytes());
-        }
+        let Some(raw) = dequantize(q, s) else { continue };
+        let Some(dims) = reshape_dims(shape, raw.len() / 4) else { continue };
         new_inits.push(TensorProto {
             name: reshape.output[0].clone(),
             dims,
@@ -99,8 +95,9 @@ pub fn dequantize_block_weights(model: &mut ModelProto) -> usize {
     count
 }
 
-/// q (int8) times s (fp16), numpy-broadcast (same rank, s has 1 where it repeats), row-major.
-fn dequantize(q: &TensorProto, s: &TensorProto) -> Option<Vec<f32>> {
+/// q (int8) times s (fp16), numpy-broadcast (same rank, s has 1 where it repeats), row-major,
+/// as an FP32 tensor's `raw_data` (little-endian), written in one pass.
+fn dequantize(q: &TensorProto, s: &TensorProto) -> Option<Vec<u8>> {
     if q.data_type != DataType::Int8 as i32 || s.data_type != DataType::Float16 as i32 {
         return None;
     }
@@ -123,11 +120,11 @@ fn dequantize(q: &TensorProto, s: &TensorProto) -> Option<Vec<f32>> {
         s_strides[ax] = if sd[ax] == 1 { 0 } else { acc };
         acc *= sd[ax] as usize;
     }
-    let mut out = Vec::with_capacity(n);
+    let mut out = vec![0u8; n * 4];
     let mut index = vec![0usize; rank];
     let mut s_at = 0usize;
-    for &byte in &q.raw_data {
-        out.push(byte as i8 as f32 * scales[s_at]);
+    for (&byte, o) in q.raw_data.iter().zip(out.chunks_exact_mut(4)) {
+        o.copy_from_slice(&(byte as i8 as f32 * scales[s_at]).to_le_bytes());
         // advance the multi-index, keeping s's offset in step
         for ax in (0..rank).rev() {
             index[ax] += 1;
@@ -173,7 +170,8 @@ mod tests {
         let q = tensor("q", DataType::Int8, &[2, 3, 4], qv.iter().map(|&v| v as u8).collect());
         let s = tensor("s", DataType::Float16, &[2, 1, 4],
                        sv.iter().flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes()).collect());
-        let got = dequantize(&q, &s).unwrap();
+        let got: Vec<f32> =
+            dequantize(&q, &s).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         for a in 0..2 {
             for b in 0..3 {
                 for c in 0..4 {

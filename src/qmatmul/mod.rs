@@ -11,11 +11,13 @@
 //!   `WasmlmDynQMatMul(x, W, Wzp, Ws)` node, which computes the same thing: the activations
 //!   quantized per tensor exactly as tract's (and the ONNX spec's) DynamicQuantizeLinear, the
 //!   product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in the graph's order.
-//! - [`blockq8`]: `q8b32`'s block weights, kept as INT8 ([`rewrite::fuse_blocks`]).
+//! - [`blockq8`]: `q8b32`'s block weights, kept as INT8 ([`rewrite::fuse_blocks`]); and
+//!   [`gather`], the embedding lookup on the same blocks.
 //!
 //! The weights are packed once, at load, in panels ([`kernel::PackedI8`]).
 
 pub mod blockq8;
+pub mod gather;
 pub mod kernel;
 pub mod rewrite;
 pub mod split;
@@ -57,6 +59,7 @@ pub fn describe(model: &TypedModel) -> Option<String> {
 pub fn register(onnx: &mut Onnx) {
     onnx.op_register.insert(OP_TYPE, build);
     onnx.op_register.insert(blockq8::OP_TYPE, blockq8::build);
+    onnx.op_register.insert(gather::OP_TYPE, gather::build);
 }
 
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {

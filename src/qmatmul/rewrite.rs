@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto};
 
-use super::{blockq8, OP_TYPE};
+use super::{blockq8, gather, OP_TYPE};
 use crate::proto::drop_unread;
 
 /// Rewrites in place; returns how many products were fused.
@@ -127,12 +127,34 @@ pub fn fuse(model: &mut ModelProto) -> usize {
 /// MatMul(x, Transpose(R, perm = [1, 0]))                                  q: (N, K/32, 32)
 /// ```
 ///
-/// The second is the tied LM head, whose R also feeds the embedding's Gather: R stays for it
-/// (prefold.rs then dequantizes it); elsewhere R goes when nothing else reads it.
-pub fn fuse_blocks(model: &mut ModelProto) -> usize {
-    let Some(graph) = model.graph.as_mut() else { return 0 };
+/// The second is the tied LM head, whose R also feeds the embedding's lookup:
+///
+/// ```text
+/// Gather(R, ids, axis = 0), R's shape [V, K]                              q: (V, K/32, 32)
+/// ```
+///
+/// becomes `WasmlmBlockQ8Gather(ids, q, s)` (gather.rs). R goes when nothing else reads it; what
+/// still reads it keeps it (prefold.rs then dequantizes it).
+///
+/// Returns (products, lookups) rewritten.
+pub fn fuse_blocks(model: &mut ModelProto) -> (usize, usize) {
+    let Some(graph) = model.graph.as_mut() else { return (0, 0) };
     let init: HashMap<&str, (i32, Vec<i64>)> =
         graph.initializer.iter().map(|t| (t.name.as_str(), (t.data_type, t.dims.clone()))).collect();
+    // int64 vectors among the initializers (a Reshape's target shape)
+    let shape_of: HashMap<&str, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == DataType::Int64 as i32 && t.dims.len() == 1)
+        .map(|t| {
+            let v = if t.raw_data.is_empty() {
+                t.int64_data.clone()
+            } else {
+                t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+            };
+            (t.name.as_str(), v)
+        })
+        .collect();
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut users: HashMap<&str, usize> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
@@ -173,7 +195,25 @@ pub fn fuse_blocks(model: &mut ModelProto) -> usize {
     };
     let block = blockq8::BLOCK as i64;
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut lookups = 0;
     for (i, node) in graph.node.iter().enumerate() {
+        // the embedding: Gather(R, ids) along axis 0, R = (V, K) from q (V, K/32, 32)
+        if node.op_type == "Gather" && node.input.len() == 2 && attr_i(node, "axis", 0) == 0 {
+            let Some((q, s, dims)) = blocks(&node.input[0]) else { continue };
+            let reshape = &graph.node[made_by(&node.input[0], "Reshape").expect("blocks() checked it")];
+            if dims[2] != block || shape_of.get(reshape.input[1].as_str()) != Some(&vec![dims[0], dims[1] * block]) {
+                continue;
+            }
+            replace.insert(i, vec![NodeProto {
+                name: format!("{}.q8", node.name),
+                op_type: gather::OP_TYPE.into(),
+                input: vec![node.input[1].clone(), q, s],
+                output: node.output.clone(),
+                ..Default::default()
+            }]);
+            lookups += 1;
+            continue;
+        }
         let gemm = node.op_type == "Gemm";
         if !(node.op_type == "MatMul" || gemm) || node.input.len() < 2 {
             continue;
@@ -229,7 +269,7 @@ pub fn fuse_blocks(model: &mut ModelProto) -> usize {
     }
     let count = replace.len();
     if count == 0 {
-        return 0;
+        return (0, 0);
     }
     let old = std::mem::take(&mut graph.node);
     for (i, n) in old.into_iter().enumerate() {
@@ -239,5 +279,5 @@ pub fn fuse_blocks(model: &mut ModelProto) -> usize {
         }
     }
     drop_unread(graph);
-    count
+    (count - lookups, lookups)
 }

@@ -1,0 +1,188 @@
+//! The embedding lookup of a `q8b32` file on its INT8 blocks: `Gather(R, ids)` along axis 0,
+//! where `R = Reshape(Mul(Cast(q), Cast(s)), [V, K])` is the block-dequantized table
+//! (prefold.rs), becomes `WasmlmBlockQ8Gather(ids, q, s)` ([`super::rewrite::fuse_blocks`]).
+//!
+//! Before, the whole table was dequantized to FP32 at load for a lookup of one row per token:
+//! SmolLM2's 49152 x 576 tied table held 113 MB of FP32 beside its 28 MB of INT8 blocks (which
+//! the LM head reads), and took ~90 ms to compute natively. Each row is now computed when it is
+//! looked up, with the same f32 product as the dequantization (`q as f32 * s as f32`), so the
+//! values are identical.
+
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+use super::blockq8::BLOCK;
+use super::constant;
+
+/// The op name [`super::rewrite::fuse_blocks`] writes.
+pub const OP_TYPE: &str = "WasmlmBlockQ8Gather";
+
+pub(super) fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    ensure!(node.input.len() == 3, "{OP_TYPE} takes ids, q, scales");
+    Ok((expand(Expansion), vec![]))
+}
+
+/// ids (any integer type or TDim, any shape); q (V, K/32, 32) int8; scales (V, K/32, 1) fp16 or f32 ->
+/// (ids' shape…, K) f32.
+#[derive(Debug, Clone)]
+struct Expansion;
+
+impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> TractResult<()> {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[1].rank, 3)?;
+        s.equals(&outputs[0].rank, inputs[0].rank.bex() + 1)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for i in 0..rank {
+                s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
+            }
+            s.given(&inputs[1].shape[1], move |s, kb| s.equals(&outputs[0].shape[rank], kb * BLOCK as i64))
+        })
+    }
+
+    fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let q = constant(target, inputs[1], prefix, "the table")?;
+        let scales = constant(target, inputs[2], prefix, "the scales")?.cast_to::<f32>()?.into_owned();
+        ensure!(q.datum_type() == i8::datum_type() && q.rank() == 3 && q.shape()[2] == BLOCK,
+                "{prefix}: the table must be int8 of shape (V, K/{BLOCK}, {BLOCK}), found {:?} {:?}", q.datum_type(), q.shape());
+        let (v, kb) = (q.shape()[0], q.shape()[1]);
+        ensure!(scales.shape() == [v, kb, 1], "{prefix}: scales of shape {:?} expected, found {:?}", [v, kb, 1], scales.shape());
+        let ids = target.outlet_fact(inputs[0])?.datum_type;
+        // TDim: positions computed from the symbolic length (GPT-2's position table)
+        ensure!(ids.is_integer() || ids == TDim::datum_type(), "{prefix}: ids must be integers, found {ids:?}");
+        let op = BlockQ8Gather {
+            q: Arc::new(q.try_as_plain_ram()?.as_slice::<i8>()?.to_vec()),
+            scales: Arc::new(scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
+            rows: v,
+            k: kb * BLOCK,
+        };
+        target.wire_node(prefix, op, &[inputs[0]])
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BlockQ8Gather {
+    /// (rows, K) row-major.
+    pub q: Arc<Vec<i8>>,
+    /// (rows, K/32): one scale per block.
+    pub scales: Arc<Vec<f32>>,
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl PartialEq for BlockQ8Gather {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.q, &other.q) && Arc::ptr_eq(&self.scales, &other.scales)
+    }
+}
+impl Eq for BlockQ8Gather {}
+
+impl BlockQ8Gather {
+    /// Row `id` of the table, dequantized into `out` (K values). ONNX's Gather: -rows..rows.
+    pub fn row(&self, id: i64, out: &mut [f32]) -> TractResult<()> {
+        let r = if id < 0 { id + self.rows as i64 } else { id };
+        ensure!((0..self.rows as i64).contains(&r), "{OP_TYPE}: index {id} out of range for {} rows", self.rows);
+        let r = r as usize;
+        let (q, s) = (&self.q[r * self.k..(r + 1) * self.k], &self.scales[r * (self.k / BLOCK)..]);
+        for ((o, q), &s) in out.chunks_exact_mut(BLOCK).zip(q.chunks_exact(BLOCK)).zip(s) {
+            for (o, &q) in o.iter_mut().zip(q) {
+                *o = q as f32 * s;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Op for BlockQ8Gather {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("rows={} K={}", self.rows, self.k)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for BlockQ8Gather {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let ids = args_1!(inputs);
+        // TDim positions are expressions of the session's lengths: resolved first
+        let ids = if ids.datum_type() == TDim::datum_type() {
+            let dims = ids.try_as_plain_ram()?;
+            let values: Vec<i64> =
+                dims.as_slice::<TDim>()?.iter().map(|d| Ok(d.eval(ctx.symbols).to_i64()?)).collect::<TractResult<_>>()?;
+            std::borrow::Cow::Owned(Tensor::from_shape(ids.shape(), &values)?)
+        } else {
+            ids.cast_to::<i64>()?
+        };
+        let mut shape: TVec<usize> = ids.shape().into();
+        shape.push(self.k);
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        if self.k > 0 {
+            let iv = ids.try_as_plain_ram()?;
+            let mut ov = out.try_as_plain_ram_mut()?;
+            for (&id, row) in iv.as_slice::<i64>()?.iter().zip(ov.as_slice_mut::<f32>()?.chunks_exact_mut(self.k)) {
+                self.row(id, row)?;
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for BlockQ8Gather {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
+        shape.push(self.k.to_dim());
+        Ok(tvec!(f32::fact(&shape)))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows equal the table dequantized as prefold.rs does (q as f32 times the block's scale,
+    /// bit for bit), negative ids count from the end, and an id out of range is an error.
+    #[test]
+    fn rows_equal_the_dequantized_table() {
+        let (rows, k) = (5, 64);
+        let q: Vec<i8> = (0..rows * k).map(|i| (i * 37 % 255) as u8 as i8).collect();
+        let scales: Vec<f32> = (0..rows * k / BLOCK).map(|i| 0.013 * (i as f32 + 1.0)).collect();
+        let op = BlockQ8Gather { q: Arc::new(q.clone()), scales: Arc::new(scales.clone()), rows, k };
+        let ids = tensor2(&[[3i64, -1], [0, 4]]);
+        let out = op.eval(&EvalContext::out_of_plan(), tvec!(ids.into_tvalue())).unwrap().remove(0);
+        assert_eq!(out.shape(), &[2, 2, k]);
+        let out = out.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        for (slot, r) in [3usize, 4, 0, 4].into_iter().enumerate() {
+            for j in 0..k {
+                let want = q[r * k + j] as f32 * scales[r * (k / BLOCK) + j / BLOCK];
+                assert_eq!(out[slot * k + j].to_bits(), want.to_bits(), "row {r} col {j}");
+            }
+        }
+        for bad in [5i64, -6] {
+            let e = op.eval(&EvalContext::out_of_plan(), tvec!(tensor1(&[bad]).into_tvalue()));
+            assert!(format!("{:?}", e.unwrap_err()).contains("out of range"), "{bad}");
+        }
+    }
+}
