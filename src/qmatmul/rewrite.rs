@@ -201,7 +201,11 @@ pub fn fuse_blocks(model: &mut ModelProto) -> (usize, usize) {
         if node.op_type == "Gather" && node.input.len() == 2 && attr_i(node, "axis", 0) == 0 {
             let Some((q, s, dims)) = blocks(&node.input[0]) else { continue };
             let reshape = &graph.node[made_by(&node.input[0], "Reshape").expect("blocks() checked it")];
-            if dims[2] != block || shape_of.get(reshape.input[1].as_str()) != Some(&vec![dims[0], dims[1] * block]) {
+            // one scale per row and block, (V, K/32, 1): the layout gather.rs reads
+            let scales_fit = init.get(s.as_str()).is_some_and(|(_, d)| *d == [dims[0], dims[1], 1]);
+            if dims[2] != block || !scales_fit
+                || shape_of.get(reshape.input[1].as_str()) != Some(&vec![dims[0], dims[1] * block])
+            {
                 continue;
             }
             replace.insert(i, vec![NodeProto {
