@@ -142,14 +142,7 @@ fn dequantize(q: &TensorProto, s: &TensorProto) -> Option<Vec<u8>> {
 /// A Reshape's target shape (int64 initializer) resolved against `len` elements (0 and -1 are
 /// refused: our exporter writes the dims themselves).
 fn reshape_dims(shape: &TensorProto, len: usize) -> Option<Vec<i64>> {
-    if shape.data_type != DataType::Int64 as i32 {
-        return None;
-    }
-    let dims: Vec<i64> = if !shape.raw_data.is_empty() {
-        shape.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-    } else {
-        shape.int64_data.clone()
-    };
+    let dims = crate::proto::int64_values(shape)?;
     let ok = dims.iter().all(|&d| d > 0) && dims.iter().product::<i64>() as usize == len;
     ok.then_some(dims)
 }

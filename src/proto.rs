@@ -52,6 +52,19 @@ pub(crate) fn scalar_f32(t: &TensorProto) -> Option<f32> {
     }
 }
 
+/// The values of an INT64 tensor (a Reshape's target shape), from `raw_data` (little-endian) or
+/// `int64_data`.
+pub(crate) fn int64_values(t: &TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != DataType::Int64 as i32 {
+        return None;
+    }
+    Some(if t.raw_data.is_empty() {
+        t.int64_data.clone()
+    } else {
+        t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    })
+}
+
 /// The graph's one-element FLOAT constants by name: initializers and `Constant` nodes' outputs.
 pub(crate) fn scalar_constants(graph: &GraphProto) -> HashMap<String, f32> {
     let mut constants: HashMap<String, f32> =

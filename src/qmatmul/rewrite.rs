@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto};
 
 use super::{blockq8, gather, OP_TYPE};
-use crate::proto::drop_unread;
+use crate::proto::{drop_unread, int64_values};
 
 /// Rewrites in place; returns how many products were fused.
 pub fn fuse(model: &mut ModelProto) -> usize {
@@ -145,15 +145,8 @@ pub fn fuse_blocks(model: &mut ModelProto) -> (usize, usize) {
     let shape_of: HashMap<&str, Vec<i64>> = graph
         .initializer
         .iter()
-        .filter(|t| t.data_type == DataType::Int64 as i32 && t.dims.len() == 1)
-        .map(|t| {
-            let v = if t.raw_data.is_empty() {
-                t.int64_data.clone()
-            } else {
-                t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
-            };
-            (t.name.as_str(), v)
-        })
+        .filter(|t| t.dims.len() == 1)
+        .filter_map(|t| Some((t.name.as_str(), int64_values(t)?)))
         .collect();
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut users: HashMap<&str, usize> = HashMap::new();
