@@ -42,7 +42,8 @@ pub fn start() {
 /// The crate version and the build's SIMD flavour, for the page's row labels.
 #[wasm_bindgen(js_name = buildInfo)]
 pub fn build_info() -> JsValue {
-    let simd = if cfg!(target_feature = "relaxed-simd") {
+    // the relaxed build: SIMD128 everywhere, relaxed SIMD in our INT8 kernel (Cargo.toml)
+    let simd = if cfg!(all(target_feature = "simd128", feature = "relaxed-simd")) {
         "relaxed-simd"
     } else if cfg!(target_feature = "simd128") {
         "simd128"
@@ -52,6 +53,16 @@ pub fn build_info() -> JsValue {
     let info = serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "simd": simd, "tract": crate::TRACT_VERSION,
                                    "threads": cfg!(feature = "threads") });
     to_js(&info)
+}
+
+/// This build's INT8 kernels against the scalar one on small random products (a few
+/// milliseconds): the names of the kernels checked, or an error naming the first difference. The
+/// page runs it before it keeps the relaxed-SIMD build, whose dot product a browser may get wrong
+/// (Node 20's V8 11.3, behind its flag, computes twice the sum).
+#[wasm_bindgen(js_name = checkKernels)]
+pub fn check_kernels() -> Result<Vec<String>, JsError> {
+    let checked = crate::qmatmul::kernel::check_kernels_quick().map_err(|e| JsError::new(&e))?;
+    Ok(checked.into_iter().map(String::from).collect())
 }
 
 fn to_js<T: Serialize + ?Sized>(value: &T) -> JsValue {

@@ -87,6 +87,7 @@ fn parity(model: &str) {
         let kernels = engine.info.int8_kernels.clone().unwrap_or_default();
         let want = match (file, cfg!(target_feature = "simd128")) {
             ("model.with_past.onnx", _) => "",
+            ("model.with_past.report-int8.onnx", true) if cfg!(feature = "relaxed-simd") => "relaxed-simd",
             (_, true) => "simd128",
             _ => "scalar",
         };
@@ -116,11 +117,17 @@ fn parity(model: &str) {
 }
 
 /// This build's integer kernels equal the scalar one (the native unit test's check, run here on
-/// the kernel only wasm has: SIMD128).
+/// the kernels only wasm has: SIMD128, and relaxed SIMD in the relaxed build).
 #[wasm_bindgen_test]
 fn int8_kernels_equal_the_scalar_one() {
     let checked = wasmlm::qmatmul::kernel::check_kernels().unwrap();
-    let want: &[&str] = if cfg!(target_feature = "simd128") { &["scalar", "simd128"] } else { &["scalar"] };
+    let want: &[&str] = if cfg!(all(target_feature = "simd128", feature = "relaxed-simd")) {
+        &["scalar", "simd128", "relaxed-simd"]
+    } else if cfg!(target_feature = "simd128") {
+        &["scalar", "simd128"]
+    } else {
+        &["scalar"]
+    };
     assert_eq!(checked, want);
 }
 

@@ -74,7 +74,7 @@ $("baseline-past").onchange = renderTable;
 
 function startWorker() {
   state.worker?.terminate();
-  // ?build=threads|simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
+  // ?build=threads|relaxed|simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
   const workerUrl = new URL("./worker.js", import.meta.url);
   const forced = new URLSearchParams(location.search).get("build");
   if (forced) workerUrl.searchParams.set("build", forced);
@@ -116,7 +116,9 @@ function onWorkerMessage(msg) {
         `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
         (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") +
         (i.fused_ops ? `, fused ops: ${i.fused_ops}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
-        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}, ${threadsText(msg.build)}` +
+        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}` +
+        (msg.build.relaxedCheck ? ` (kernels checked against the scalar one in ${msg.build.relaxedCheck.ms} ms)` : "") +
+        `, ${threadsText(msg.build)}` +
         (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
       // the table follows the loaded model
       if ([...$("baseline-model").options].some((o) => o.value === i.model)) {
@@ -366,7 +368,7 @@ function onBenchDone(row) {
   const full = {
     ...row, ...liveRowBase(info, build), kind: "benchmark mode",
     decode_ms_per_token: row.decode_ms_per_token, prefill_ms: row.prefill_ms,
-    simd_build: build.simd, simd_supported: build.simdSupported,
+    simd_build: build.simd, simd_supported: build.simdSupported, relaxed_simd_supported: build.relaxedSupported,
     hardware_concurrency: navigator.hardwareConcurrency, measured_at: new Date().toISOString(),
   };
   state.live = state.live.filter((r) => !(r.kind === "benchmark mode" && r.file === full.file && r.model === full.model))

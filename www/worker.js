@@ -21,6 +21,9 @@
 
 const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
   10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
+// () -> v128: i32x4.relaxed_dot_i8x16_i7x16_add_s of three splats (opcode 0xfd 0x113)
+const RELAXED_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
+  19, 1, 17, 0, 65, 0, 253, 15, 65, 0, 253, 15, 65, 0, 253, 17, 253, 147, 2, 11]);
 const CACHE_NAME = "wasmlm-models-v1";
 
 let wasm = null; // the wasm-bindgen module
@@ -49,15 +52,20 @@ async function loadWasm() {
   }
   // The threaded build where the page is cross-origin isolated (SharedArrayBuffer: the served
   // COOP/COEP headers, or the service worker coi-sw.js on a static host) and SIMD is there; else
-  // the SIMD128 build where WebAssembly.validate says SIMD is there; ?build= forces one.
+  // the relaxed-SIMD build where WebAssembly.validate accepts relaxed SIMD (the same build but
+  // for the report preset's INT8 products); else the SIMD128 build where it accepts SIMD;
+  // ?build= forces one.
   const simd = WebAssembly.validate(SIMD_PROBE);
+  const relaxed = simd && WebAssembly.validate(RELAXED_PROBE);
   const isolated = self.crossOriginIsolated === true && typeof SharedArrayBuffer === "function";
-  const supported = { threads: simd && isolated && "threads" in sizes, simd, nosimd: true };
+  const supported = { threads: simd && isolated && "threads" in sizes, relaxed: relaxed && "relaxed" in sizes, simd, nosimd: true };
   const forced = new URL(self.location.href).searchParams.get("build");
-  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected threads, simd or nosimd`);
+  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected threads, relaxed, simd or nosimd`);
   if (forced && !supported[forced]) {
     throw new Error(`?build=${forced}: ` + (forced === "simd" ? "this browser has no WebAssembly SIMD"
-      : !("threads" in sizes) ? "this site has no threaded build" : !simd ? "this browser has no WebAssembly SIMD"
+      : !(forced in sizes) ? `this site has no ${forced === "threads" ? "threaded" : "relaxed-SIMD"} build`
+      : !simd ? "this browser has no WebAssembly SIMD"
+      : forced === "relaxed" ? "this browser has no WebAssembly relaxed SIMD"
       : "the page is not cross-origin isolated (no SharedArrayBuffer)"));
   }
   // One core stays with the page, whose main thread draws every token: on 2 cores (Chromium 148,
@@ -66,11 +74,31 @@ async function loadWasm() {
   // 3 cores on, with a thread per core but one; ?build=threads forces it with 2 threads at least.
   const cores = navigator.hardwareConcurrency || 1;
   const threadCount = Math.min(Math.max(cores - 1, forced === "threads" ? 2 : 1), 8);
-  const flavour = forced || (supported.threads && threadCount >= 2 ? "threads" : simd ? "simd" : "nosimd");
-  const dir = `./pkg/${flavour}/`;
+  let flavour = forced ||
+    (supported.threads && threadCount >= 2 ? "threads" : supported.relaxed ? "relaxed" : simd ? "simd" : "nosimd");
+  let dir = `./pkg/${flavour}/`;
   wasm = await import(dir + "wasmlm.js");
   await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
-  build = { ...wasm.buildInfo(), dir, simdSupported: simd, isolated, threadCount: 1, wasmBytes: sizes[flavour] };
+  let relaxedCheck = null;
+  if (flavour === "relaxed") {
+    // Relaxed SIMD lets browsers differ; our kernel keeps to the inputs where they may not, and
+    // this checks it against the scalar kernel before a token is computed (a few ms). On a
+    // difference: the SIMD128 build, or an error if ?build=relaxed forced it.
+    const t = performance.now();
+    try {
+      wasm.checkKernels();
+      relaxedCheck = { ok: true, ms: Math.round((performance.now() - t) * 10) / 10 };
+    } catch (e) {
+      if (forced) throw new Error(`?build=relaxed: this browser's relaxed SIMD gives wrong sums: ${e.message || e}`);
+      post({ type: "notice", text: `This browser's relaxed SIMD gave a wrong sum (${e.message || e}): the SIMD128 build is used.` });
+      flavour = "simd";
+      dir = `./pkg/${flavour}/`;
+      wasm = await import(dir + "wasmlm.js");
+      await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
+    }
+  }
+  build = { ...wasm.buildInfo(), dir, simdSupported: simd, relaxedSupported: relaxed, relaxedCheck, isolated,
+    threadCount: 1, wasmBytes: sizes[flavour] };
   if (flavour === "threads") {
     // this worker and threadCount - 1 Web Workers sharing the module's memory, which take their
     // share of each product (src/qmatmul/split)

@@ -8,6 +8,9 @@
 //! - x86_64 AVX2: `vpmovsxbw` + `vpmaddwd` (16 products);
 //! - x86_64 AVX-512 VNNI: `vpdpbusd` on the raw u8 activations (64 products), with the zero
 //!   point taken out afterwards through each column's weight sum.
+//! - wasm relaxed SIMD (the `relaxed-simd` build): `i32x4.relaxed_dot_i8x16_i7x16_add_s`
+//!   (16 products), for weights within [-64, 64] (`quantize_dynamic`'s reduce_range): see
+//!   [`PackedI8::into_relaxed`].
 
 /// Weights of one product in panels of [`PANEL`] columns: K padded with zeros to a multiple of
 /// [`K_ALIGN`], and within a panel the columns interleaved by chunks of [`K_ALIGN`] bytes, so a
@@ -22,6 +25,15 @@ pub struct PackedI8 {
     pub w: Vec<i8>,
     /// `Σ_k w[c][k]` per column (for the u8 kernels' zero-point correction).
     pub col_sum: Vec<i32>,
+    /// Set by [`Self::into_relaxed`]: `w` then holds the weights offset for the relaxed kernel.
+    pub relaxed: Option<RelaxedFix>,
+}
+
+/// What the relaxed kernel adds back: the weights equal to 64, stored as 127 (one short).
+#[derive(Debug, Clone, Default)]
+pub struct RelaxedFix {
+    /// (column, k) of every weight 64, sorted.
+    pub at: Vec<(u32, u32)>,
 }
 
 /// Padding of K and chunk of the interleave: a multiple of every kernel's step (64 bytes for
@@ -55,7 +67,7 @@ impl PackedI8 {
                 col_sum[c] += sum;
             }
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
     }
 
     /// From a (N, K) row-major table (each column's K values contiguous, as a tied embedding
@@ -75,7 +87,42 @@ impl PackedI8 {
             }
             col_sum[c] = col.iter().map(|&v| v as i32).sum();
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
+    }
+
+    /// The packing for [`Kernel::Relaxed`], if every weight is within [-64, 64] (else `self`
+    /// back, unchanged).
+    ///
+    /// `i32x4.relaxed_dot_i8x16_i7x16_add_s(a, b)` is deterministic only where every byte of `b`
+    /// is within [0, 127] (x86 reads `b` unsigned, ARM signed). So `b = w + 64`, except that a
+    /// weight 64 is stored as 127 and listed in [`RelaxedFix`]; padding stays 0. With the
+    /// activations as `a = x - 128` (i8): `Σ (x - zp) w = Σ a b - 64 Σ a + Σ_{w = 64} a
+    /// + (128 - zp) Σ w`, each sum exact in i32.
+    pub fn into_relaxed(mut self) -> Result<PackedI8, PackedI8> {
+        if self.w.iter().any(|&v| !(-64..=64).contains(&v)) {
+            return Err(self);
+        }
+        let chunks_per_col = self.kp / K_ALIGN;
+        let mut at = vec![];
+        for (chunk, run) in self.w.chunks_exact_mut(K_ALIGN).enumerate() {
+            let (j, t) = (chunk % PANEL, chunk / PANEL);
+            let (p, kc) = (t / chunks_per_col, t % chunks_per_col);
+            let col = p * PANEL + j;
+            for (b, v) in run.iter_mut().enumerate() {
+                let kk = kc * K_ALIGN + b;
+                *v = if col >= self.cols || kk >= self.k {
+                    0
+                } else if *v == 64 {
+                    at.push((col as u32, kk as u32));
+                    127
+                } else {
+                    *v + 64
+                };
+            }
+        }
+        at.sort_unstable();
+        self.relaxed = Some(RelaxedFix { at });
+        Ok(self)
     }
 
     fn panel(&self, p: usize) -> &[i8] {
@@ -93,6 +140,21 @@ pub enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// Only on weights packed by [`PackedI8::into_relaxed`].
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+    Relaxed,
+}
+
+/// The dynamic-quant product's weights packed for the fastest kernel that can run them: the
+/// relaxed one where the build has it and the weights fit, else [`Kernel::best`].
+pub fn pack_for_best(w: &[i8], k: usize, n: usize) -> (PackedI8, Kernel) {
+    let packed = PackedI8::from_k_by_n(w, k, n);
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+    let packed = match packed.into_relaxed() {
+        Ok(relaxed) => return (relaxed, Kernel::Relaxed),
+        Err(plain) => plain,
+    };
+    (packed, Kernel::best())
 }
 
 impl Kernel {
@@ -129,6 +191,8 @@ impl Kernel {
         }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         all.push(Kernel::Simd128);
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+        all.push(Kernel::Relaxed);
         all
     }
 
@@ -141,7 +205,18 @@ impl Kernel {
             Kernel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => "avx512vnni",
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+            Kernel::Relaxed => "relaxed-simd",
         }
+    }
+
+    /// Whether this kernel reads the weights as [`PackedI8::into_relaxed`] leaves them.
+    fn wants_relaxed(self) -> bool {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+        if self == Kernel::Relaxed {
+            return true;
+        }
+        false
     }
 
     /// `xq`: `rows` rows of `w.kp` bytes (beyond K: anything, the weights there are 0).
@@ -157,6 +232,7 @@ impl Kernel {
         let kp = w.kp;
         let width = part.width(w.cols);
         assert!(xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
+        assert_eq!(w.relaxed.is_some(), self.wants_relaxed(), "{} kernel on weights packed for another", self.name());
         let acc = &mut acc[..part.rows.len() * width];
         #[allow(unused_variables)]
         let c0 = part.panels.start * PANEL;
@@ -196,6 +272,26 @@ impl Kernel {
                         for (v, s) in row.iter_mut().zip(&w.col_sum[c0..c0 + width]) {
                             *v -= z * s;
                         }
+                    }
+                }
+            }
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+            Kernel::Relaxed => {
+                let (k, r0) = (w.k, part.part.rows.start);
+                // x - 128 as i8
+                let a: Vec<i8> = xq_rows.iter().map(|&v| (v ^ 0x80) as i8).collect();
+                part.each(acc, |r, panel, out| unsafe { relaxed::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
+                let fix = w.relaxed.as_ref().unwrap();
+                let lo = fix.at.partition_point(|&(c, _)| (c as usize) < c0);
+                let hi = fix.at.partition_point(|&(c, _)| (c as usize) < c0 + width);
+                let z = 128 - xzp as i32;
+                for (row, a) in acc.chunks_exact_mut(width).zip(a.chunks_exact(kp)) {
+                    let a_sum: i32 = a[..k].iter().map(|&v| v as i32).sum();
+                    for (v, s) in row.iter_mut().zip(&w.col_sum[c0..c0 + width]) {
+                        *v += z * s - 64 * a_sum;
+                    }
+                    for &(c, kk) in &fix.at[lo..hi] {
+                        row[c as usize - c0] += a[kk as usize] as i32;
                     }
                 }
             }
@@ -291,6 +387,43 @@ mod simd128 {
     }
 }
 
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
+mod relaxed {
+    use core::arch::wasm32::*;
+
+    use super::{K_ALIGN, PANEL};
+
+    /// `a`: kp activations minus 128 (i8); `panel`: PANEL interleaved columns of weights plus 64,
+    /// within [0, 127] (see PackedI8::into_relaxed). Σ a b per column.
+    #[inline]
+    #[target_feature(enable = "relaxed-simd")]
+    pub unsafe fn dot4(a: &[i8], panel: &[i8], out: &mut [i32; PANEL]) {
+        let kp = a.len();
+        let ap = a.as_ptr();
+        let mut wp = panel.as_ptr();
+        let mut acc = [i32x4_splat(0); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                let va = v128_load(ap.add(k + sub) as *const v128);
+                for j in 0..PANEL {
+                    let vw = v128_load(wp.add(j * K_ALIGN + sub) as *const v128);
+                    acc[j] = i32x4_relaxed_dot_i8x16_i7x16_add(va, vw, acc[j]);
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            let v = acc[j];
+            out[j] = i32x4_extract_lane::<0>(v)
+                .wrapping_add(i32x4_extract_lane::<1>(v))
+                .wrapping_add(i32x4_extract_lane::<2>(v))
+                .wrapping_add(i32x4_extract_lane::<3>(v));
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{K_ALIGN, PANEL};
@@ -356,29 +489,66 @@ mod x86 {
 /// padding, several zero points. Returns the names of the kernels checked, or the first difference.
 #[doc(hidden)]
 pub fn check_kernels() -> Result<Vec<&'static str>, String> {
+    check_kernels_on(&[(1, 64, 4), (1, 768, 2304), (3, 100, 7), (5, 576, 192), (2, 1, 1), (1, 130, 5), (7, 64, 192)])
+}
+
+/// [`check_kernels`] on small products only (a few milliseconds): what the page runs before it
+/// trusts the relaxed-SIMD build, whose instruction browsers may implement differently
+/// (`wasm::check_kernels`).
+pub fn check_kernels_quick() -> Result<Vec<&'static str>, String> {
+    check_kernels_on(&[(1, 64, 4), (3, 100, 7), (2, 1, 1), (1, 130, 5), (2, 192, 40)])
+}
+
+/// `cases`: (rows, K, N) of each product checked.
+fn check_kernels_on(cases: &[(usize, usize, usize)]) -> Result<Vec<&'static str>, String> {
     fn lcg(seed: &mut u64) -> u64 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         *seed >> 33
     }
     let mut seed = 7;
     let mut checked = vec![];
-    for &(rows, k, n) in &[(1, 64, 4), (1, 768, 2304), (3, 100, 7), (5, 576, 192), (2, 1, 1), (1, 130, 5), (7, 64, 192)] {
-        let w: Vec<i8> = (0..k * n).map(|_| lcg(&mut seed) as u8 as i8).collect();
-        let packed = PackedI8::from_k_by_n(&w, k, n);
+    // each case with full-range weights, then with reduce_range's [-64, 64] (the relaxed kernel's
+    // domain), ±64 one time in 8
+    for (&(rows, k, n), narrow) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
+        let w: Vec<i8> = (0..k * n)
+            .map(|_| {
+                let v = lcg(&mut seed);
+                match (narrow, v % 16) {
+                    (false, _) => v as u8 as i8,
+                    (true, 0) => 64,
+                    (true, 1) => -64,
+                    (true, _) => ((v >> 8) % 129) as i8 - 64,
+                }
+            })
+            .collect();
+        let plain = PackedI8::from_k_by_n(&w, k, n);
         // the padding beyond K gets random bytes too: the zero weights there must cancel them
-        let xq: Vec<u8> = (0..rows * packed.kp).map(|_| lcg(&mut seed) as u8).collect();
+        let xq: Vec<u8> = (0..rows * plain.kp).map(|_| lcg(&mut seed) as u8).collect();
         for xzp in [0u8, 1, 128, 255] {
             // the reference, from the unpacked (K, N) weights
             let mut want = vec![0i32; rows * n];
             for r in 0..rows {
                 for c in 0..n {
                     want[r * n + c] =
-                        (0..k).map(|i| (xq[r * packed.kp + i] as i32 - xzp as i32) * w[i * n + c] as i32).sum();
+                        (0..k).map(|i| (xq[r * plain.kp + i] as i32 - xzp as i32) * w[i * n + c] as i32).sum();
                 }
             }
             for kernel in Kernel::available() {
+                let relaxed;
+                let packed = if kernel.wants_relaxed() {
+                    match plain.clone().into_relaxed() {
+                        Ok(p) => {
+                            relaxed = p;
+                            &relaxed
+                        }
+                        Err(_) if !narrow => continue,
+                        Err(_) => return Err(format!("weights within [-64, 64] refused by into_relaxed (k={k} n={n})")),
+                    }
+                } else {
+                    &plain
+                };
                 let mut got = vec![0i32; rows * n];
-                kernel.run(&xq, xzp, rows, &packed, &mut got);
+                kernel.run(&xq, xzp, rows, packed, &mut got);
                 if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
                     let name = kernel.name();
                     return Err(format!("{name} rows={rows} k={k} n={n} zp={xzp}: [{i}] = {} instead of {}", got[i], want[i]));
@@ -386,7 +556,7 @@ pub fn check_kernels() -> Result<Vec<&'static str>, String> {
                 // and in parts, as split::split cuts a product across threads
                 let mut parts = vec![0i32; rows * n];
                 let panels = n.div_ceil(PANEL);
-                super::split::for_each_part(rows, n, 3, &mut parts, |part, out| kernel.run_part(&xq, xzp, &packed, part, out));
+                super::split::for_each_part(rows, n, 3, &mut parts, |part, out| kernel.run_part(&xq, xzp, packed, part, out));
                 if parts != got {
                     return Err(format!("{} rows={rows} k={k} n={n} zp={xzp}: parts of {panels} panels differ from the whole", kernel.name()));
                 }
@@ -405,6 +575,43 @@ mod tests {
     fn every_kernel_equals_the_scalar_one() {
         let checked = super::check_kernels().unwrap();
         assert!(checked.len() >= 2 || !cfg!(target_arch = "x86_64"), "{checked:?}");
+    }
+
+    /// `into_relaxed`'s arithmetic, the relaxed kernel's dot emulated in scalar (any target: the
+    /// kernel itself runs only in the relaxed wasm build, `check_kernels`): `Σ a b - 64 Σ a +
+    /// Σ_{w = 64} a + (128 - zp) Σ w` equals `Σ (x - zp) w`; bytes within [0, 127]; weights
+    /// beyond [-64, 64] refused.
+    #[test]
+    fn relaxed_packing_gives_the_exact_product() {
+        use super::{PackedI8, K_ALIGN, PANEL};
+        for (k, n) in [(64, 4), (100, 7), (130, 9), (1, 1), (576, 13)] {
+            let w: Vec<i8> = (0..k * n).map(|i| ((i as u64).wrapping_mul(2654435761) >> 5) % 129).map(|v| v as i8 - 64).collect();
+            assert!(w.contains(&64) || k * n < 129);
+            let r = PackedI8::from_k_by_n(&w, k, n).into_relaxed().expect("within [-64, 64]");
+            assert!(r.w.iter().all(|&b| (0..=127).contains(&b)));
+            let fix = r.relaxed.as_ref().unwrap();
+            assert_eq!(fix.at.len(), w.iter().filter(|&&v| v == 64).count());
+            let x: Vec<u8> = (0..r.kp).map(|i| (i * 37 % 256) as u8).collect();
+            let a: Vec<i32> = x.iter().map(|&v| v as i32 - 128).collect();
+            for zp in [0u8, 3, 128, 255] {
+                for c in 0..n {
+                    let (p, j) = (c / PANEL, c % PANEL);
+                    let ab: i32 = (0..r.kp)
+                        .map(|kk| a[kk] * r.w[((p * r.kp / K_ALIGN + kk / K_ALIGN) * PANEL + j) * K_ALIGN + kk % K_ALIGN] as i32)
+                        .sum();
+                    let corr: i32 = fix.at.iter().filter(|&&(cc, _)| cc as usize == c).map(|&(_, kk)| a[kk as usize]).sum();
+                    let a_sum: i32 = a[..k].iter().sum();
+                    let got = ab - 64 * a_sum + corr + (128 - zp as i32) * r.col_sum[c];
+                    let want: i32 = (0..k).map(|i| (x[i] as i32 - zp as i32) * w[i * n + c] as i32).sum();
+                    assert_eq!(got, want, "k={k} n={n} zp={zp} c={c}");
+                }
+            }
+        }
+        let mut w = vec![3i8; 64 * 4];
+        w[77] = 65;
+        assert!(PackedI8::from_k_by_n(&w, 64, 4).into_relaxed().is_err());
+        w[77] = -65;
+        assert!(PackedI8::from_k_by_n(&w, 64, 4).into_relaxed().is_err());
     }
 
     /// The (N, K) packer gives the very bytes and column sums of the (K, N) one on the transpose,

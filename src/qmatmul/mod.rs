@@ -110,8 +110,8 @@ impl Expansion for DynQMatMulExpansion {
         ensure!(scale.len() == 1 || scale.len() == n, "{prefix}: scale per tensor or per column");
         let x = target.outlet_fact(inputs[0])?;
         ensure!(x.shape.last() == Some(&k.to_dim()), "{prefix}: x's last axis must be K = {k}, found {:?}", x.shape);
-        let packed = PackedI8::from_k_by_n(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n);
-        let op = DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel: Kernel::best() };
+        let (packed, kernel) = kernel::pack_for_best(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n);
+        let op = DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel };
         target.wire_node(prefix, op, &[inputs[0]])
     }
 }

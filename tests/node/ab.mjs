@@ -1,5 +1,6 @@
-// The threaded build against the single-threaded SIMD128 build in headless Chromium, alternating,
-// two rounds (a measurement, not a test; the numbers in the README's "The threaded build").
+// Two wasm builds in headless Chromium, alternating, two rounds (a measurement, not a test; the
+// numbers in the README's "The threaded build" and "The relaxed-SIMD build"). The builds default
+// to the threaded one against the single-threaded SIMD128 one; AB_BUILDS=relaxed,simd picks others.
 //
 //   ./build.sh dist && (cd tests/node && node ab.mjs bench ../../dist distilgpt2-shape:model.with_past.report-int8.onnx smollm2-135m:model.with_past.int8.onnx)
 //   (cd tests/node && node ab.mjs generate ../../dist)     # the default model, the page drawing every token
@@ -15,6 +16,7 @@ if (!["bench", "generate"].includes(mode) || !distArg) {
   console.error("usage: node ab.mjs bench|generate DIST [MODEL:FILE ...]");
   process.exit(2);
 }
+const builds = (process.env.AB_BUILDS || "threads,simd").split(",");
 const repo = resolve(import.meta.dirname, "../..");
 const port = 8931;
 const server = spawn("bash", [resolve(repo, "build.sh"), "serve", resolve(distArg)],
@@ -39,7 +41,7 @@ async function load(page, build, spec) {
 }
 
 try {
-  for (const round of [1, 2]) for (const spec of mode === "bench" ? files : [null]) for (const build of ["threads", "simd"]) {
+  for (const round of [1, 2]) for (const spec of mode === "bench" ? files : [null]) for (const build of builds) {
     const page = await browser.newPage();
     await load(page, build, spec);
     if (mode === "bench") {

@@ -113,12 +113,14 @@ async function main() {
     log(`ready after ${((Date.now() - t0) / 1000).toFixed(1)} s: ${status}`);
     const modelInfo = await page.textContent("#model-info");
     log(modelInfo);
-    // Chromium validates SIMD and the served headers isolate the page: the page must pick the
-    // threaded SIMD128 build from 3 cores on (a thread per core but one), else the SIMD128 one
+    // Chromium validates SIMD and relaxed SIMD, and the served headers isolate the page: the page
+    // must pick the threaded SIMD128 build from 3 cores on (a thread per core but one), else the
+    // relaxed-SIMD one, after its kernel check
     assert.equal(await page.evaluate(() => self.crossOriginIsolated), true, "./build.sh serve isolates the page");
     const cores = await page.evaluate(() => navigator.hardwareConcurrency);
     assert.match(modelInfo, cores >= 3 ? new RegExp(`WebAssembly build: simd128, ${Math.min(cores - 1, 8)} threads \\(threaded build\\)`)
-      : /WebAssembly build: simd128, 1 thread\b/, `the build for ${cores} cores is loaded`);
+      : /WebAssembly build: relaxed-simd \(kernels checked against the scalar one in [\d.]+ ms\), 1 thread\b/,
+      `the build for ${cores} cores is loaded`);
     assert.match(await page.textContent("#progress-text"), /MB/, "download progress was shown");
 
     // 1. The question, in chat mode (the page's default), greedy.
@@ -188,6 +190,28 @@ async function main() {
     const cached = await page.textContent("#progress-text");
     log("after reload:", cached);
     assert.match(cached, /from the browser's cache/, "the second load reads the cache");
+    assert.deepEqual(errors, [], "no page errors");
+
+    // 4b. The report preset's file, whose products the relaxed-SIMD build runs on its relaxed
+    //     kernel (the others on SIMD128's): the relaxed, SIMD128 and threaded builds must give the
+    //     same greedy text (each computes the integer products exactly).
+    const report = JSON.stringify({ id: "smollm2-135m", file: "model.with_past.report-int8.onnx" });
+    const reportAnswers = {};
+    for (const b of ["relaxed", "simd", "threads"]) {
+      await page.goto(`${url}?build=${b}`);
+      await page.waitForSelector("#model option", { state: "attached" });
+      await page.selectOption("#model", report);
+      await loadModel(page);
+      const info = await page.textContent("#model-info");
+      assert.match(info, b === "relaxed" ? /int8 kernels: \d+ x dynamic-quant relaxed-simd\b/ : /int8 kernels: \d+ x dynamic-quant simd128\b/,
+        `?build=${b}: the report file's products on this build's kernel: ${info}`);
+      await page.check("#chat");
+      reportAnswers[b] = await generate(page, "What is the capital of France?", 16);
+      log(`report file, ?build=${b}:`, JSON.stringify(reportAnswers[b]));
+    }
+    assert.match(reportAnswers.relaxed.text, /Paris/, "the report file's answer names Paris");
+    assert.equal(reportAnswers.simd.text, reportAnswers.relaxed.text, "the relaxed and SIMD128 builds give the same greedy text");
+    assert.equal(reportAnswers.threads.text, reportAnswers.relaxed.text, "the relaxed and threaded builds give the same greedy text");
     assert.deepEqual(errors, [], "no page errors");
 
     // 5. A user's own files: bytes that are not ONNX, then a file without its tokenizer, are
