@@ -8,17 +8,12 @@
 
 use wasm_bindgen_test::*;
 
+#[path = "common/wasm_kernels.rs"]
+mod wasm_kernels;
+
 wasm_bindgen_test_configure!(run_in_browser);
 
 #[wasm_bindgen_test]
 fn int8_kernels_equal_the_scalar_one_in_the_browser() {
-    let checked = wasmlm::qmatmul::kernel::check_kernels().unwrap();
-    let want: &[&str] = if cfg!(all(target_feature = "simd128", feature = "relaxed-simd")) {
-        &["scalar", "simd128", "relaxed-simd"]
-    } else if cfg!(target_feature = "simd128") {
-        &["scalar", "simd128"]
-    } else {
-        &["scalar"]
-    };
-    assert_eq!(checked, want);
+    assert_eq!(wasmlm::qmatmul::kernel::check_kernels().unwrap(), wasm_kernels::expected());
 }

@@ -13,6 +13,9 @@ use wasm_bindgen_test::*;
 use wasmlm::wasm::{JsEngine, JsSession};
 use wasmlm::{bench, Engine, Manifest, Prepare};
 
+#[path = "common/wasm_kernels.rs"]
+mod wasm_kernels;
+
 #[wasm_bindgen(module = "fs")]
 extern "C" {
     #[wasm_bindgen(js_name = readFileSync, catch)]
@@ -120,15 +123,7 @@ fn parity(model: &str) {
 /// the kernels only wasm has: SIMD128, and relaxed SIMD in the relaxed build).
 #[wasm_bindgen_test]
 fn int8_kernels_equal_the_scalar_one() {
-    let checked = wasmlm::qmatmul::kernel::check_kernels().unwrap();
-    let want: &[&str] = if cfg!(all(target_feature = "simd128", feature = "relaxed-simd")) {
-        &["scalar", "simd128", "relaxed-simd"]
-    } else if cfg!(target_feature = "simd128") {
-        &["scalar", "simd128"]
-    } else {
-        &["scalar"]
-    };
-    assert_eq!(checked, want);
+    assert_eq!(wasmlm::qmatmul::kernel::check_kernels().unwrap(), wasm_kernels::expected());
 }
 
 #[wasm_bindgen_test]

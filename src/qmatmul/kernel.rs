@@ -378,12 +378,17 @@ mod simd128 {
             k += K_ALIGN;
         }
         for j in 0..PANEL {
-            let v = acc[j];
-            out[j] = i32x4_extract_lane::<0>(v)
-                .wrapping_add(i32x4_extract_lane::<1>(v))
-                .wrapping_add(i32x4_extract_lane::<2>(v))
-                .wrapping_add(i32x4_extract_lane::<3>(v));
+            out[j] = lane_sum(acc[j]);
         }
+    }
+
+    /// The sum of an i32x4's lanes.
+    #[inline]
+    pub fn lane_sum(v: v128) -> i32 {
+        i32x4_extract_lane::<0>(v)
+            .wrapping_add(i32x4_extract_lane::<1>(v))
+            .wrapping_add(i32x4_extract_lane::<2>(v))
+            .wrapping_add(i32x4_extract_lane::<3>(v))
     }
 }
 
@@ -415,11 +420,7 @@ mod relaxed {
             k += K_ALIGN;
         }
         for j in 0..PANEL {
-            let v = acc[j];
-            out[j] = i32x4_extract_lane::<0>(v)
-                .wrapping_add(i32x4_extract_lane::<1>(v))
-                .wrapping_add(i32x4_extract_lane::<2>(v))
-                .wrapping_add(i32x4_extract_lane::<3>(v));
+            out[j] = super::simd128::lane_sum(acc[j]);
         }
     }
 }
