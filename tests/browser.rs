@@ -16,4 +16,5 @@ wasm_bindgen_test_configure!(run_in_browser);
 #[wasm_bindgen_test]
 fn int8_kernels_equal_the_scalar_one_in_the_browser() {
     assert_eq!(wasmlm::qmatmul::kernel::check_kernels().unwrap(), wasm_kernels::expected());
+    assert_eq!(wasmlm::qmatmul::blockq8::check_block_kernels().unwrap(), wasm_kernels::expected_block());
 }

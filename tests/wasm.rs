@@ -119,11 +119,13 @@ fn parity(model: &str) {
     }
 }
 
-/// This build's integer kernels equal the scalar one (the native unit test's check, run here on
-/// the kernels only wasm has: SIMD128, and relaxed SIMD in the relaxed build).
+/// This build's integer kernels equal the scalar one, and its `q8b32` block kernels an f64
+/// reference (the native unit tests' checks, run here on the kernels only wasm has: SIMD128,
+/// and relaxed SIMD in the relaxed build).
 #[wasm_bindgen_test]
 fn int8_kernels_equal_the_scalar_one() {
     assert_eq!(wasmlm::qmatmul::kernel::check_kernels().unwrap(), wasm_kernels::expected());
+    assert_eq!(wasmlm::qmatmul::blockq8::check_block_kernels().unwrap(), wasm_kernels::expected_block());
 }
 
 #[wasm_bindgen_test]
