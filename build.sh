@@ -296,9 +296,10 @@ wasm_test_flavour() {
 }
 
 # The relaxed-SIMD build's kernels in headless Chromium (tests/browser.rs, wasm-bindgen-test
-# through chromedriver; tests/webdriver.json starts Debian's chromium as root can). Not in Node:
-# Node 20's V8 11.3 has relaxed SIMD behind a flag and gets i32x4.relaxed_dot_i8x16_i7x16_add_s
-# wrong (twice the sum). The whole engine in that build runs in the end-to-end test.
+# through chromedriver; tests/webdriver.json starts Debian's chromium with --no-sandbox, as root
+# needs). Not in Node: Node 20's V8 11.3 has relaxed SIMD behind a flag and gets
+# i32x4.relaxed_dot_i8x16_i7x16_add_s wrong (twice the sum). The whole engine in that build runs
+# in the end-to-end test.
 wasm_browser_test_relaxed() {
   chromium_setup
   say "tests: the relaxed-SIMD build's int8 kernels in headless Chromium"
