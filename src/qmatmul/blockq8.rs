@@ -359,13 +359,7 @@ mod simd128 {
                     );
                     dots[j] = i32x4_add(d0, d1);
                 }
-                // one scale per column: lane j of s
-                let sj = [
-                    i32x4_shuffle::<0, 0, 0, 0>(s, s),
-                    i32x4_shuffle::<1, 1, 1, 1>(s, s),
-                    i32x4_shuffle::<2, 2, 2, 2>(s, s),
-                    i32x4_shuffle::<3, 3, 3, 3>(s, s),
-                ];
+                let sj = column_scales(s);
                 for j in 0..PANEL {
                     acc[j] = f32x4_add(acc[j], f32x4_mul(f32x4_convert_i32x4(dots[j]), sj[j]));
                 }
@@ -376,6 +370,17 @@ mod simd128 {
         for j in 0..PANEL {
             out[j] = lane_sum(acc[j]);
         }
+    }
+
+    /// Lane j of `s` (column j's block scale) in every lane, for each column of the panel.
+    #[inline]
+    fn column_scales(s: v128) -> [v128; PANEL] {
+        [
+            i32x4_shuffle::<0, 0, 0, 0>(s, s),
+            i32x4_shuffle::<1, 1, 1, 1>(s, s),
+            i32x4_shuffle::<2, 2, 2, 2>(s, s),
+            i32x4_shuffle::<3, 3, 3, 3>(s, s),
+        ]
     }
 
     fn lane_sum(v: v128) -> f32 {
@@ -414,12 +419,7 @@ mod simd128 {
             for h in 0..K_ALIGN / BLOCK {
                 let o = k + h * BLOCK;
                 let s = v128_load(ps.as_ptr().add((o / BLOCK) * PANEL) as *const v128);
-                let sj = [
-                    i32x4_shuffle::<0, 0, 0, 0>(s, s),
-                    i32x4_shuffle::<1, 1, 1, 1>(s, s),
-                    i32x4_shuffle::<2, 2, 2, 2>(s, s),
-                    i32x4_shuffle::<3, 3, 3, 3>(s, s),
-                ];
+                let sj = column_scales(s);
                 for j in 0..PANEL {
                     let w = wp.add(j * K_ALIGN + h * BLOCK);
                     let w = [
