@@ -110,6 +110,47 @@ pub fn row(engine: &Engine, prompt: &[u32], runs: usize, threads: usize) -> Resu
     Ok(row)
 }
 
+/// Steps timed per op by [`profile`] unless told otherwise.
+pub const PROFILE_STEPS: usize = 32;
+
+/// Decode time per op: the bench prompt, then `steps` greedy steps with every node of the plan
+/// timed (`Session::step_profiled`). {steps, wall_ms_per_token, ops_ms_per_token, ops: [{op,
+/// ms_per_token, calls_per_token, share}]}, largest first. `wall` is each step's whole time
+/// (the timing itself included), `ops` the sum of the nodes' times; the difference is what
+/// happens around the plan (inputs, the cache handed back). In a browser the clock is
+/// `performance.now`, coarsened to 5 µs where the page is cross-origin isolated, to 100 µs
+/// (jittered) where it is not: the per-op sums are then only indicative.
+pub fn profile(engine: &Engine, prompt: &[u32], steps: usize) -> Result<Value> {
+    if !engine.graph.conv.has_cache() {
+        return Err(crate::error::Error::Options("the per-op profile times decode steps; pick a file with a KV cache".into()));
+    }
+    if steps == 0 {
+        return Err(crate::error::Error::Options("the per-op profile needs at least one step".into()));
+    }
+    let mut session = engine.session()?;
+    let mut logits = session.prefill(prompt)?;
+    let mut times: Vec<(String, f64, usize)> = vec![];
+    let mut wall = 0.0;
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        let t = now_ms();
+        logits = session.step_profiled(next, &mut times)?;
+        wall += now_ms() - t;
+    }
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    let per = |ms: f64| (ms / steps as f64 * 1e4).round() / 1e4;
+    let ops: Vec<Value> = times
+        .iter()
+        .map(|(op, ms, calls)| {
+            json!({"op": op, "ms_per_token": per(*ms), "calls_per_token": *calls as f64 / steps as f64,
+                   "share": (ms / total.max(f64::MIN_POSITIVE) * 1e3).round() / 1e3})
+        })
+        .collect();
+    Ok(json!({"steps": steps, "threads": engine.graph.threads, "wall_ms_per_token": per(wall),
+              "ops_ms_per_token": per(total), "ops": ops}))
+}
+
 /// Rows of `table` (baselines.json) with `new` added, replacing rows with the same key.
 pub fn merge(mut table: Value, new: Vec<Value>) -> Value {
     let key = |r: &Value| KEY.iter().map(|k| r.get(*k).cloned().unwrap_or(Value::Null)).collect::<Vec<_>>();

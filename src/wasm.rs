@@ -225,6 +225,15 @@ impl JsEngine {
         Ok(to_js(&serde_json::json!({ "prefill_ms": prefill, "steps_ms": steps })))
     }
 
+    /// Decode time per op (bench::profile): the bench prompt, then `steps` (default 32) greedy
+    /// steps with every node of the plan timed. {steps, threads, wall_ms_per_token,
+    /// ops_ms_per_token, ops: [{op, ms_per_token, calls_per_token, share}]}, largest first.
+    #[wasm_bindgen(js_name = benchProfile)]
+    pub fn bench_profile(&self, prompt: &[u32], steps: Option<usize>) -> Result<JsValue, JsError> {
+        let p = bench::profile(&self.inner, prompt, steps.unwrap_or(bench::PROFILE_STEPS)).map_err(err)?;
+        Ok(to_js(&p))
+    }
+
     /// A row in baselines.json's format from the measured runs ([{prefill_ms, steps_ms}], the
     /// warm-up excluded), summarized exactly as the native bench does.
     #[wasm_bindgen(js_name = benchRow)]

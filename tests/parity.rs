@@ -227,3 +227,39 @@ fn products_split_across_threads_equal_one_thread() {
         assert_eq!(ta, tb, "{model} {file}");
     }
 }
+
+/// The per-op profile (`wasmlm profile`, the page's benchmark mode): a step timed node by node
+/// gives the very logits of a plain step, and each fused product is timed once per step.
+#[test]
+fn profiled_steps_equal_plain_steps_and_count_every_product() {
+    for (model, file, op) in [
+        ("tiny-gpt2", "model.with_past.report-int8.onnx", "WasmlmDynQMatMul"),
+        ("tiny-llama", "model.with_past.int8.onnx", "WasmlmBlockQ8MatMul"),
+    ] {
+        let engine = load(&bundle(model), file);
+        let (mut plain, mut timed) = (engine.session().unwrap(), engine.session().unwrap());
+        let (mut a, mut b) = (plain.prefill(&PROMPT).unwrap(), timed.prefill(&PROMPT).unwrap());
+        assert_eq!(a, b, "{model} {file}: prefill");
+        let mut times = vec![];
+        for _ in 0..4 {
+            let next = wasmlm::sampler::argmax(&a);
+            a = plain.step(next).unwrap();
+            b = timed.step_profiled(next, &mut times).unwrap();
+            assert_eq!(a, b, "{model} {file}");
+        }
+        let p = wasmlm::bench::profile(&engine, &PROMPT, 3).unwrap();
+        // "N x dynamic-quant simd128" (one kernel for every product of these files)
+        let kernels = engine.info.int8_kernels.clone().unwrap();
+        let products: f64 = kernels.split(" x ").next().unwrap().parse().unwrap();
+        let ops = p["ops"].as_array().unwrap();
+        let row = ops.iter().find(|o| o["op"] == op).unwrap_or_else(|| panic!("{model} {file}: no {op} in {ops:?}"));
+        assert_eq!(row["calls_per_token"].as_f64().unwrap(), products, "{model} {file}: {kernels}");
+        let sum: f64 = ops.iter().map(|o| o["ms_per_token"].as_f64().unwrap()).sum();
+        let (in_ops, wall) = (p["ops_ms_per_token"].as_f64().unwrap(), p["wall_ms_per_token"].as_f64().unwrap());
+        assert!((sum - in_ops).abs() < 1e-3 * ops.len() as f64 && in_ops > 0.0 && in_ops <= wall, "{p}");
+    }
+    // A graph without a cache has no decode step to time.
+    let dir = bundle("tiny-gpt2");
+    let e = wasmlm::bench::profile(&load(&dir, "model.onnx"), &PROMPT, 3).err().unwrap();
+    assert!(e.to_string().contains("KV cache"), "{e}");
+}

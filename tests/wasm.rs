@@ -165,6 +165,26 @@ fn js_surface_streams_the_native_tokens() {
     assert_eq!(session.stop_reason().as_deref(), Some("MaxTokens"));
 }
 
+/// The benchmark mode's per-op profile through the JS surface: every product of the file is
+/// timed once per step, and the ops' times add up to at most the steps' own.
+#[wasm_bindgen_test]
+fn bench_profile_times_every_product() {
+    let b = bundle("tiny-gpt2");
+    let file = "model.with_past.report-int8.onnx";
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, &read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+                                       JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
+    let p: Value = serde_wasm_bindgen::from_value(engine.bench_profile(&PROMPT, Some(3)).map_err(JsValue::from).unwrap()).unwrap();
+    let info: Value = serde_wasm_bindgen::from_value(engine.info()).unwrap();
+    let kernels = info["int8_kernels"].as_str().unwrap();
+    let products: f64 = kernels.split(" x ").next().unwrap().parse().unwrap();
+    let ops = p["ops"].as_array().unwrap();
+    let row = ops.iter().find(|o| o["op"] == "WasmlmDynQMatMul").unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(row["calls_per_token"].as_f64().unwrap(), products, "{kernels}");
+    assert_eq!(p["steps"], 3);
+    let (in_ops, wall) = (p["ops_ms_per_token"].as_f64().unwrap(), p["wall_ms_per_token"].as_f64().unwrap());
+    assert!(in_ops > 0.0 && in_ops <= wall, "{p}");
+}
+
 /// Truncated ONNX bytes, a wrong hash and nonsense options are errors with the engine's message.
 #[wasm_bindgen_test]
 fn bad_input_is_an_error_not_a_panic() {

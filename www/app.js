@@ -137,7 +137,8 @@ function onWorkerMessage(msg) {
       onDone(msg);
       break;
     case "bench-progress":
-      $("bench-status").textContent = `${msg.backend}: ` + (msg.run === 0 ? "warm-up run…" : `run ${msg.run} of ${msg.of}…`);
+      $("bench-status").textContent = `${msg.backend}: ` + (msg.run === 0 ? "warm-up run…"
+        : msg.run === "profile" ? "timing each op…" : `run ${msg.run} of ${msg.of}…`);
       break;
     case "bench-done":
       onBenchDone(msg.row);
@@ -356,10 +357,12 @@ $("bench").onclick = async () => {
     return;
   }
   $("bench-download").hidden = true;
+  $("bench-profile-table").hidden = true;
   setRunning("bench");
   state.peerPending = $("bench-peer").checked;
   state.worker.postMessage({
     type: "bench", text: state.benchText, runs: Number($("bench-runs").value) || 5, peer: state.peerPending,
+    profile: $("bench-profile").checked,
   });
 };
 
@@ -377,6 +380,7 @@ function onBenchDone(row) {
   const d = full.decode_ms_per_token;
   $("bench-status").textContent = `decode ${d.median} ms/token median, ${d.p90} p90 over ${d.runs} runs; ` +
     `prefill ${full.prefill_ms.median} ms (${browserName()}, ${threadsText(build)}, ${build.simd === "none" ? "build without SIMD" : build.simd + " build"})`;
+  if (row.profile) renderProfile(row.profile);
   const a = $("bench-download");
   if (a.href) URL.revokeObjectURL(a.href);
   a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
@@ -384,6 +388,24 @@ function onBenchDone(row) {
   state.benchStatus = $("bench-status").textContent;
   if (state.peerPending) $("bench-status").textContent += "; now onnxruntime-web on the same file…";
   else setRunning(null);
+}
+
+// The per-op profile (engine.benchProfile): the 15 costliest ops of a decode step, then the rest.
+function renderProfile(p) {
+  const table = $("bench-profile-table");
+  const shown = p.ops.slice(0, 15);
+  const rest = p.ops.slice(15).reduce((a, o) => ({ ms: a.ms + o.ms_per_token, share: a.share + o.share, n: a.n + 1 }),
+    { ms: 0, share: 0, n: 0 });
+  const cell = (tag, text) => { const c = document.createElement(tag); c.textContent = text; return c; };
+  const tr = (cells, tag = "td") => { const r = document.createElement("tr"); cells.forEach((t) => r.append(cell(tag, t))); return r; };
+  table.replaceChildren();
+  table.append(cell("caption", `Decode time per op, ${p.steps} steps timed node by node (${p.threads} thread${p.threads > 1 ? "s" : ""}): ` +
+    `${p.ops_ms_per_token.toFixed(2)} ms/token in ops, ${p.wall_ms_per_token.toFixed(2)} ms/token in all, timing included. ` +
+    (self.crossOriginIsolated ? "" : "This page is not cross-origin isolated: the browser's clock is coarse here, so the split is only indicative.")));
+  table.append(tr(["op", "ms/token", "share", "calls/token"], "th"));
+  for (const o of shown) table.append(tr([o.op, o.ms_per_token.toFixed(3), `${(100 * o.share).toFixed(1)}%`, String(o.calls_per_token)]));
+  if (rest.n) table.append(tr([`${rest.n} other ops`, rest.ms.toFixed(3), `${(100 * rest.share).toFixed(1)}%`, ""]));
+  table.hidden = false;
 }
 
 // The optional peer row: onnxruntime-web in this browser, same file, prompt and protocol, run

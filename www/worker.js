@@ -9,7 +9,7 @@
 //   {type:"generate", prompt, options}               {type:"token", id, text, ms, prefill, index}*
 //                                                    {type:"done", reason, promptTokens, cancelled}
 //   {type:"cancel"}                                  (the running generate/bench ends early)
-//   {type:"bench", text, runs, peer}                 {type:"bench-progress", run, of, backend}*
+//   {type:"bench", text, runs, peer, profile}        {type:"bench-progress", run, of, backend}*
 //                                                    {type:"bench-done", row}, then with peer:
 //                                                    {type:"peer-done", row} | {type:"peer-error", message}
 //                                                    | {type:"done", cancelled:true}
@@ -260,7 +260,7 @@ async function generate(prompt, options) {
   post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens, cancelled });
 }
 
-async function bench(text, runs, peer) {
+async function bench(text, runs, peer, profile) {
   if (!engine) throw new Error("no model loaded");
   if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
   cancelled = false;
@@ -275,6 +275,12 @@ async function bench(text, runs, peer) {
     if (run > 0) results.push(r); // run 0 is the warm-up
   }
   const row = engine.benchRow(results, prompt.length, backend);
+  if (profile) {
+    // after the measured runs, so that timing every node does not slow them
+    post({ type: "bench-progress", run: "profile", of: runs, backend });
+    await yieldToEvents();
+    row.profile = engine.benchProfile(prompt);
+  }
   post({ type: "bench-done", row });
   if (!peer) return;
   try {
@@ -360,7 +366,7 @@ self.onmessage = async (e) => {
   try {
     if (msg.type === "load") await load(msg.source);
     else if (msg.type === "generate") await generate(msg.prompt, msg.options);
-    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5, !!msg.peer);
+    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5, !!msg.peer, !!msg.profile);
     else if (msg.type === "reset") { session?.reset(); post({ type: "reset-done" }); }
     else throw new Error(`unknown message ${msg.type}`);
   } catch (err) {

@@ -4,16 +4,18 @@
 //
 //   ./build.sh dist && (cd tests/node && node ab.mjs bench ../../dist distilgpt2-shape:model.with_past.report-int8.onnx smollm2-135m:model.with_past.int8.onnx)
 //   (cd tests/node && node ab.mjs generate ../../dist)     # the default model, the page drawing every token
+//   (cd tests/node && node ab.mjs profile ../../dist smollm2-135m:model.with_past.int8.onnx)
 //
 // bench: the page's benchmark mode, 3 runs, no peer. generate: two 64-token generations per
-// build and round, the page's own decode median and p90.
+// build and round, the page's own decode median and p90. profile: bench, then the per-op
+// profile ("then time each op"), its 12 costliest ops printed.
 import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { chromium } from "playwright-core";
 
 const [mode, distArg, ...files] = process.argv.slice(2);
-if (!["bench", "generate"].includes(mode) || !distArg) {
-  console.error("usage: node ab.mjs bench|generate DIST [MODEL:FILE ...]");
+if (!["bench", "generate", "profile"].includes(mode) || !distArg) {
+  console.error("usage: node ab.mjs bench|generate|profile DIST [MODEL:FILE ...]");
   process.exit(2);
 }
 const builds = (process.env.AB_BUILDS || "threads,simd").split(",");
@@ -41,15 +43,20 @@ async function load(page, build, spec) {
 }
 
 try {
-  for (const round of [1, 2]) for (const spec of mode === "bench" ? files : [null]) for (const build of builds) {
+  for (const round of [1, 2]) for (const spec of mode === "generate" ? [null] : files) for (const build of builds) {
     const page = await browser.newPage();
     await load(page, build, spec);
-    if (mode === "bench") {
+    if (mode !== "generate") {
       await page.fill("#bench-runs", "3");
       await page.uncheck("#bench-peer");
+      await page.setChecked("#bench-profile", mode === "profile");
       await page.click("#bench");
       await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600000 });
       console.log(round, spec, build, "|", await page.textContent("#bench-status"));
+      if (mode === "profile") {
+        console.log("   ", await page.textContent("#bench-profile-table caption"));
+        for (const r of (await page.$$eval("#bench-profile-table tr", (rows) => rows.map((r) => [...r.cells].map((c) => c.textContent).join(" | ")))).slice(1, 13)) console.log("   ", r);
+      }
     } else {
       for (const rep of [1, 2]) {
         await page.fill("#prompt", "Write a long story about a dragon who learns to cook.");

@@ -181,12 +181,21 @@ async function main() {
     log(`answer, ?build=${other}:`, JSON.stringify(again));
     assert.equal(again.text, paris.text, "the threaded and single-threaded builds give the same greedy text");
     await page.uncheck("#bench-peer");
+    await page.check("#bench-profile");
     await page.click("#bench");
     await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
     await page.waitForFunction(() => !document.querySelector("#bench").disabled, null, { timeout: 600_000 });
     const otherBench = await page.textContent("#bench-status");
     log(`bench, ?build=${other}:`, otherBench);
     assert.match(otherBench, /^decode \d/, "the other build's benchmark ran");
+    // ... with the per-op profile ticked: every q8 block product is timed once per step
+    const profile = await page.$$eval("#bench-profile-table tr", (rows) => rows.map((r) => [...r.cells].map((c) => c.textContent).join(" | ")));
+    log(`per-op profile, ?build=${other}:`, await page.textContent("#bench-profile-table caption"));
+    for (const line of profile.slice(0, 8)) log("  ", line);
+    const products = Number(/int8 kernels: (\d+) x q8 blocks/.exec(otherInfo)?.[1]);
+    const q8 = await page.locator("#bench-profile-table tr", { hasText: "WasmlmBlockQ8MatMul" }).locator("td").allTextContents();
+    assert.ok(products > 0 && q8.length === 4, `the profile lists the q8 block products: ${profile.join(" / ")}`);
+    assert.equal(Number(q8[3]), products, "each q8 block product is timed once per step");
     const cached = await page.textContent("#progress-text");
     log("after reload:", cached);
     assert.match(cached, /from the browser's cache/, "the second load reads the cache");

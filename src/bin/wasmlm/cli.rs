@@ -163,26 +163,19 @@ fn bench_all(mut a: Args) -> Res<()> {
 fn profile(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
     let file = a.value("--file")?;
-    let steps: usize = a.parsed("--steps")?.unwrap_or(32);
+    let steps: usize = a.parsed("--steps")?.unwrap_or(bench::PROFILE_STEPS);
     let prep = prepare(&mut a)?;
     let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into()))
         .map_err(|e| e.to_string())?;
     let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
-    let mut session = engine.session().map_err(|e| e.to_string())?;
-    let mut logits = session.prefill(&prompt).map_err(|e| e.to_string())?;
-    let mut times = vec![];
-    for _ in 0..steps {
-        let next = wasmlm::sampler::argmax(&logits);
-        logits = session.step_profiled(next, &mut times).map_err(|e| e.to_string())?;
-    }
-    times.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = times.iter().map(|t| t.1).sum();
-    println!("{} {}: {} nodes, {:.2} ms/token in ops over {steps} steps", engine.info.model, engine.info.file,
-             engine.graph.nodes, total / steps as f64);
-    for (name, ms, calls) in times.iter().take(20) {
-        println!("{:>8.3} ms/token {:>5.1}%  {:>6} calls/token  {name}", ms / steps as f64, 100.0 * ms / total,
-                 calls / steps);
+    let p = bench::profile(&engine, &prompt, steps).map_err(|e| e.to_string())?;
+    let ops = p["ops"].as_array().unwrap();
+    println!("{} {}: {} nodes, {} ms/token in ops, {} ms/token in all, over {steps} steps", engine.info.model,
+             engine.info.file, engine.graph.nodes, p["ops_ms_per_token"], p["wall_ms_per_token"]);
+    for op in ops.iter().take(20) {
+        println!("{:>8.3} ms/token {:>5.1}%  {:>6} calls/token  {}", op["ms_per_token"].as_f64().unwrap(),
+                 100.0 * op["share"].as_f64().unwrap(), op["calls_per_token"], op["op"].as_str().unwrap());
     }
     Ok(())
 }
