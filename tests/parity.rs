@@ -263,3 +263,14 @@ fn profiled_steps_equal_plain_steps_and_count_every_product() {
     let e = wasmlm::bench::profile(&load(&dir, "model.onnx"), &PROMPT, 3).err().unwrap();
     assert!(e.to_string().contains("KV cache"), "{e}");
 }
+
+/// A layer's block products that read the same input run as one (qmatmul/rewrite.rs,
+/// `merge_siblings`): q, k and v, then gate and up, so 4 products a layer and the LM head, where
+/// each of the 7 projections was one; the logits stay ONNX Runtime's (the parity tests above).
+#[test]
+fn sibling_block_products_are_joined() {
+    let engine = load(&bundle("tiny-llama"), "model.with_past.int8.onnx");
+    let kernels = engine.info.int8_kernels.clone().unwrap();
+    let want = 4 * engine.graph.conv.layers() + 1;
+    assert!(kernels.starts_with(&format!("{want} x q8 blocks")), "{kernels}: {want} products expected");
+}

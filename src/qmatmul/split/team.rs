@@ -1,6 +1,6 @@
 //! Helper threads that spin between products.
 //!
-//! A decode step runs ~25 (distilgpt2-shape) to ~210 (SmolLM2) products of 10-1,500 µs each,
+//! A decode step runs ~25 (distilgpt2-shape) to ~120 (SmolLM2 `q8b32`) products of 10-1,500 µs each,
 //! with the rest of the graph in between on the calling thread. Handing each product to a rayon
 //! pool made 2 threads slower than 1 (4.9-5.3 against 4.1-4.2 ms/token on distilgpt2-shape's
 //! `report` file, measured alternately): `install` from outside the pool parks the caller and
