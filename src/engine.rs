@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
+use crate::fused;
 use crate::graph::{self, Graph, Prepare};
 use crate::manifest::Manifest;
 use crate::session::Session;
@@ -26,16 +27,17 @@ pub struct LoadedInfo {
     pub nodes: usize,
     /// Our int8 kernels in use, if any (see `Graph::kernels`).
     pub int8_kernels: Option<String>,
-    /// "N attention products, M GELUs" on our own ops (fused/), if any.
+    /// "N attention products, M GELUs, R rotary embeddings" on our own ops (fused/), if any.
     pub fused_ops: Option<String>,
 }
 
 fn fused_ops(graph: &Graph) -> Option<String> {
-    match graph.fused_ops {
-        (0, _, 0) => None,
-        (p, 0, g) => Some(format!("{p} attention products, {g} GELUs")),
-        (p, kv, g) => Some(format!("{p} attention products ({kv} on grouped key/value heads), {g} GELUs")),
+    let c = graph.fused_ops;
+    if c == fused::Counts::default() {
+        return None;
     }
+    let grouped = if c.grouped > 0 { format!(" ({} on grouped key/value heads)", c.grouped) } else { String::new() };
+    Some(format!("{} attention products{grouped}, {} GELUs, {} rotary embeddings", c.products, c.gelus, c.ropes))
 }
 
 fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {
@@ -55,11 +57,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// From bytes (what a browser has): each file is checked against the manifest first.
+    /// From bytes (what a browser has): each file is checked against the manifest first. The
+    /// ONNX bytes are dropped once decoded (graph::load), so that they do not add to the peak
+    /// memory of the rest of the load.
     pub fn from_bytes(
         manifest: &Manifest,
         onnx_name: &str,
-        onnx: &[u8],
+        onnx: Vec<u8>,
         tokenizer_json: &[u8],
         prep: Prepare,
     ) -> Result<Engine> {
@@ -71,14 +75,14 @@ impl Engine {
     pub fn from_bytes_hashed(
         manifest: &Manifest,
         onnx_name: &str,
-        onnx: &[u8],
+        onnx: Vec<u8>,
         tokenizer_json: &[u8],
         prep: Prepare,
         onnx_sha256: Option<&str>,
         tokenizer_sha256: Option<&str>,
     ) -> Result<Engine> {
         let t0 = now_ms();
-        manifest.verify_with(onnx_name, onnx, onnx_sha256)?;
+        manifest.verify_with(onnx_name, &onnx, onnx_sha256)?;
         manifest.verify_with("tokenizer.json", tokenizer_json, tokenizer_sha256)?;
         let t_verified = now_ms();
         let entry = manifest.file(onnx_name)?;
@@ -112,7 +116,7 @@ impl Engine {
     /// tokenizer_config.json's eos_token), the chat template from tokenizer_config.json if given.
     pub fn from_user_files(
         name: &str,
-        onnx: &[u8],
+        onnx: Vec<u8>,
         tokenizer_json: &[u8],
         tokenizer_config: Option<&[u8]>,
         context: usize,
@@ -144,13 +148,14 @@ impl Engine {
                 .collect();
         }
         let t_text = now_ms();
+        let file_bytes = onnx.len() as u64;
         let graph = graph::load(onnx, None, prep)?;
         let load_phases_ms = phases(0.0, &graph, t_text - t0);
         let info = LoadedInfo {
             model: name.into(),
             real_weights: true,
             file: name.into(),
-            file_bytes: onnx.len() as u64,
+            file_bytes,
             precision: None,
             preset: None,
             cache: Some(if graph.conv.has_cache() { "with_past" } else { "no_past" }.into()),
@@ -175,7 +180,7 @@ impl Engine {
         };
         let manifest = Manifest::from_json(&String::from_utf8_lossy(&read("manifest.json")?))?;
         let name = file.unwrap_or(&manifest.default.file).to_string();
-        Engine::from_bytes(&manifest, &name, &read(&name)?, &read("tokenizer.json")?, prep)
+        Engine::from_bytes(&manifest, &name, read(&name)?, &read("tokenizer.json")?, prep)
     }
 
     pub fn session(&self) -> Result<Session> {

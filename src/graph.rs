@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use prost::Message;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -43,8 +44,8 @@ pub struct Graph {
     pub block_lookups: usize,
     /// Which of those kernels run, e.g. "25 x dynamic-quant avx512vnni" (None: none fused).
     pub kernels: Option<String>,
-    /// (attention products, of which on grouped key/value heads, GELUs) on our ops (fused/).
-    pub fused_ops: (usize, usize, usize),
+    /// Nodes on our ops (fused/).
+    pub fused_ops: fused::Counts,
     /// The threads a session's products are cut across (qmatmul/split); natively tract's own
     /// executor gets as many.
     pub threads: usize,
@@ -102,8 +103,9 @@ fn cache_dims(model: &InferenceModel, ix: usize, hint: Option<(usize, usize)>) -
     }
 }
 
-/// Parse, type with symbolic S and P, fold constants, optimize, plan.
-pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
+/// Parse, type with symbolic S and P, fold constants, optimize, plan. `bytes` are dropped once
+/// decoded: the protobuf holds its own copy of every weight, and tract will make another.
+pub fn load(bytes: Vec<u8>, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
     // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
     let mut phases = Phases::start();
@@ -111,7 +113,10 @@ pub fn load(bytes: &[u8], kv_hint: Option<(usize, usize)>, prep: Prepare) -> Res
     qmatmul::register(&mut onnx);
     fused::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
-    let mut proto = onnx.proto_model_for_read(&mut &bytes[..]).map_err(onnx_err)?;
+    // decoded straight from the bytes: tract's proto_model_for_read first copies them into a
+    // vector grown by doubling, which held up to 3x the file at once (wasm memory never shrinks)
+    let mut proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(|e| Error::Onnx(format!("{e:?}")))?;
+    drop(bytes);
     pow::cube_powers(&mut proto);
     let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
@@ -213,6 +218,7 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
     typed.declutter().map_err(opt)?;
     if prep.fused_ops {
         fused::matmul::absorb_kv_repeats(&mut typed).map_err(opt)?;
+        fused::rope::fuse(&mut typed).map_err(opt)?;
     }
     phases.mark("declutter");
     if prep.fold_constants {

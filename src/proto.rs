@@ -80,6 +80,18 @@ pub(crate) fn scalar_constants(graph: &GraphProto) -> HashMap<String, f32> {
     constants
 }
 
+/// Puts `replace[i]` in place of node `i` (none: the node is removed), keeping the others in
+/// their order, so a rewrite's nodes stay where the one they replace was.
+pub(crate) fn replace_nodes(graph: &mut GraphProto, mut replace: HashMap<usize, Vec<NodeProto>>) {
+    let old = std::mem::take(&mut graph.node);
+    for (i, n) in old.into_iter().enumerate() {
+        match replace.remove(&i) {
+            Some(new) => graph.node.extend(new),
+            None => graph.node.push(n),
+        }
+    }
+}
+
 /// Removes, to a fixed point, the nodes none of whose outputs is read (the quantizations and
 /// scale products the fused nodes no longer need), then the initializers nothing reads.
 pub(crate) fn drop_unread(graph: &mut GraphProto) {

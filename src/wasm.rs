@@ -153,7 +153,7 @@ impl JsEngine {
     pub fn from_bundle(
         manifest_json: &str,
         onnx_name: &str,
-        onnx: &[u8],
+        onnx: Vec<u8>,
         tokenizer_json: &[u8],
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
@@ -171,7 +171,7 @@ impl JsEngine {
     #[wasm_bindgen(js_name = fromUserFiles)]
     pub fn from_user_files(
         name: &str,
-        onnx: &[u8],
+        onnx: Vec<u8>,
         tokenizer_json: &[u8],
         tokenizer_config: Option<Vec<u8>>,
         context: usize,

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use wasmlm::{Engine, Prepare};
+use wasmlm::{fused, Engine, Prepare};
 
 const PROMPT: [u32; 7] = [510, 2317, 314, 260, 3575, 282, 4649];
 
@@ -139,31 +139,33 @@ fn int8_kernels_equal_the_unfused_graph() {
     }
 }
 
-/// Our attention products and GELU (fused/) against tract's own ops on the same file. The GELU
-/// is bit-identical (its unit test); the products sum in another order than tract's kernels, so
+/// Our attention products, GELU and rotary embedding (fused/) against tract's own ops on the
+/// same file. The GELU and the rotary embedding are bit-identical (their unit tests); the products sum in another order than tract's kernels, so
 /// logits may move by float rounding: held at the FP32 parity bound, 1e-4, and the same greedy
 /// tokens for 32 steps.
 #[test]
 fn fused_ops_equal_tracts_ops() {
-    // (products, of which on grouped key/value heads, GELUs) per file, counted with the onnx
-    // package: each layer's two attention MatMuls (tiny Llama's with 4 query heads on 2 key/value
-    // heads: the repeat absorbed) and GPT-2's one tanh GELU per layer. Two other MatMuls stay tract's, having a
-    // constant operand: the LM head's transposed embedding, and Llama's rotary inverse
-    // frequencies (an Expand to batch 1, constant once typed).
+    // (products, of which on grouped key/value heads, GELUs, rotary embeddings) per file,
+    // counted with the onnx package: each layer's two attention MatMuls (tiny Llama's with 4
+    // query heads on 2 key/value heads: the repeat absorbed), GPT-2's one tanh GELU per layer,
+    // Llama's two rotary embeddings per layer (queries and keys). Two other MatMuls stay
+    // tract's, having a constant operand: the LM head's transposed embedding, and Llama's rotary
+    // inverse frequencies (an Expand to batch 1, constant once typed).
+    let c = |products, grouped, gelus, ropes| fused::Counts { products, grouped, gelus, ropes };
     let cases = [
-        ("tiny-gpt2", "model.with_past.onnx", (4, 0, 2)),
-        ("tiny-gpt2", "model.onnx", (4, 0, 2)),
-        ("tiny-gpt2", "model.with_past.report-int8.onnx", (4, 0, 2)),
-        ("tiny-gpt2", "model.with_past.int8.onnx", (4, 0, 2)),
-        ("tiny-llama", "model.with_past.onnx", (4, 4, 0)),
-        ("tiny-llama", "model.with_past.report-int8.onnx", (4, 4, 0)),
-        ("tiny-llama", "model.int8.onnx", (4, 4, 0)),
+        ("tiny-gpt2", "model.with_past.onnx", c(4, 0, 2, 0)),
+        ("tiny-gpt2", "model.onnx", c(4, 0, 2, 0)),
+        ("tiny-gpt2", "model.with_past.report-int8.onnx", c(4, 0, 2, 0)),
+        ("tiny-gpt2", "model.with_past.int8.onnx", c(4, 0, 2, 0)),
+        ("tiny-llama", "model.with_past.onnx", c(4, 4, 0, 4)),
+        ("tiny-llama", "model.with_past.report-int8.onnx", c(4, 4, 0, 4)),
+        ("tiny-llama", "model.int8.onnx", c(4, 4, 0, 4)),
     ];
     for (model, file, counts) in cases {
         let dir = bundle(model);
         let fused = load(&dir, file);
         let plain = Engine::from_dir(&dir, Some(file), Prepare { fused_ops: false, ..Prepare::default() }).unwrap();
-        assert_eq!((fused.graph.fused_ops, plain.graph.fused_ops), (counts, (0, 0, 0)), "{model} {file}");
+        assert_eq!((fused.graph.fused_ops, plain.graph.fused_ops), (counts, fused::Counts::default()), "{model} {file}");
         // 7 tokens: the products' own loops; 40: a prefill's attention on the blocked kernel
         // (BLOCKED_ROWS in src/fused/matmul.rs), whose summation order differs from tract's.
         // There `report`, which quantizes activations at run time, may round an activation

@@ -46,14 +46,14 @@ fn truncated_onnx_and_hash_mismatch_are_typed_errors() {
     let onnx = read(&dir, "model.with_past.onnx");
     let tok = read(&dir, "tokenizer.json");
     let cut = &onnx[..onnx.len() / 3];
-    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", cut, &tok, Prepare::default()).err().unwrap();
+    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", cut.to_vec(), &tok, Prepare::default()).err().unwrap();
     assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
     let mut flipped = onnx.clone();
     flipped[onnx.len() / 2] ^= 1;
-    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", &flipped, &tok, Prepare::default()).err().unwrap();
+    let e = Engine::from_bytes(&manifest, "model.with_past.onnx", flipped, &tok, Prepare::default()).err().unwrap();
     assert!(matches!(e, Error::HashMismatch { .. }) && e.to_string().contains("sha256"), "{e}");
     // Without the manifest's protection, truncated bytes reach the parser: an error, no panic.
-    let e = wasmlm::graph::load(cut, Some((4, 16)), Prepare::default()).err().unwrap();
+    let e = wasmlm::graph::load(cut.to_vec(), Some((4, 16)), Prepare::default()).err().unwrap();
     assert!(matches!(e, Error::Onnx(_)), "{e}");
 }
 
@@ -70,7 +70,7 @@ fn a_graph_with_unknown_io_names_is_refused_with_what_was_expected() {
         }
         i += 1;
     }
-    let e = wasmlm::graph::load(&onnx, None, Prepare::default()).err().unwrap();
+    let e = wasmlm::graph::load(onnx, None, Prepare::default()).err().unwrap();
     assert!(matches!(e, Error::UnsupportedGraph(_)), "{e}");
     assert!(e.to_string().contains("input_ids") && e.to_string().contains("past_key_<i>"), "{e}");
 }

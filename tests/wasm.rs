@@ -84,7 +84,7 @@ fn parity(model: &str) {
         let (ort, native) = (json(&format!("{expect}.ort.json")), json(&format!("{expect}.native.json")));
         assert_eq!(ids(&native["prompt"]), PROMPT.to_vec());
         let onnx = read(&format!("{}/{file}", b.dir));
-        let engine = Engine::from_bytes(&manifest, file, &onnx, &b.tokenizer, Prepare::default()).unwrap();
+        let engine = Engine::from_bytes(&manifest, file, onnx.clone(), &b.tokenizer, Prepare::default()).unwrap();
         // INT8 files run on our int8 kernels, this build's own (scalar without SIMD), every
         // product on the same one
         let kernels = engine.info.int8_kernels.clone().unwrap_or_default();
@@ -145,7 +145,7 @@ fn js_surface_streams_the_native_tokens() {
     let b = bundle("tiny-llama");
     let file = "model.with_past.int8.onnx";
     let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, &read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, read(&format!("{}/{file}", b.dir)), &b.tokenizer,
                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
     let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
     // The native trace starts from PROMPT's ids; the surface takes text, so decode them first.
@@ -171,7 +171,7 @@ fn js_surface_streams_the_native_tokens() {
 fn bench_profile_times_every_product() {
     let b = bundle("tiny-gpt2");
     let file = "model.with_past.report-int8.onnx";
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, &read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, read(&format!("{}/{file}", b.dir)), &b.tokenizer,
                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
     let p: Value = serde_wasm_bindgen::from_value(engine.bench_profile(&PROMPT, Some(3)).map_err(JsValue::from).unwrap()).unwrap();
     let info: Value = serde_wasm_bindgen::from_value(engine.info()).unwrap();
@@ -198,25 +198,25 @@ fn bad_input_is_an_error_not_a_panic() {
     // Right size, wrong content: the manifest check catches it.
     let mut corrupt = onnx.clone();
     corrupt[1000] ^= 0xff;
-    let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, &corrupt, &b.tokenizer, JsValue::UNDEFINED));
+    let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, corrupt, &b.tokenizer, JsValue::UNDEFINED));
     assert!(m.contains("sha256"), "{m}");
     // Truncated and without a manifest to catch it: tract's parser must fail cleanly.
-    let m = message("truncated", JsEngine::from_user_files("cut.onnx", &onnx[..onnx.len() / 2], &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    let m = message("truncated", JsEngine::from_user_files("cut.onnx", onnx[..onnx.len() / 2].to_vec(), &b.tokenizer, None, 64, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
-    let m = message("not onnx", JsEngine::from_user_files("x.onnx", b"not onnx at all", &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    let m = message("not onnx", JsEngine::from_user_files("x.onnx", b"not onnx at all".to_vec(), &b.tokenizer, None, 64, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
-    let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");
     // A digest computed by the caller (WebCrypto in the page) is compared with the manifest too.
     let opts = js(&serde_json::json!({"sha256": {file: "00".repeat(32)}}));
-    let m = message("wrong digest", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    let m = message("wrong digest", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
     assert!(m.contains("sha256 is 0000"), "{m}");
     let opts = js(&serde_json::json!({"fold_constant": false}));
-    let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, &onnx, &b.tokenizer, opts));
+    let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
     assert!(m.contains("unknown fold_constant"), "{m}");
     // A user's own file that works: the cache layout comes from the graph itself.
-    let engine = JsEngine::from_user_files("mine.onnx", &onnx, &b.tokenizer, None, 64, JsValue::UNDEFINED)
+    let engine = JsEngine::from_user_files("mine.onnx", onnx.clone(), &b.tokenizer, None, 64, JsValue::UNDEFINED)
         .map_err(JsValue::from)
         .unwrap();
     let mut session = engine.session().map_err(JsValue::from).unwrap();

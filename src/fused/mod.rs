@@ -1,16 +1,19 @@
 //! Ops of our own for what tract runs as many small nodes: attention's products of two
-//! computed tensors ([`matmul`]) and GPT-2's tanh GELU ([`gelu`]).
+//! computed tensors ([`matmul`]), GPT-2's tanh GELU ([`gelu`]) and Llama's rotary embedding
+//! ([`rope`]).
 //!
-//! Both are found in the ONNX protobuf before tract sees it, as the INT8 products are
-//! (crate::qmatmul), and both are the per-token overhead left once those products ran near
-//! the memory bandwidth: on distilgpt2-shape's `report` file, 0.59 + ~0.2 of ~4.0 ms per token
-//! (`wasmlm profile`). `Prepare::fused_ops = false` leaves the graph to tract, to compare.
+//! The first two are found in the ONNX protobuf before tract sees it, as the INT8 products are
+//! (crate::qmatmul), the rotary embedding on the typed model by tract-transformers' rules. All
+//! are the per-token overhead left once those products ran near the memory bandwidth: on
+//! distilgpt2-shape's `report` file, 0.59 + ~0.2 of ~4.0 ms per token (`wasmlm profile`).
+//! `Prepare::fused_ops = false` leaves the graph to tract, to compare.
 
 pub mod gelu;
 pub mod matmul;
+pub mod rope;
 
 use tract_onnx::pb::ModelProto;
-use tract_onnx::prelude::TypedModel;
+use tract_onnx::prelude::{TypedModel, TypedNode};
 use tract_onnx::Onnx;
 
 /// Makes `onnx` understand the ops [`rewrite`] writes.
@@ -24,12 +27,28 @@ pub fn rewrite(model: &mut ModelProto) -> (usize, usize) {
     (matmul::rewrite(model), gelu::rewrite(model))
 }
 
-/// (products, of which reading grouped key/value heads, GELUs) on our ops in `model`: read off
-/// the ops, so a `MatMul` left to tract at wiring (a constant operand, another type) is not
-/// counted.
-pub fn count(model: &TypedModel) -> (usize, usize, usize) {
-    let products: Vec<&matmul::ActMatMul> = model.nodes.iter().filter_map(|n| n.op_as::<matmul::ActMatMul>()).collect();
-    let grouped = products.iter().filter(|p| p.group > 1).count();
-    let gelus = model.nodes.iter().filter(|n| n.op_is::<gelu::GeluTanh>()).count();
-    (products.len(), grouped, gelus)
+/// How many of a plan's nodes are our ops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Attention products ([`matmul::ActMatMul`]),
+    pub products: usize,
+    /// of which reading grouped key/value heads.
+    pub grouped: usize,
+    pub gelus: usize,
+    /// Rotary embeddings ([`rope::Rope`]).
+    pub ropes: usize,
 }
+
+/// Our ops in `model`: read off the ops, so a `MatMul` left to tract at wiring (a constant
+/// operand, another type) is not counted.
+pub fn count(model: &TypedModel) -> Counts {
+    let products: Vec<&matmul::ActMatMul> = model.nodes.iter().filter_map(|n| n.op_as::<matmul::ActMatMul>()).collect();
+    let of = |f: fn(&TypedNode) -> bool| model.nodes.iter().filter(|n| f(n)).count();
+    Counts {
+        products: products.len(),
+        grouped: products.iter().filter(|p| p.group > 1).count(),
+        gelus: of(|n| n.op_is::<gelu::GeluTanh>()),
+        ropes: of(|n| n.op_is::<rope::Rope>()),
+    }
+}
+

@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, TensorProto};
 
 use super::{blockq8, gather, OP_TYPE};
-use crate::proto::{drop_unread, int64_values};
+use crate::proto::{drop_unread, int64_values, replace_nodes};
 
 /// Rewrites in place; returns how many products were fused.
 pub fn fuse(model: &mut ModelProto) -> usize {
@@ -105,15 +105,11 @@ pub fn fuse(model: &mut ModelProto) -> usize {
     if count == 0 {
         return 0;
     }
-    let mut replaced: HashMap<usize, NodeProto> = fused.into_iter().collect();
-    let old = std::mem::take(&mut graph.node);
-    for (i, n) in old.into_iter().enumerate() {
-        if let Some(new) = replaced.remove(&i) {
-            graph.node.push(new);
-        } else if !dead.contains(&i) {
-            graph.node.push(n);
-        }
+    let mut replace: HashMap<usize, Vec<NodeProto>> = fused.into_iter().map(|(i, n)| (i, vec![n])).collect();
+    for i in dead {
+        replace.entry(i).or_default();
     }
+    replace_nodes(graph, replace);
     drop_unread(graph);
     count
 }
@@ -268,13 +264,7 @@ pub fn fuse_blocks(model: &mut ModelProto) -> (usize, usize) {
     if count == 0 {
         return (0, 0);
     }
-    let old = std::mem::take(&mut graph.node);
-    for (i, n) in old.into_iter().enumerate() {
-        match replace.remove(&i) {
-            Some(new) => graph.node.extend(new),
-            None => graph.node.push(n),
-        }
-    }
+    replace_nodes(graph, replace);
     let opset = model.opset_import.iter().find(|o| o.domain.is_empty()).map_or(0, |o| o.version);
     let graph = model.graph.as_mut().expect("checked above");
     if opset >= 13 {
@@ -296,23 +286,39 @@ fn merge_siblings(graph: &mut GraphProto) {
         n.op_type == blockq8::OP_TYPE && n.input.len() == 3
             && n.attribute.iter().any(|a| a.name == "layout" && a.s == b"kn")
     };
-    let mut groups: Vec<(&str, Vec<usize>)> = vec![];
+    let mut groups: Vec<(String, Vec<usize>)> = vec![];
     for (i, n) in graph.node.iter().enumerate().filter(|(_, n)| layout_kn(n)) {
         match groups.iter_mut().find(|g| g.0 == n.input[0]) {
             Some(g) => g.1.push(i),
-            None => groups.push((n.input[0].as_str(), vec![i])),
+            None => groups.push((n.input[0].clone(), vec![i])),
         }
     }
-    let index: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    // (group, N of each member) for the groups whose weights and scales can be joined
+    let joinable: Vec<(String, Vec<usize>, Vec<i64>)> = {
+        let index: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        let tensors = |members: &[usize], k: usize| {
+            members.iter().map(|&i| index.get(graph.node[i].input[k].as_str()).copied()).collect::<Option<Vec<_>>>()
+        };
+        groups.into_iter().filter(|g| g.1.len() >= 2).filter_map(|(x, members)| {
+            let (qs, ss) = (tensors(&members, 1)?, tensors(&members, 2)?);
+            let n = columns(&qs).filter(|n| columns(&ss).as_ref() == Some(n))?;
+            Some((x, members, n))
+        }).collect()
+    };
+    if joinable.is_empty() {
+        return;
+    }
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for name in graph.node.iter().flat_map(|n| &n.input).chain(graph.output.iter().map(|o| &o.name)) {
+        *readers.entry(name.clone()).or_default() += 1;
+    }
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
-    let mut gone: HashSet<usize> = HashSet::new();
     let mut added: Vec<TensorProto> = vec![];
-    for (x, members) in groups.iter().filter(|g| g.1.len() >= 2) {
-        let tensors = |k: usize| members.iter().map(|&i| index.get(graph.node[i].input[k].as_str()).copied()).collect::<Option<Vec<_>>>();
-        let (Some(qs), Some(ss)) = (tensors(1), tensors(2)) else { continue };
-        let Some(n) = columns(&qs).filter(|n| columns(&ss).as_ref() == Some(n)) else { continue };
-        let first = &graph.node[members[0]];
-        let (q, sc) = (joined(&qs, &n, format!("{}.joined", qs[0].name)), joined(&ss, &n, format!("{}.joined", ss[0].name)));
+    for (x, members, n) in joinable {
+        let first = graph.node[members[0]].clone();
+        let names = |k: usize| members.iter().map(|&i| graph.node[i].input[k].clone()).collect::<Vec<_>>();
+        let (qs, ss) = (names(1), names(2));
+        let (q, sc) = (join(graph, &readers, &qs, &n), join(graph, &readers, &ss, &n));
         let y = format!("{}.joined", first.output[0]);
         let sizes = TensorProto {
             name: format!("{y}.sizes"),
@@ -324,7 +330,7 @@ fn merge_siblings(graph: &mut GraphProto) {
         let merged = NodeProto {
             name: format!("{}.joined", first.name),
             op_type: blockq8::OP_TYPE.into(),
-            input: vec![x.to_string(), q.name.clone(), sc.name.clone()],
+            input: vec![x, q.name.clone(), sc.name.clone()],
             output: vec![y.clone()],
             attribute: first.attribute.clone(),
             ..Default::default()
@@ -344,19 +350,9 @@ fn merge_siblings(graph: &mut GraphProto) {
         };
         added.extend([q, sc, sizes]);
         replace.insert(members[0], vec![merged, split]);
-        gone.extend(&members[1..]);
+        replace.extend(members[1..].iter().map(|&i| (i, vec![])));
     }
-    if replace.is_empty() {
-        return;
-    }
-    let old = std::mem::take(&mut graph.node);
-    for (i, n) in old.into_iter().enumerate() {
-        match replace.remove(&i) {
-            Some(new) => graph.node.extend(new),
-            None if gone.contains(&i) => {}
-            None => graph.node.push(n),
-        }
-    }
+    replace_nodes(graph, replace);
     graph.initializer.extend(added);
 }
 
@@ -373,21 +369,31 @@ fn columns(ts: &[&TensorProto]) -> Option<Vec<i64>> {
         .collect()
 }
 
-/// `ts` (checked by [`columns`]) joined along their last axis.
-fn joined(ts: &[&TensorProto], n: &[i64], name: String) -> TensorProto {
-    let rows = (ts[0].dims[0] * ts[0].dims[1]) as usize;
-    let elem = ts[0].raw_data.len() / ts[0].dims.iter().product::<i64>() as usize;
-    let mut raw = Vec::with_capacity(ts.iter().map(|t| t.raw_data.len()).sum());
+/// The initializers `names` (checked by [`columns`], of N `n`) joined along their last axis. The
+/// bytes of an initializer nothing else reads are moved out, not copied, so that a join holds
+/// one layer's weights twice at most, not the model's (wasm memory never shrinks).
+fn join(graph: &mut GraphProto, readers: &HashMap<String, usize>, names: &[String], n: &[i64]) -> TensorProto {
+    let parts: Vec<TensorProto> = names.iter().map(|name| {
+        let t = graph.initializer.iter_mut().find(|t| t.name == *name).expect("checked by columns");
+        if readers.get(name) == Some(&1) {
+            TensorProto { raw_data: std::mem::take(&mut t.raw_data), ..t.clone() }
+        } else {
+            t.clone()
+        }
+    }).collect();
+    let rows = (parts[0].dims[0] * parts[0].dims[1]) as usize;
+    let elem = parts[0].raw_data.len() / parts[0].dims.iter().product::<i64>() as usize;
+    let mut raw = Vec::with_capacity(parts.iter().map(|t| t.raw_data.len()).sum());
     for r in 0..rows {
-        for (t, &cols) in ts.iter().zip(n) {
+        for (t, &cols) in parts.iter().zip(n) {
             let w = cols as usize * elem;
             raw.extend_from_slice(&t.raw_data[r * w..(r + 1) * w]);
         }
     }
     TensorProto {
-        name,
-        dims: vec![ts[0].dims[0], ts[0].dims[1], n.iter().sum()],
-        data_type: ts[0].data_type,
+        name: format!("{}.joined", names[0]),
+        dims: vec![parts[0].dims[0], parts[0].dims[1], n.iter().sum()],
+        data_type: parts[0].data_type,
         raw_data: raw,
         ..Default::default()
     }
