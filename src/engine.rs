@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::fused;
-use crate::graph::{self, Graph, Prepare};
+use crate::graph::{self, Graph, OnnxBytes, Prepare};
 use crate::manifest::Manifest;
 use crate::session::Session;
 use crate::text::Text;
@@ -63,7 +63,7 @@ impl Engine {
     pub fn from_bytes(
         manifest: &Manifest,
         onnx_name: &str,
-        onnx: Vec<u8>,
+        onnx: impl OnnxBytes,
         tokenizer_json: &[u8],
         prep: Prepare,
     ) -> Result<Engine> {
@@ -75,14 +75,14 @@ impl Engine {
     pub fn from_bytes_hashed(
         manifest: &Manifest,
         onnx_name: &str,
-        onnx: Vec<u8>,
+        onnx: impl OnnxBytes,
         tokenizer_json: &[u8],
         prep: Prepare,
         onnx_sha256: Option<&str>,
         tokenizer_sha256: Option<&str>,
     ) -> Result<Engine> {
         let t0 = now_ms();
-        manifest.verify_with(onnx_name, &onnx, onnx_sha256)?;
+        manifest.verify_digest(onnx_name, onnx.len(), || onnx.sha256(), onnx_sha256)?;
         manifest.verify_with("tokenizer.json", tokenizer_json, tokenizer_sha256)?;
         let t_verified = now_ms();
         let entry = manifest.file(onnx_name)?;
@@ -116,7 +116,7 @@ impl Engine {
     /// tokenizer_config.json's eos_token), the chat template from tokenizer_config.json if given.
     pub fn from_user_files(
         name: &str,
-        onnx: Vec<u8>,
+        onnx: impl OnnxBytes,
         tokenizer_json: &[u8],
         tokenizer_config: Option<&[u8]>,
         context: usize,
@@ -148,7 +148,7 @@ impl Engine {
                 .collect();
         }
         let t_text = now_ms();
-        let file_bytes = onnx.len() as u64;
+        let file_bytes = onnx.len();
         let graph = graph::load(onnx, None, prep)?;
         let load_phases_ms = phases(0.0, &graph, t_text - t0);
         let info = LoadedInfo {

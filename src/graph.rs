@@ -103,9 +103,40 @@ fn cache_dims(model: &InferenceModel, ix: usize, hint: Option<(usize, usize)>) -
     }
 }
 
-/// Parse, type with symbolic S and P, fold constants, optimize, plan. `bytes` are dropped once
-/// decoded: the protobuf holds its own copy of every weight, and tract will make another.
-pub fn load(bytes: Vec<u8>, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
+/// An ONNX file's bytes, wherever they lie: in memory (`Vec<u8>`), or in a JS array that the
+/// wasm engine reads in chunks (src/wasm.rs). Decoding consumes them: the protobuf holds its own
+/// copy of every weight and tract will make another, so the file's bytes must not stay beside
+/// them (wasm memory never shrinks).
+pub trait OnnxBytes {
+    fn len(&self) -> u64;
+    /// Hex, lower case.
+    fn sha256(&self) -> String;
+    fn decode(self) -> Result<tract_onnx::pb::ModelProto>;
+}
+
+impl OnnxBytes for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+
+    fn sha256(&self) -> String {
+        crate::manifest::sha256_hex(self)
+    }
+
+    /// Straight from the bytes: tract's `proto_model_for_read` first copies them into a vector
+    /// grown by doubling, which held up to 3x the file at once.
+    fn decode(self) -> Result<tract_onnx::pb::ModelProto> {
+        decode_proto(&self[..])
+    }
+}
+
+/// A protobuf from any `Buf` (bytes in memory, or chunks of a JS array).
+pub fn decode_proto(buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::ModelProto> {
+    tract_onnx::pb::ModelProto::decode(buf).map_err(|e| Error::Onnx(e.to_string()))
+}
+
+/// Parse, type with symbolic S and P, fold constants, optimize, plan.
+pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
     // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
     let mut phases = Phases::start();
@@ -113,10 +144,7 @@ pub fn load(bytes: Vec<u8>, kv_hint: Option<(usize, usize)>, prep: Prepare) -> R
     qmatmul::register(&mut onnx);
     fused::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
-    // decoded straight from the bytes: tract's proto_model_for_read first copies them into a
-    // vector grown by doubling, which held up to 3x the file at once (wasm memory never shrinks)
-    let mut proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).map_err(|e| Error::Onnx(format!("{e:?}")))?;
-    drop(bytes);
+    let mut proto = bytes.decode()?;
     pow::cube_powers(&mut proto);
     let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))

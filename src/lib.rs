@@ -12,6 +12,8 @@ pub mod fold;
 pub mod fused;
 pub mod generate;
 pub mod graph;
+#[cfg(target_arch = "wasm32")]
+pub mod js_bytes;
 pub mod manifest;
 pub mod pow;
 pub mod prefold;

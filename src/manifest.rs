@@ -90,17 +90,18 @@ impl Manifest {
     /// at native speed; the sha2 crate in wasm runs at ~30 MB/s, 17 s for a 540 MB file). The
     /// size is still checked here, and the digest is compared with the manifest's here.
     pub fn verify_with(&self, name: &str, bytes: &[u8], sha256: Option<&str>) -> Result<()> {
+        self.verify_digest(name, bytes.len() as u64, || sha256_hex(bytes), sha256)
+    }
+
+    /// As `verify_with`, from the size and a digest computed only if the caller has none.
+    pub fn verify_digest(&self, name: &str, size: u64, digest: impl FnOnce() -> String, sha256: Option<&str>) -> Result<()> {
         let entry = self.file(name)?;
-        if bytes.len() as u64 != entry.bytes {
-            return Err(Error::SizeMismatch {
-                file: name.into(),
-                expected: entry.bytes,
-                size: bytes.len() as u64,
-            });
+        if size != entry.bytes {
+            return Err(Error::SizeMismatch { file: name.into(), expected: entry.bytes, size });
         }
         let found = match sha256 {
             Some(hex_digest) => hex_digest.to_ascii_lowercase(),
-            None => hex(&Sha256::digest(bytes)),
+            None => digest(),
         };
         if found != entry.sha256 {
             return Err(Error::HashMismatch { file: name.into(), expected: entry.sha256.clone(), found });
@@ -109,6 +110,11 @@ impl Manifest {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// sha256, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

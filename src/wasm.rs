@@ -21,6 +21,7 @@ use crate::bench;
 use crate::engine::Engine;
 use crate::generate::{GenerateOptions, Generation};
 use crate::graph::Prepare;
+use crate::js_bytes::JsBytes;
 use crate::manifest::Manifest;
 use crate::session::Session;
 
@@ -146,21 +147,22 @@ pub struct JsEngine {
 
 #[wasm_bindgen(js_class = Engine)]
 impl JsEngine {
-    /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes,
+    /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes (a
+    /// `Uint8Array`, read in chunks: never whole in wasm memory, src/js_bytes.rs),
     /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest (options:
     /// `{sha256: {name: hex}}` gives digests already computed, e.g. by WebCrypto).
     #[wasm_bindgen(js_name = fromBundle)]
     pub fn from_bundle(
         manifest_json: &str,
         onnx_name: &str,
-        onnx: Vec<u8>,
+        onnx: js_sys::Uint8Array,
         tokenizer_json: &[u8],
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let manifest = Manifest::from_json(manifest_json).map_err(err)?;
         let digest = |name: &str| opts.sha256.get(name).map(String::as_str);
-        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, onnx, tokenizer_json, opts.prepare(),
+        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, JsBytes(onnx), tokenizer_json, opts.prepare(),
                                                digest(onnx_name), digest("tokenizer.json"))
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
@@ -171,14 +173,14 @@ impl JsEngine {
     #[wasm_bindgen(js_name = fromUserFiles)]
     pub fn from_user_files(
         name: &str,
-        onnx: Vec<u8>,
+        onnx: js_sys::Uint8Array,
         tokenizer_json: &[u8],
         tokenizer_config: Option<Vec<u8>>,
         context: usize,
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
-        let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+        let engine = Engine::from_user_files(name, JsBytes(onnx), tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }

@@ -39,6 +39,11 @@ fn read(path: &str) -> Vec<u8> {
     read_file_sync(path).unwrap_or_else(|e| panic!("{path}: {e:?} (run ./build.sh test)")).to_vec()
 }
 
+/// Bytes as the page hands them to the engine.
+fn u8a(bytes: &[u8]) -> js_sys::Uint8Array {
+    js_sys::Uint8Array::from(bytes)
+}
+
 fn json(path: &str) -> Value {
     serde_json::from_slice(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
@@ -145,7 +150,7 @@ fn js_surface_streams_the_native_tokens() {
     let b = bundle("tiny-llama");
     let file = "model.with_past.int8.onnx";
     let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
     let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
     // The native trace starts from PROMPT's ids; the surface takes text, so decode them first.
@@ -165,13 +170,39 @@ fn js_surface_streams_the_native_tokens() {
     assert_eq!(session.stop_reason().as_deref(), Some("MaxTokens"));
 }
 
+/// The ONNX file is read out of its `Uint8Array` in chunks (src/js_bytes.rs): with 997-byte
+/// chunks, boundaries fall inside every field. The sha256 computed through them must match the
+/// manifest's, and the decoded graph must give the native greedy tokens.
+#[wasm_bindgen_test]
+fn onnx_read_in_small_chunks_gives_the_same_model() {
+    let b = bundle("tiny-llama");
+    let file = "model.with_past.int8.onnx";
+    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    wasmlm::js_bytes::set_chunk_bytes(997);
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
+                                       JsValue::UNDEFINED);
+    wasmlm::js_bytes::set_chunk_bytes(4 << 20);
+    let engine = engine.map_err(JsValue::from).unwrap();
+    let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    let prompt = engine.decode(&PROMPT).map_err(JsValue::from).unwrap();
+    let opts = js(&serde_json::json!({"max_new_tokens": 8, "ignore_eos": true}));
+    let mut ev = session.prefill(&prompt, opts).map_err(JsValue::from).unwrap();
+    let mut tokens = vec![];
+    while !ev.is_undefined() {
+        let e: Value = serde_wasm_bindgen::from_value(ev).unwrap();
+        tokens.push(e["id"].as_u64().unwrap() as u32);
+        ev = session.next().map_err(JsValue::from).unwrap();
+    }
+    assert_eq!(tokens, ids(&native["tokens"])[..8].to_vec());
+}
+
 /// The benchmark mode's per-op profile through the JS surface: every product of the file is
 /// timed once per step, and the ops' times add up to at most the steps' own.
 #[wasm_bindgen_test]
 fn bench_profile_times_every_product() {
     let b = bundle("tiny-gpt2");
     let file = "model.with_past.report-int8.onnx";
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, read(&format!("{}/{file}", b.dir)), &b.tokenizer,
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
     let p: Value = serde_wasm_bindgen::from_value(engine.bench_profile(&PROMPT, Some(3)).map_err(JsValue::from).unwrap()).unwrap();
     let info: Value = serde_wasm_bindgen::from_value(engine.info()).unwrap();
@@ -198,25 +229,25 @@ fn bad_input_is_an_error_not_a_panic() {
     // Right size, wrong content: the manifest check catches it.
     let mut corrupt = onnx.clone();
     corrupt[1000] ^= 0xff;
-    let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, corrupt, &b.tokenizer, JsValue::UNDEFINED));
+    let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, u8a(&corrupt), &b.tokenizer, JsValue::UNDEFINED));
     assert!(m.contains("sha256"), "{m}");
     // Truncated and without a manifest to catch it: tract's parser must fail cleanly.
-    let m = message("truncated", JsEngine::from_user_files("cut.onnx", onnx[..onnx.len() / 2].to_vec(), &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    let m = message("truncated", JsEngine::from_user_files("cut.onnx", u8a(&onnx[..onnx.len() / 2]), &b.tokenizer, None, 64, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
-    let m = message("not onnx", JsEngine::from_user_files("x.onnx", b"not onnx at all".to_vec(), &b.tokenizer, None, 64, JsValue::UNDEFINED));
+    let m = message("not onnx", JsEngine::from_user_files("x.onnx", u8a(b"not onnx at all"), &b.tokenizer, None, 64, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
-    let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
+    let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");
     // A digest computed by the caller (WebCrypto in the page) is compared with the manifest too.
     let opts = js(&serde_json::json!({"sha256": {file: "00".repeat(32)}}));
-    let m = message("wrong digest", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
+    let m = message("wrong digest", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("sha256 is 0000"), "{m}");
     let opts = js(&serde_json::json!({"fold_constant": false}));
-    let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, onnx.clone(), &b.tokenizer, opts));
+    let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("unknown fold_constant"), "{m}");
     // A user's own file that works: the cache layout comes from the graph itself.
-    let engine = JsEngine::from_user_files("mine.onnx", onnx.clone(), &b.tokenizer, None, 64, JsValue::UNDEFINED)
+    let engine = JsEngine::from_user_files("mine.onnx", u8a(&onnx), &b.tokenizer, None, 64, JsValue::UNDEFINED)
         .map_err(JsValue::from)
         .unwrap();
     let mut session = engine.session().map_err(JsValue::from).unwrap();

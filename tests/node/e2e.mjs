@@ -105,7 +105,9 @@ async function main() {
     const picked = JSON.parse(await page.inputValue("#model"));
     assert.equal(picked.id, "smollm2-135m", "the default model is preselected");
     assert.equal(picked.file, "model.with_past.int8.onnx", "the default file is preselected");
-    assert.ok(await page.locator("#baselines table tbody tr").count() > 0, "the native baseline table is shown");
+    // the table comes after the picker (baselines.json is fetched once the bundles are listed)
+    await page.waitForSelector("#baselines table tbody tr", { state: "attached", timeout: 30_000 })
+      .catch(async () => assert.fail(`the native baseline table is shown: ${await page.textContent("#baselines")}`));
 
     log("load", picked.file);
     const t0 = Date.now();
