@@ -194,32 +194,8 @@ impl TypedOp for GeluTanh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::{tensor_proto::DataType, type_proto, GraphProto, OperatorSetIdProto, TensorProto, TypeProto,
-                         ValueInfoProto};
-
-    fn value(name: &str, shape: &[i64]) -> ValueInfoProto {
-        use tract_onnx::pb::tensor_shape_proto::{dimension::Value, Dimension};
-        let dim = shape.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
-        let tensor = type_proto::Tensor {
-            elem_type: DataType::Float as i32,
-            shape: Some(tract_onnx::pb::TensorShapeProto { dim }),
-        };
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
-            ..Default::default()
-        }
-    }
-
-    fn node(op: &str, ins: &[&str], out: &str) -> NodeProto {
-        NodeProto {
-            name: out.into(),
-            op_type: op.into(),
-            input: ins.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.into()],
-            ..Default::default()
-        }
-    }
+    use super::super::test_proto::{model, node, value};
+    use tract_onnx::pb::{tensor_proto::DataType, GraphProto, TensorProto};
 
     /// GPT-2's GELU as exported (constants as initializers and one as a `Constant` node, operands
     /// in both orders), with `c0` for 0.5, tanh's output also a graph output when `shared_tanh`
@@ -262,12 +238,7 @@ mod tests {
             output,
             ..Default::default()
         };
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
+        model(graph)
     }
 
     fn run(mut proto: ModelProto, fuse: bool) -> (usize, Vec<f32>) {

@@ -52,3 +52,46 @@ pub fn count(model: &TypedModel) -> Counts {
     }
 }
 
+
+/// Protobuf builders for the rewrites' unit tests.
+#[cfg(test)]
+pub(crate) mod test_proto {
+    use tract_onnx::pb::tensor_proto::DataType;
+    use tract_onnx::pb::{type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TypeProto, ValueInfoProto};
+
+    /// A graph input or output: f32 of `shape`.
+    pub fn value(name: &str, shape: &[i64]) -> ValueInfoProto {
+        use tract_onnx::pb::tensor_shape_proto::{dimension::Value, Dimension};
+        let dim = shape.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
+        let tensor = type_proto::Tensor {
+            elem_type: DataType::Float as i32,
+            shape: Some(tract_onnx::pb::TensorShapeProto { dim }),
+        };
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    /// A node with one output, named after it.
+    pub fn node(op: &str, ins: &[&str], out: &str) -> NodeProto {
+        NodeProto {
+            name: out.into(),
+            op_type: op.into(),
+            input: ins.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.into()],
+            ..Default::default()
+        }
+    }
+
+    /// `graph` as an opset-17 model.
+    pub fn model(graph: GraphProto) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+    }
+}

@@ -124,26 +124,10 @@ impl TypedOp for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::super::test_proto::{model, node, value};
     use tract_onnx::pb::tensor_proto::DataType;
-    use tract_onnx::pb::{type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-                         TypeProto, ValueInfoProto};
+    use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, TensorProto};
     use tract_onnx::prelude::tract_ndarray::ArrayD;
-
-    fn value(name: &str, shape: &[i64]) -> ValueInfoProto {
-        use tract_onnx::pb::tensor_shape_proto::{dimension::Value, Dimension};
-        let dim = shape.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect();
-        let tensor = type_proto::Tensor { elem_type: DataType::Float as i32, shape: Some(tract_onnx::pb::TensorShapeProto { dim }) };
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
-            ..Default::default()
-        }
-    }
-
-    fn node(op: &str, ins: &[&str], out: &str) -> NodeProto {
-        NodeProto { name: out.into(), op_type: op.into(), input: ins.iter().map(|s| s.to_string()).collect(),
-                    output: vec![out.into()], ..Default::default() }
-    }
 
     fn ints(name: &str, v: &[i64]) -> TensorProto {
         TensorProto { name: name.into(), data_type: DataType::Int64 as i32, dims: vec![v.len() as i64], int64_data: v.to_vec(), ..Default::default() }
@@ -169,12 +153,7 @@ mod tests {
             output: vec![value("y", &[1, 3, 5, 8])],
             ..Default::default()
         };
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
+        model(graph)
     }
 
     /// (ropes on our op, the output) for inputs that are not exact in f32 (thirds, sevenths).
