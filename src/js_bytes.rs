@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use prost::bytes::Buf;
 use sha2::{Digest, Sha256};
 
-use crate::error::Result;
+use wasm_bindgen::JsCast;
+
+use crate::error::{Error, Result};
 use crate::graph::{decode_proto, OnnxBytes};
 use crate::manifest::hex;
 
@@ -25,7 +27,18 @@ pub fn set_chunk_bytes(bytes: usize) {
     CHUNK.store(bytes.max(1), Relaxed);
 }
 
-pub struct JsBytes(pub js_sys::Uint8Array);
+pub struct JsBytes(js_sys::Uint8Array);
+
+impl JsBytes {
+    /// wasm-bindgen does not check a `Uint8Array` argument's type: an `ArrayBuffer` or an
+    /// `Array` would fail later, inside a call to its missing methods.
+    pub fn new(array: js_sys::Uint8Array) -> Result<JsBytes> {
+        if !array.is_instance_of::<js_sys::Uint8Array>() {
+            return Err(Error::Onnx("its bytes must be a Uint8Array (or a Node Buffer)".into()));
+        }
+        Ok(JsBytes(array))
+    }
+}
 
 impl OnnxBytes for JsBytes {
     fn len(&self) -> u64 {

@@ -162,7 +162,7 @@ impl JsEngine {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let manifest = Manifest::from_json(manifest_json).map_err(err)?;
         let digest = |name: &str| opts.sha256.get(name).map(String::as_str);
-        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, JsBytes(onnx), tokenizer_json, opts.prepare(),
+        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, JsBytes::new(onnx).map_err(err)?, tokenizer_json, opts.prepare(),
                                                digest(onnx_name), digest("tokenizer.json"))
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
@@ -180,7 +180,7 @@ impl JsEngine {
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
-        let engine = Engine::from_user_files(name, JsBytes(onnx), tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+        let engine = Engine::from_user_files(name, JsBytes::new(onnx).map_err(err)?, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }

@@ -236,6 +236,11 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(m.contains("ONNX"), "{m}");
     let m = message("not onnx", JsEngine::from_user_files("x.onnx", u8a(b"not onnx at all"), &b.tokenizer, None, 64, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
+    // Not a Uint8Array (wasm-bindgen passes any JS value through).
+    use wasm_bindgen::JsCast;
+    let buffer: js_sys::Uint8Array = u8a(&onnx).buffer().unchecked_into();
+    let m = message("array buffer", JsEngine::from_bundle(&b.manifest_text, file, buffer, &b.tokenizer, JsValue::UNDEFINED));
+    assert!(m.contains("must be a Uint8Array"), "{m}");
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
     let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");
