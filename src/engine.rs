@@ -27,7 +27,8 @@ pub struct LoadedInfo {
     pub nodes: usize,
     /// Our int8 kernels in use, if any (see `Graph::kernels`).
     pub int8_kernels: Option<String>,
-    /// "N attention products, M GELUs, R rotary embeddings" on our own ops (fused/), if any.
+    /// "N attention products, A attention cores, M GELUs, R rotary embeddings" on our own ops
+    /// (fused/), if any.
     pub fused_ops: Option<String>,
 }
 
@@ -37,7 +38,8 @@ fn fused_ops(graph: &Graph) -> Option<String> {
         return None;
     }
     let grouped = if c.grouped > 0 { format!(" ({} on grouped key/value heads)", c.grouped) } else { String::new() };
-    Some(format!("{} attention products{grouped}, {} GELUs, {} rotary embeddings", c.products, c.gelus, c.ropes))
+    let cache = if c.with_cache > 0 { format!(" ({} with the cache's concatenation)", c.with_cache) } else { String::new() };
+    Some(format!("{} attention products{grouped}, {} attention cores{cache}, {} GELUs, {} rotary embeddings", c.products, c.attentions, c.gelus, c.ropes))
 }
 
 fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {

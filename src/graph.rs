@@ -247,6 +247,7 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
     if prep.fused_ops {
         fused::matmul::absorb_kv_repeats(&mut typed).map_err(opt)?;
         fused::rope::fuse(&mut typed).map_err(opt)?;
+        fused::attention::fuse(&mut typed).map_err(opt)?;
     }
     phases.mark("declutter");
     if prep.fold_constants {

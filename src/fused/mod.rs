@@ -8,6 +8,7 @@
 //! distilgpt2-shape's `report` file, 0.59 + ~0.2 of ~4.0 ms per token (`wasmlm profile`).
 //! `Prepare::fused_ops = false` leaves the graph to tract, to compare.
 
+pub mod attention;
 pub mod gelu;
 pub mod matmul;
 pub mod rope;
@@ -37,6 +38,10 @@ pub struct Counts {
     pub gelus: usize,
     /// Rotary embeddings ([`rope::Rope`]).
     pub ropes: usize,
+    /// Attention cores ([`attention::Attention`]), each two products besides the ones above,
+    pub attentions: usize,
+    /// of which with the key/value cache's concatenations.
+    pub with_cache: usize,
 }
 
 /// Our ops in `model`: read off the ops, so a `MatMul` left to tract at wiring (a constant
@@ -49,6 +54,8 @@ pub fn count(model: &TypedModel) -> Counts {
         grouped: products.iter().filter(|p| p.group > 1).count(),
         gelus: of(|n| n.op_is::<gelu::GeluTanh>()),
         ropes: of(|n| n.op_is::<rope::Rope>()),
+        attentions: of(|n| n.op_is::<attention::Attention>()),
+        with_cache: of(|n| n.op_as::<attention::Attention>().is_some_and(|a| a.concat)),
     }
 }
 

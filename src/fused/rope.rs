@@ -99,7 +99,7 @@ impl EvalOp for Rope {
 
 /// The strides (in elements) that read a contiguous tensor of shape `from` broadcast to `to`,
 /// numpy's way: 0 along the axes it is repeated on.
-fn broadcast_strides(from: &[usize], to: &[usize]) -> TractResult<TVec<usize>> {
+pub(super) fn broadcast_strides(from: &[usize], to: &[usize]) -> TractResult<TVec<usize>> {
     let bad = || format!("rotary cos/sin of shape {from:?} does not broadcast to the input's {to:?}");
     ensure!(from.len() <= to.len(), bad());
     let pad = to.len() - from.len();

@@ -48,7 +48,21 @@ pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, out: &mut [T],
         return f(p, o);
     }
     SPLITS.fetch_add(1, Relaxed);
-    run_all(threads, parts, &f)
+    run_all(threads, parts, &|(p, o)| f(p, o))
+}
+
+/// Calls `f` once on each thread of the running session (the caller's among them) when `bytes`
+/// (read, times rows) is at least a quarter of the products' threshold ([`set_min_work`]), else
+/// once on the caller; returns when all calls have. For work the calls share out among
+/// themselves (attention's heads, fused/attention.rs: a decode step's attention on SmolLM2 reads
+/// ~4.6 KB per cached token, so a 32-token context's, tens of µs, is split).
+pub fn on_threads(bytes: usize, f: impl Fn() + Sync) {
+    let threads = if bytes.saturating_mul(4) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
+    if threads <= 1 {
+        return f();
+    }
+    SPLITS.fetch_add(1, Relaxed);
+    run_all(threads, (0..threads).collect(), &|_| f())
 }
 
 /// `f` on the parts of a cut in `parts`, one after the other (for the kernels' tests).
@@ -107,19 +121,18 @@ fn threads() -> usize {
 }
 
 #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
-fn run_all<T: Send>(threads: usize, parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
-    let slots: Vec<std::sync::Mutex<Option<(Part, &mut [T])>>> =
-        parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
+fn run_all<P: Send>(threads: usize, parts: Vec<P>, f: &(impl Fn(P) + Sync)) {
+    let slots: Vec<std::sync::Mutex<Option<P>>> = parts.into_iter().map(|p| std::sync::Mutex::new(Some(p))).collect();
     team::run(threads, slots.len(), &|i| {
-        if let Some((p, o)) = slots[i].lock().unwrap().take() {
-            f(p, o)
+        if let Some(p) = slots[i].lock().unwrap().take() {
+            f(p)
         }
     });
 }
 
 #[cfg(not(any(not(target_arch = "wasm32"), feature = "threads")))]
-fn run_all<T: Send>(_threads: usize, parts: Vec<(Part, &mut [T])>, f: &(impl Fn(Part, &mut [T]) + Sync)) {
-    parts.into_iter().for_each(|(p, o)| f(p, o))
+fn run_all<P: Send>(_threads: usize, parts: Vec<P>, f: &(impl Fn(P) + Sync)) {
+    parts.into_iter().for_each(f)
 }
 
 #[cfg(any(not(target_arch = "wasm32"), feature = "threads"))]
