@@ -1,4 +1,4 @@
-// Two wasm builds in headless Chromium, alternating, two rounds (a measurement, not a test; the
+// Two wasm builds in headless Chromium, alternating, in rounds (a measurement, not a test; the
 // numbers in the README's "The threaded build" and "The relaxed-SIMD build"). The builds default
 // to the threaded one against the single-threaded SIMD128 one; AB_BUILDS=relaxed,simd picks others.
 //
@@ -6,7 +6,7 @@
 //   (cd tests/node && node ab.mjs generate ../../dist)     # the default model, the page drawing every token
 //   (cd tests/node && node ab.mjs profile ../../dist smollm2-135m:model.with_past.int8.onnx)
 //
-// bench: the page's benchmark mode, 3 runs, no peer. generate: two 64-token generations per
+// AB_ROUNDS=N: N rounds (default 2). bench: the page's benchmark mode, 3 runs, no peer. generate: two 64-token generations per
 // build and round, the page's own decode median and p90. profile: bench, then the per-op
 // profile ("then time each op"), its 12 costliest ops printed.
 import { spawn } from "node:child_process";
@@ -43,7 +43,7 @@ async function load(page, build, spec) {
 }
 
 try {
-  for (const round of [1, 2]) for (const spec of mode === "generate" ? [null] : files) for (const build of builds) {
+  for (const round of Array.from({ length: Number(process.env.AB_ROUNDS || 2) }, (_, i) => i + 1)) for (const spec of mode === "generate" ? [null] : files) for (const build of builds) {
     const page = await browser.newPage();
     await load(page, build, spec);
     if (mode !== "generate") {
