@@ -46,6 +46,10 @@ pub struct Graph {
     pub kernels: Option<String>,
     /// Nodes on our ops (fused/).
     pub fused_ops: fused::Counts,
+    /// Every layer's key/value cache is kept in its attention op's state, grown in place
+    /// (fused/attention.rs): the graph's past inputs give only its length, its present outputs
+    /// are empty.
+    pub cache_in_ops: bool,
     /// The threads a session's products are cut across (qmatmul/split); natively tract's own
     /// executor gets as many.
     pub threads: usize,
@@ -190,7 +194,8 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops,
+    let cache_in_ops = conv.layers() > 0 && fused_ops.with_cache == conv.layers();
+    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, cache_in_ops,
                threads: prep.threads.max(1) })
 }
 

@@ -12,7 +12,8 @@ use crate::graph::Graph;
 pub struct Session {
     graph: Arc<Graph>,
     state: TypedSimpleState,
-    /// per layer (key, value), each (1, kv_heads, len, head_dim)
+    /// per layer (key, value), each (1, kv_heads, len, head_dim); unused where the graph's
+    /// attention ops hold the cache (`Graph::cache_in_ops`)
     past: Vec<(TValue, TValue)>,
     /// every token the cache holds, in order (a graph without cache recomputes from them)
     tokens: Vec<u32>,
@@ -51,9 +52,14 @@ impl Session {
         self.context
     }
 
-    /// Keep only the first `len` tokens of the cache (a slice along the past axis: cheap).
+    /// Keep only the first `len` tokens of the cache (a slice along the past axis: cheap; a
+    /// cache in the attention ops is cut at the next step, which gives it the shorter length).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len >= self.tokens.len() {
+            return Ok(());
+        }
+        if self.graph.cache_in_ops {
+            self.tokens.truncate(len);
             return Ok(());
         }
         for (k, v) in self.past.iter_mut() {
@@ -137,9 +143,15 @@ impl Session {
             let pos = (past_len..past_len + n).map(|p| p as i64).collect();
             inputs[ix] = Some(as_i64(pos).map_err(Error::run)?);
         }
+        // the cache in the attention ops' states (fused/attention.rs): the past inputs only say
+        // its length, one tensor of zeros for all
+        let held = self.graph.cache_in_ops.then(|| {
+            Tensor::zero::<f32>(&[1, self.graph.kv_heads, past_len, self.graph.head_dim]).map(|t| t.into_tvalue())
+        });
+        let held = held.transpose().map_err(Error::run)?;
         for (layer, &(k, v)) in conv.past.iter().enumerate() {
-            inputs[k] = Some(self.past[layer].0.clone());
-            inputs[v] = Some(self.past[layer].1.clone());
+            inputs[k] = Some(held.clone().unwrap_or_else(|| self.past[layer].0.clone()));
+            inputs[v] = Some(held.clone().unwrap_or_else(|| self.past[layer].1.clone()));
         }
         Ok(inputs.into_iter().flatten().collect())
     }
@@ -147,8 +159,10 @@ impl Session {
     /// Keep the new cache, remember the tokens, return the last position's logits.
     fn absorb(&mut self, ids: &[u32], mut outputs: TVec<TValue>) -> Result<Vec<f32>> {
         let conv = &self.graph.conv;
-        for (layer, &(k, v)) in conv.present.iter().enumerate() {
-            self.past[layer] = (outputs[k].clone(), outputs[v].clone());
+        if !self.graph.cache_in_ops {
+            for (layer, &(k, v)) in conv.present.iter().enumerate() {
+                self.past[layer] = (outputs[k].clone(), outputs[v].clone());
+            }
         }
         self.tokens.extend_from_slice(ids);
         last_row(outputs.swap_remove(conv.logits))

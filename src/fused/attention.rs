@@ -12,15 +12,17 @@
 //! [`super::matmul::product`] (its row loops, or its blocked kernel for a prefill of
 //! [`BLOCKED_ROWS`] rows or more), the scale and mask as the `Mul` and `Add` (each rounded to
 //! f32), then a softmax of our own ([`softmax`]: tract's picks its kernel per row length and
-//! cost ~8 µs per layer here, natively). Within ~1e-6 of tract's nodes
-//! (`fused_ops_equal_tracts_ops`, on the tiny models), and the same bits however the heads are cut across
-//! threads (`products_split_across_threads_equal_one_thread`).
+//! cost ~8 µs per layer here, natively). The logits stay within the FP32 parity bound (1e-4) of
+//! tract's nodes with the same greedy tokens (`fused_ops_equal_tracts_ops`, on the tiny models),
+//! and are the same bits however the heads are cut across threads
+//! (`products_split_across_threads_equal_one_thread`).
 //!
-//! Reading the cache where it lies is the point of taking the `Concat`s in: a decode step's
-//! products read the past keys and the new token's from their two tensors, and the copy into
-//! the concatenations (the graph's `present_*` outputs, the next step's cache) is shared out
-//! with the heads. That copy is still made every step, ~2 x the cache's size in memory traffic
-//! (SmolLM2: 46 KB per cached token), and is most of the op's time at a 64-token context.
+//! Taking the `Concat`s in moves the key/value cache into the op ([`Cache`]): the graph's
+//! `Concat(past, new)` copied the whole cache every step, ~2x its size in memory traffic (46 KB
+//! per cached token on SmolLM2, quadratic over a generation); the op's state keeps each layer's
+//! keys and values in a buffer with room to grow and writes only the new rows. The graph's
+//! `past_*` inputs then give the cache's length only, and its `present_*` outputs are empty
+//! (src/session.rs). This is all or nothing over the layers ([`fuse`]).
 
 use tract_onnx::tract_core::broadcast::multi_broadcast;
 use tract_onnx::tract_core::ops::array::TypedConcat;
@@ -37,8 +39,9 @@ pub const OP_NAME: &str = "WasmlmAttention";
 
 /// `y = softmax(q kᵀ · scale + mask) v` over the last axis, per batch and head; q is (B, H, S, D),
 /// k (B, H / group, L, D), v (B, H / group, L, Dv), mask broadcast to (B, H, S, L); y is
-/// (B, H, S, Dv). With `concat`, the keys and values come as two parts each, concatenated along
-/// the sequence axis here: the inputs are (q, k₀, k₁, v₀, v₁, mask) and the outputs (y, k, v).
+/// (B, H, S, Dv). With `concat`, the inputs are (q, past k, new k, past v, new v, mask): the
+/// keys and values are the op's [`Cache`] with the new rows appended, and the outputs (y, k, v)
+/// where k and v, typed as the concatenations, hold 0 rows (the cache stays in the state).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attention {
     pub group: usize,
@@ -69,11 +72,29 @@ struct Found {
 
 /// Replaces each f32 attention core of `model` by [`Attention`]; returns how many. Run after
 /// [`super::matmul::absorb_kv_repeats`] (which gives the products their `group`).
+///
+/// The cache's `Concat`s are taken in (the op then keeps the cache, [`Cache`]) only if all of
+/// them are, every graph output made by a `Concat`: the session feeds the graph's past inputs
+/// one way or the other for all layers.
 pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     let mut found = vec![];
     for node in &model.nodes {
         if let Some(f) = find(model, node)? {
             found.push(f);
+        }
+    }
+    let outputs: std::collections::BTreeSet<usize> =
+        model.output_outlets()?.iter().filter(|o| model.node(o.node).op_is::<TypedConcat>()).map(|o| o.node).collect();
+    let taken: std::collections::BTreeSet<usize> = found
+        .iter()
+        .flat_map(|f| [&f.k, &f.v])
+        .filter_map(|x| if let Kv::Concat(id, ..) = x { Some(*id) } else { None })
+        .collect();
+    if taken != outputs {
+        for x in found.iter_mut().flat_map(|f| [&mut f.k, &mut f.v]) {
+            if let Kv::Concat(id, ..) = *x {
+                *x = Kv::Whole(OutletId::new(id, 0));
+            }
         }
     }
     for f in &found {
@@ -197,88 +218,147 @@ impl Op for Attention {
 }
 
 impl EvalOp for Attention {
-    op_out_of_plan!();
+    /// Without the cache's `Concat`s the op is a function of its inputs; with them it keeps the
+    /// cache ([`Cache`]) and runs only in a plan's state.
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        if self.concat {
+            return Ok(None);
+        }
+        let (q, k, v, mask) = args_4!(inputs);
+        let (k, v) = (Keys::whole(&k)?, Keys::whole(&v)?);
+        Ok(Some(tvec!(attend(&q, &k, &v, &mask, self.scale, self.group)?.into_tvalue())))
+    }
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        if !self.concat {
-            let (q, k, v, mask) = args_4!(inputs);
-            let (k, v) = (Keys::whole(&k)?, Keys::whole(&v)?);
-            return Ok(tvec!(attend(&q, &k, &v, &mask, self.scale, self.group, None)?.into_tvalue()));
-        }
-        let (q, k0, k1, v0, v1, mask) = args_6!(inputs);
-        let (k, v) = (Keys::parts(&k0, &k1)?, Keys::parts(&v0, &v1)?);
-        let (mut kc, mut vc) = (k.uninitialized()?, v.uninitialized()?);
-        let y = if q.shape().get(2).is_some_and(|&s| s >= BLOCKED_ROWS) {
-            // a prefill: the products on the blocked kernel, over the concatenations
-            k.copy_into(&mut kc)?;
-            v.copy_into(&mut vc)?;
-            attend(&q, &Keys::whole(&kc)?, &Keys::whole(&vc)?, &mask, self.scale, self.group, None)?
-        } else {
-            attend(&q, &k, &v, &mask, self.scale, self.group, Some((&mut kc, &mut vc)))?
-        };
-        Ok(tvec!(y.into_tvalue(), kc.into_tvalue(), vc.into_tvalue()))
+        self.eval_out_of_plan(inputs)?.context("the attention op with the cache runs in a plan's state")
+    }
+
+    fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
+        Ok(self.concat.then(|| Box::new(Cache::default()) as Box<dyn OpState>))
     }
 }
 
-/// Keys or values as the product reads them: for each (batch, head) a run of `len[0]` rows of
-/// `d` from `parts[0]`, then `len[1]` from `parts[1]` (the cache and the new tokens, which the
-/// graph concatenated).
+/// A layer's key/value cache, kept by its [`Attention`] between steps and grown in place: the
+/// graph's `Concat(past, new)` copied the whole cache every step (~2x its size in memory
+/// traffic, 46 KB per cached token on SmolLM2); here a step writes its new rows only.
+///
+/// The op's `past_*` inputs give the cache's length, which the graph reads for the positions
+/// and the mask, and the op trusts its own rows for that length: the session feeds it, through
+/// those inputs, only the cache this state made (src/session.rs: zeros of that shape). A
+/// shorter past truncates the cache (the session's `truncate`, a reset); a longer one, which
+/// this state never saw, is loaded from the input. The `present_*` outputs are empty (0 rows).
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    k: Rows,
+    v: Rows,
+}
+
+impl OpState for Cache {
+    fn eval(&mut self, _ctx: &EvalContext, op: &dyn Op, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let op = op.downcast_ref::<Attention>().context("the attention cache on another op")?;
+        let (q, k0, k1, v0, v1, mask) = args_6!(inputs);
+        self.k.extend(&k0, &k1)?;
+        self.v.extend(&v0, &v1)?;
+        let y = attend(&q, &self.k.keys(), &self.v.keys(), &mask, op.scale, op.group)?;
+        let empty = |t: &Tensor| -> TractResult<TValue> {
+            let s = t.shape();
+            Ok(Tensor::zero::<f32>(&[s[0], s[1], 0, s[3]])?.into_tvalue())
+        };
+        Ok(tvec!(y.into_tvalue(), empty(&k0)?, empty(&v0)?))
+    }
+
+    fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
+        bail!("the attention cache serves one stream")
+    }
+}
+
+/// Per (batch, key head) `cap` rows of `d`, the first `len` of them the cache.
+#[derive(Debug, Clone, Default)]
+struct Rows {
+    data: Vec<f32>,
+    shape: [usize; 4],
+    cap: usize,
+}
+
+impl Rows {
+    /// Brings the cache to `past`'s length (see [`Cache`]), then appends `new`'s rows.
+    fn extend(&mut self, past: &Tensor, new: &Tensor) -> TractResult<()> {
+        let (sp, sn) = (past.shape(), new.shape());
+        ensure!(sp.len() == 4 && sn.len() == 4 && sp[..2] == sn[..2] && sp[3] == sn[3], "key/value parts of shapes {sp:?} and {sn:?}");
+        if [self.shape[0], self.shape[1], self.shape[3]] != [sp[0], sp[1], sp[3]] {
+            *self = Rows { data: vec![], shape: [sp[0], sp[1], 0, sp[3]], cap: 0 };
+        }
+        let p = sp[2];
+        if self.shape[2] < p {
+            // a past this state never saw: load it
+            self.shape[2] = 0;
+            self.write(past)?;
+        }
+        self.shape[2] = p;
+        self.write(new)
+    }
+
+    /// `t`'s rows after the cache's.
+    fn write(&mut self, t: &Tensor) -> TractResult<()> {
+        let [b, h, at, d] = self.shape;
+        let n = t.shape()[2];
+        self.reserve(at + n);
+        let src = t.try_as_plain_ram()?;
+        let src = src.as_slice::<f32>()?;
+        for i in 0..b * h {
+            self.data[(i * self.cap + at) * d..][..n * d].copy_from_slice(&src[i * n * d..][..n * d]);
+        }
+        self.shape[2] = at + n;
+        Ok(())
+    }
+
+    /// Room for `rows` rows per head: when they do not fit, a new buffer of twice the capacity
+    /// or 1.5 times `rows` (a prefill's, so the steps after it do not grow it at once), at least
+    /// 64, the cache copied over once.
+    fn reserve(&mut self, rows: usize) {
+        if rows <= self.cap {
+            return;
+        }
+        let [b, h, len, d] = self.shape;
+        let cap = (rows + rows / 2).max(2 * self.cap).max(64);
+        let mut data = vec![0f32; b * h * cap * d];
+        for i in 0..b * h {
+            data[i * cap * d..][..len * d].copy_from_slice(&self.data[i * self.cap * d..][..len * d]);
+        }
+        (self.data, self.cap) = (data, cap);
+    }
+
+    fn keys(&self) -> Keys<'_> {
+        Keys { shape: self.shape, data: &self.data, stride: self.cap }
+    }
+}
+
+/// Keys or values as the products read them: (B, H, L, D) of which each (batch, head)'s `L`
+/// rows start `stride` rows after the previous one's.
 struct Keys<'a> {
     shape: [usize; 4],
-    parts: [&'a [f32]; 2],
-    len: [usize; 2],
+    data: &'a [f32],
+    stride: usize,
 }
 
 impl<'a> Keys<'a> {
     fn whole(t: &'a Tensor) -> TractResult<Keys<'a>> {
         let s = t.shape();
         ensure!(s.len() == 4, "keys or values of shape {s:?}");
-        Ok(Keys { shape: [s[0], s[1], s[2], s[3]], parts: [t.try_as_plain_ram()?.as_slice::<f32>()?, &[]], len: [s[2], 0] })
+        Ok(Keys { shape: [s[0], s[1], s[2], s[3]], data: t.try_as_plain_ram()?.as_slice::<f32>()?, stride: s[2] })
     }
 
-    fn parts(a: &'a Tensor, b: &'a Tensor) -> TractResult<Keys<'a>> {
-        let (sa, sb) = (a.shape(), b.shape());
-        ensure!(sa.len() == 4 && sb.len() == 4 && sa[..2] == sb[..2] && sa[3] == sb[3], "key/value parts of shapes {sa:?} and {sb:?}");
-        let parts = [a.try_as_plain_ram()?.as_slice::<f32>()?, b.try_as_plain_ram()?.as_slice::<f32>()?];
-        Ok(Keys { shape: [sa[0], sa[1], sa[2] + sb[2], sa[3]], parts, len: [sa[2], sb[2]] })
-    }
-
-    /// Row `j` of (batch x head) `i`.
+    /// (Batch x head) `i`'s rows.
     #[inline(always)]
-    fn row(&self, i: usize, j: usize) -> &'a [f32] {
-        let d = self.shape[3];
-        let (p, j) = if j < self.len[0] { (0, j) } else { (1, j - self.len[0]) };
-        &self.parts[p][(i * self.len[p] + j) * d..][..d]
-    }
-
-    fn uninitialized(&self) -> TractResult<Tensor> {
-        unsafe { Tensor::uninitialized::<f32>(&self.shape) }
-    }
-
-    /// (Batch x head) `i`'s rows, concatenated, into `out` (their length).
-    fn copy_head(&self, i: usize, out: &mut [f32]) {
-        let d = self.shape[3];
-        let (a, b) = (self.len[0] * d, self.len[1] * d);
-        out[..a].copy_from_slice(&self.parts[0][i * a..][..a]);
-        out[a..].copy_from_slice(&self.parts[1][i * b..][..b]);
-    }
-
-    fn copy_into(&self, out: &mut Tensor) -> TractResult<()> {
-        let mut o = out.try_as_plain_ram_mut()?;
-        let per = self.shape[2] * self.shape[3];
-        for (i, o) in o.as_slice_mut::<f32>()?.chunks_exact_mut(per.max(1)).enumerate() {
-            self.copy_head(i, o);
-        }
-        Ok(())
+    fn head(&self, i: usize) -> &'a [f32] {
+        let (l, d) = (self.shape[2], self.shape[3]);
+        &self.data[i * self.stride * d..][..l * d]
     }
 }
 
-/// The attention of every (batch, head) and, with `concat`, the copy of each (batch, key head)'s
-/// keys and values into the concatenations: tasks claimed one at a time by the session's threads
-/// (heads first, then copies, so whoever is done first takes more of the copies). Fewer than
-/// [`BLOCKED_ROWS`] query rows run the product's row loops here (reading the keys where they
-/// lie), more its blocked kernel per head (on whole keys).
-fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usize, concat: Option<(&mut Tensor, &mut Tensor)>) -> TractResult<Tensor> {
+/// The attention of every (batch, head): tasks claimed one at a time by the session's threads.
+/// Fewer than [`BLOCKED_ROWS`] query rows run the product's row loops, more its blocked kernel.
+fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usize) -> TractResult<Tensor> {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let qs = q.shape();
     ensure!(qs.len() == 4, "queries of shape {qs:?}");
@@ -292,48 +372,45 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     let mut y = unsafe { Tensor::uninitialized::<f32>(&[b, h, s, dv])? };
     let (qv, mv) = (q.try_as_plain_ram()?, mask.try_as_plain_ram()?);
     let (q, mask) = (qv.as_slice::<f32>()?, mv.as_slice::<f32>()?);
-    let (mut kc, mut vc) = match concat {
-        Some((kc, vc)) => (Some(kc.try_as_plain_ram_mut()?), Some(vc.try_as_plain_ram_mut()?)),
-        None => (None, None),
-    };
     let mut yv = y.try_as_plain_ram_mut()?;
-    // the outputs, claimed once each: y's heads, the concatenations' heads (keys, values)
     let ys = slots(Some(yv.as_slice_mut::<f32>()?), s * dv);
-    let ks = slots(match kc.as_mut() { Some(t) => Some(t.as_slice_mut::<f32>()?), None => None }, l * d);
-    let vs = slots(match vc.as_mut() { Some(t) => Some(t.as_slice_mut::<f32>()?), None => None }, l * dv);
-    // tasks in the order of the key heads, each key head's copies then its query heads, so the
-    // keys and values a head reads are in cache from the copy
-    let copies = if ks.is_empty() { 0 } else { 2 };
-    let per_kv = copies + group;
-    let whole = k.len[1] == 0 && v.len[1] == 0;
     let next = AtomicUsize::new(0);
     let head = |head: usize, y: &mut [f32], scores: &mut [f32]| {
         let (bi, hi) = (head / h, head % h);
         let kvi = bi * kv + hi / group;
-        let qh = &q[head * s * d..][..s * d];
-        if s >= BLOCKED_ROWS && whole {
-            product(qh, &[s, d], &k.parts[0][kvi * l * d..][..l * d], &[l, d], true, 1, scores);
+        let (qh, kh, vh) = (&q[head * s * d..][..s * d], k.head(kvi), v.head(kvi));
+        if s >= BLOCKED_ROWS {
+            product(qh, &[s, d], kh, &[l, d], true, 1, scores);
         } else {
-            for (qr, row) in qh.chunks_exact(d.max(1)).zip(scores.chunks_exact_mut(l.max(1))) {
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = dot(qr, k.row(kvi, j));
+            for r in 0..s {
+                let qr = &qh[r * d..][..d];
+                for (j, x) in scores[r * l..][..l].iter_mut().enumerate() {
+                    *x = dot(qr, &kh[j * d..][..d]);
                 }
             }
         }
         for (r, row) in scores.chunks_exact_mut(l.max(1)).enumerate() {
             let m = &mask[bi * st[0] + hi * st[1] + r * st[2]..];
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = *x * scale + m[j * st[3]];
+            if st[3] == 1 {
+                for (x, &m) in row.iter_mut().zip(m) {
+                    *x = *x * scale + m;
+                }
+            } else {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = *x * scale + m[j * st[3]];
+                }
             }
             softmax(row);
         }
-        if s >= BLOCKED_ROWS && whole {
-            product(scores, &[s, l], &v.parts[0][kvi * l * dv..][..l * dv], &[l, dv], false, 1, y);
+        if s >= BLOCKED_ROWS {
+            product(scores, &[s, l], vh, &[l, dv], false, 1, y);
         } else {
-            for (p, y) in scores.chunks_exact(l.max(1)).zip(y.chunks_exact_mut(dv.max(1))) {
+            for r in 0..s {
+                let y = &mut y[r * dv..][..dv];
                 y.fill(0.0);
-                for (j, &x) in p.iter().enumerate().take(l) {
-                    for (c, &w) in y.iter_mut().zip(v.row(kvi, j)) {
+                for j in 0..l {
+                    let x = scores[r * l + j];
+                    for (c, &w) in y.iter_mut().zip(&vh[j * dv..][..dv]) {
                         *c += x * w;
                     }
                 }
@@ -344,23 +421,16 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     crate::qmatmul::split::on_threads(work, || {
         let mut scores = vec![0f32; s * l];
         loop {
-            let t = next.fetch_add(1, Relaxed);
-            let (kvi, j) = (t / per_kv, t % per_kv);
-            if kvi >= b * kv {
+            let i = next.fetch_add(1, Relaxed);
+            if i >= ys.len() {
                 break;
             }
-            match j {
-                0 if copies > 0 => take(&ks, kvi).into_iter().for_each(|o| k.copy_head(kvi, o)),
-                1 if copies > 0 => take(&vs, kvi).into_iter().for_each(|o| v.copy_head(kvi, o)),
-                j => {
-                    // query head (batch, kvi % kv x group + j - copies)
-                    let hd = (kvi / kv) * h + (kvi % kv) * group + j - copies;
-                    take(&ys, hd).into_iter().for_each(|o| head(hd, o, &mut scores))
-                }
+            if let Some(out) = take(&ys, i) {
+                head(i, out, &mut scores);
             }
         }
     });
-    drop((ys, ks, vs));
+    drop(ys);
     Ok(y)
 }
 
@@ -447,6 +517,49 @@ impl TypedOp for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t(shape: &[usize], from: f32) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        tract_ndarray::ArrayD::from_shape_vec(shape, (0..n).map(|i| from + i as f32).collect()).unwrap().into_tensor()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+    }
+
+    fn rows(r: &Rows) -> Vec<f32> {
+        let k = r.keys();
+        (0..k.shape[0] * k.shape[1]).flat_map(|i| k.head(i).to_vec()).collect()
+    }
+
+    /// The cache grown in place holds what the graph's Concat made: from its own rows when the
+    /// past has its length (whatever the past holds), loaded from a past it never saw, cut to a
+    /// shorter past, across a growth of its buffer.
+    #[test]
+    fn cache_rows_equal_the_concatenation() {
+        let concat = |a: &Tensor, b: &Tensor| Tensor::stack_tensors(2, &[a.clone(), b.clone()]).unwrap();
+        let mut r = Rows::default();
+        // a past never seen: loaded (2 heads, 3 rows of 4), then a new row
+        let (past, new) = (t(&[1, 2, 3, 4], 0.0), t(&[1, 2, 1, 4], 100.0));
+        r.extend(&past, &new).unwrap();
+        let want = concat(&past, &new);
+        assert_eq!(rows(&r), flat(&want));
+        // the next step: the past of that length, zeros (the session's), trusted for its rows
+        let new2 = t(&[1, 2, 1, 4], 200.0);
+        r.extend(&Tensor::zero::<f32>(&[1, 2, 4, 4]).unwrap(), &new2).unwrap();
+        let want = concat(&want, &new2);
+        assert_eq!(rows(&r), flat(&want));
+        // truncated to 2 rows, then 70 new ones (past the first capacity, 64)
+        let long = t(&[1, 2, 70, 4], 300.0);
+        r.extend(&Tensor::zero::<f32>(&[1, 2, 2, 4]).unwrap(), &long).unwrap();
+        let want = concat(&want.slice(2, 0, 2).unwrap(), &long);
+        assert_eq!(rows(&r), flat(&want));
+        assert!(r.cap >= 72);
+        // other heads: started over
+        let other = t(&[1, 3, 1, 4], 0.0);
+        r.extend(&Tensor::zero::<f32>(&[1, 3, 0, 4]).unwrap(), &other).unwrap();
+        assert_eq!(rows(&r), flat(&other));
+    }
 
     #[test]
     fn exp_is_within_two_ulp_and_zero_below_the_range() {
