@@ -272,7 +272,7 @@ impl OpState for Cache {
     }
 }
 
-/// Per (batch, key head) `cap` rows of `d`, the first `len` of them the cache.
+/// Per (batch, key head) `cap` rows of `d`, the first `shape[2]` of them the cache.
 #[derive(Debug, Clone, Default)]
 struct Rows {
     data: Vec<f32>,
