@@ -9,8 +9,8 @@
 //! [`Attention`] in their place.
 //!
 //! The op computes what the nodes did, head by head: the products in the order of
-//! [`super::matmul::product`] (its row loops, or its blocked kernel for a prefill of
-//! [`BLOCKED_ROWS`] rows or more), the scale and mask as the `Mul` and `Add` (each rounded to
+//! [`super::matmul::product`] (its row loops, or its blocked kernel for a prefill of 16
+//! rows or more), the scale and mask as the `Mul` and `Add` (each rounded to
 //! f32), then a softmax of our own ([`softmax`]: tract's picks its kernel per row length and
 //! cost ~8 µs per layer here, natively). The logits stay within the FP32 parity bound (1e-4) of
 //! tract's nodes with the same greedy tokens (`fused_ops_equal_tracts_ops`, on the tiny models),
@@ -31,7 +31,7 @@ use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_onnx::tract_hir::internal::*;
 
-use super::matmul::{dot, product, ActMatMul, BLOCKED_ROWS};
+use super::matmul::{product, ActMatMul};
 use super::rope::broadcast_strides;
 
 /// The op's name in a plan.
@@ -357,7 +357,8 @@ impl<'a> Keys<'a> {
 }
 
 /// The attention of every (batch, head): tasks claimed one at a time by the session's threads.
-/// Fewer than [`BLOCKED_ROWS`] query rows run the product's row loops, more its blocked kernel.
+/// A head's products are [`product`]'s, on the keys and values where they lie (a head's rows are
+/// contiguous in the cache's buffer).
 fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usize) -> TractResult<Tensor> {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let qs = q.shape();
@@ -373,22 +374,13 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     let (qv, mv) = (q.try_as_plain_ram()?, mask.try_as_plain_ram()?);
     let (q, mask) = (qv.as_slice::<f32>()?, mv.as_slice::<f32>()?);
     let mut yv = y.try_as_plain_ram_mut()?;
-    let ys = slots(Some(yv.as_slice_mut::<f32>()?), s * dv);
+    let ys = slots(yv.as_slice_mut::<f32>()?, s * dv);
     let next = AtomicUsize::new(0);
     let head = |head: usize, y: &mut [f32], scores: &mut [f32]| {
         let (bi, hi) = (head / h, head % h);
         let kvi = bi * kv + hi / group;
         let (qh, kh, vh) = (&q[head * s * d..][..s * d], k.head(kvi), v.head(kvi));
-        if s >= BLOCKED_ROWS {
-            product(qh, &[s, d], kh, &[l, d], true, 1, scores);
-        } else {
-            for r in 0..s {
-                let qr = &qh[r * d..][..d];
-                for (j, x) in scores[r * l..][..l].iter_mut().enumerate() {
-                    *x = dot(qr, &kh[j * d..][..d]);
-                }
-            }
-        }
+        product(qh, &[s, d], kh, &[l, d], true, 1, scores);
         for (r, row) in scores.chunks_exact_mut(l.max(1)).enumerate() {
             let m = &mask[bi * st[0] + hi * st[1] + r * st[2]..];
             if st[3] == 1 {
@@ -402,20 +394,7 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
             }
             softmax(row);
         }
-        if s >= BLOCKED_ROWS {
-            product(scores, &[s, l], vh, &[l, dv], false, 1, y);
-        } else {
-            for r in 0..s {
-                let y = &mut y[r * dv..][..dv];
-                y.fill(0.0);
-                for j in 0..l {
-                    let x = scores[r * l + j];
-                    for (c, &w) in y.iter_mut().zip(&vh[j * dv..][..dv]) {
-                        *c += x * w;
-                    }
-                }
-            }
-        }
+        product(scores, &[s, l], vh, &[l, dv], false, 1, y);
     };
     let work = b * h * s * l * (d + dv) * 4;
     crate::qmatmul::split::on_threads(work, || {
@@ -440,8 +419,8 @@ fn take<'a>(slots: &[std::sync::Mutex<Option<&'a mut [f32]>>], i: usize) -> Opti
 }
 
 /// `x` cut into pieces of `per`, each for one taker.
-fn slots(x: Option<&mut [f32]>, per: usize) -> Vec<std::sync::Mutex<Option<&mut [f32]>>> {
-    x.map(|x| x.chunks_mut(per.max(1)).map(|c| std::sync::Mutex::new(Some(c))).collect()).unwrap_or_default()
+fn slots(x: &mut [f32], per: usize) -> Vec<std::sync::Mutex<Option<&mut [f32]>>> {
+    x.chunks_mut(per.max(1)).map(|c| std::sync::Mutex::new(Some(c))).collect()
 }
 
 /// `x = exp(x - max) / Σ exp(x - max)` in place, on eight lanes; exp by [`exp_le0`].

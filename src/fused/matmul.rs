@@ -243,7 +243,7 @@ impl TypedOp for ActMatMul {
 /// Rows of A from which a batch goes to `matrixmultiply`'s blocked kernel (packed panels,
 /// register tiles) instead of the loops below, which take one row at a time: a prefill's
 /// attention. Measured on a 680-token prompt (README).
-pub(super) const BLOCKED_ROWS: usize = 16;
+const BLOCKED_ROWS: usize = 16;
 
 /// The batched product into `c` (every element written). Shapes as numpy's `matmul` with both
 /// ranks >= 2: the batch axes, right-aligned, broadcast where one of them is 1.
@@ -333,7 +333,7 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
 /// Σ x[i] y[i] over eight running sums (so the compiler keeps them in SIMD lanes), then the
 /// tail.
 #[inline(always)]
-pub(super) fn dot(x: &[f32], y: &[f32]) -> f32 {
+fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
     let (xt, yt) = (xc.remainder(), yc.remainder());

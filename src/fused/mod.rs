@@ -1,9 +1,10 @@
 //! Ops of our own for what tract runs as many small nodes: attention's products of two
-//! computed tensors ([`matmul`]), GPT-2's tanh GELU ([`gelu`]) and Llama's rotary embedding
-//! ([`rope`]).
+//! computed tensors ([`matmul`]), GPT-2's tanh GELU ([`gelu`]), Llama's rotary embedding
+//! ([`rope`]) and Llama's attention core with its key/value cache ([`attention`]).
 //!
 //! The first two are found in the ONNX protobuf before tract sees it, as the INT8 products are
-//! (crate::qmatmul), the rotary embedding on the typed model by tract-transformers' rules. All
+//! (crate::qmatmul), the rotary embedding (by tract-transformers' rules) and the attention core
+//! on the typed model. All
 //! are the per-token overhead left once those products ran near the memory bandwidth: on
 //! distilgpt2-shape's `report` file, 0.59 + ~0.2 of ~4.0 ms per token (`wasmlm profile`).
 //! `Prepare::fused_ops = false` leaves the graph to tract, to compare.
