@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-# ../shared/data beside the repository (the brief's text for accuracy checks).
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+# The text for prompts and accuracy checks, kept in the repository (models/data/README.md).
+DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
 def sha256_of(path: Path) -> str:

@@ -1,5 +1,6 @@
 //! Helpers for the engine's tests: tiny bundles made by the model pipeline (Python, in the
-//! venv that build.sh sets up), and references from ONNX Runtime on the same files.
+//! tests' venv with PyTorch that build.sh sets up), and references from ONNX Runtime on the same
+//! files.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -13,8 +14,9 @@ pub fn repo() -> PathBuf {
 }
 
 fn python(args: &[&str]) -> String {
-    let py = repo().join("models/.venv/bin/python");
-    assert!(py.exists(), "{} is missing: run ./build.sh setup first", py.display());
+    // the tests' venv: the tiny models are traced in PyTorch
+    let py = repo().join("models/.venv-torch/bin/python");
+    assert!(py.exists(), "{} is missing: ./build.sh test sets it up", py.display());
     let out = Command::new(py)
         .args(["-m", "wasmlm_models"])
         .args(args)
@@ -65,7 +67,7 @@ pub fn python_tokenize(bundle: &Path, chars: usize) -> (Vec<u32>, String) {
 }
 
 pub fn shakespeare() -> String {
-    std::fs::read_to_string(repo().join("../shared/data/tinyshakespeare.txt")).expect("../shared/data/tinyshakespeare.txt")
+    std::fs::read_to_string(repo().join("models/data/tinyshakespeare.txt")).expect("models/data/tinyshakespeare.txt")
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

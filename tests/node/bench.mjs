@@ -149,7 +149,7 @@ async function oneRow(spec) {
 function main(a) {
   const out = resolve(a.out);
   const table = JSON.parse(readFileSync(out, "utf8"));
-  const text = resolve(a.text || resolve(repo, "../shared/data/tinyshakespeare.txt"));
+  const text = resolve(a.text || resolve(repo, "models/data/tinyshakespeare.txt"));
   const rows = [];
   for (const bundle of a.bundle.map((b) => resolve(b))) {
     const manifest = JSON.parse(readFileSync(resolve(bundle, "manifest.json"), "utf8"));

@@ -1,9 +1,9 @@
 // A long prompt's prefill and the decode steps after it, in a wasm build under Node (a
 // measurement, not a test; the README's "Long prompts" table).
 //
-//   node tests/node/long-prompt.mjs build/pkg/simd build/models/distilgpt2-shape model.with_past.report-int8.onnx [--no-fused-ops]
+//   node tests/node/long-prompt.mjs build/pkg/simd build/models/distilgpt2-shape model.with_past.ort-dynamic-qint8.onnx [--no-fused-ops]
 //
-// The prompt: the first 2400 characters of ../shared/data/tinyshakespeare.txt (680 tokens for
+// The prompt: the first 2400 characters of models/data/tinyshakespeare.txt (680 tokens for
 // GPT-2's tokenizer). Three sessions, each a prefill then three steps.
 import { readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
@@ -23,7 +23,7 @@ const digest = async (b) => Buffer.from(await crypto.subtle.digest("SHA-256", b)
 const options = { sha256: { [file]: await digest(onnx), "tokenizer.json": await digest(tokenizer) } };
 if (flag) options.fused_ops = false;
 const engine = wasm.Engine.fromBundle(readFileSync(resolve(bundle, "manifest.json"), "utf8"), file, onnx, tokenizer, options);
-const text = readFileSync(resolve(repo, "../shared/data/tinyshakespeare.txt"), "utf8").slice(0, 2400);
+const text = readFileSync(resolve(repo, "models/data/tinyshakespeare.txt"), "utf8").slice(0, 2400);
 for (let i = 0; i < 3; i++) {
   const s = engine.session();
   const t0 = performance.now();

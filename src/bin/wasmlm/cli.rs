@@ -6,6 +6,10 @@ use std::process::{Command, ExitCode};
 
 use wasmlm::{bench, Engine, GenerateOptions, Generation, Prepare, RunStats};
 
+/// The prompt text of `bench` and `profile` unless `--text` names another: the repository's
+/// (models/data/README.md says where it comes from).
+const DEFAULT_TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/data/tinyshakespeare.txt");
+
 type Res<T> = std::result::Result<T, String>;
 
 struct Args(Vec<String>);
@@ -123,7 +127,7 @@ fn onnx_files(bundle: &Path) -> Res<Vec<String>> {
 fn bench_all(mut a: Args) -> Res<()> {
     let out = PathBuf::from(a.required("--out")?);
     let runs = a.value("--runs")?.unwrap_or_else(|| "5".into());
-    let text = a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into());
+    let text = a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into());
     let bundles = a.values("--bundle")?;
     let threads = a.values("--threads")?;
     let threads = if threads.is_empty() { vec!["1".to_string(), "2".into()] } else { threads };
@@ -165,7 +169,7 @@ fn profile(mut a: Args) -> Res<()> {
     let file = a.value("--file")?;
     let steps: usize = a.parsed("--steps")?.unwrap_or(bench::PROFILE_STEPS);
     let prep = prepare(&mut a)?;
-    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| "../shared/data/tinyshakespeare.txt".into()))
+    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into()))
         .map_err(|e| e.to_string())?;
     let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
