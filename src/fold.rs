@@ -1,10 +1,11 @@
 //! Fold every all-constant node into a constant, whatever its size.
 //!
 //! tract folds constants only within a 4 MiB growth budget (CONST_FOLD_MEM_BUDGET), so on an INT8
-//! file the weight side of each product (the report's `Const(W i8) -> Cast -> ReduceSum` zero-point
-//! chains, or q8b32's `Const(i8) -> Cast -> Mul(scale) -> Reshape`) would be recomputed at every
-//! token: FINDINGS 2 measured 20x. A model is loaded once and run thousands of times, so paying
-//! the memory once at load is the right trade here.
+//! file the weight side of each product (`quantize_dynamic`'s `Const(W i8) -> Cast -> ReduceSum`
+//! zero-point chains, or q8b32's `Const(i8) -> Cast -> Mul(scale) -> Reshape`) would be
+//! recomputed at every token: 12-20x slower (docs/decisions.md, "Constant folding without a
+//! budget"). A model is loaded once and run thousands of times, so paying the memory once at load
+//! is the right trade here.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::dummy::Dummy;

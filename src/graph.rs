@@ -36,7 +36,7 @@ pub struct Graph {
     pub phases: Vec<(&'static str, f64)>,
     /// Block-quantized weights dequantized before tract (prefold.rs).
     pub prefolded: usize,
-    /// Weight products moved onto our int8 kernels (qmatmul/): the report's dynamic
+    /// Weight products moved onto our int8 kernels (qmatmul/): the distilgpt2 study's dynamic
     /// quantization and q8b32's blocks.
     pub fused: usize,
     /// Embedding lookups on q8b32's blocks (qmatmul/gather.rs), where the table was dequantized
@@ -142,7 +142,7 @@ pub fn decode_proto(buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::Model
 /// Parse, type with symbolic S and P, fold constants, optimize, plan.
 pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
-    // ours (FINDINGS 1): ignore it, and the declared output shapes too; tract infers both.
+    // ours (docs/decisions.md, "ONNX files: value_info is ignored"): ignore it, and the declared output shapes too; tract infers both.
     let mut phases = Phases::start();
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     qmatmul::register(&mut onnx);

@@ -7,7 +7,7 @@
 //!   `DynamicQuantizeLinear(x) -> MatMulInteger(xq, W, xzp, Wzp) -> Cast(float) -> Mul(xs * Ws)`.
 //!   tract runs that as written, through its generic integer matmul: natively 1.7-2.7x slower
 //!   than ONNX Runtime on the same file, and in wasm slower than FP32 (no integer
-//!   matrix-vector kernel there, FINDINGS 5). [`rewrite::fuse`] replaces the four nodes by one
+//!   matrix-vector kernel there: docs/decisions.md, "INT8 products on our own kernels"). [`rewrite::fuse`] replaces the four nodes by one
 //!   `WasmlmDynQMatMul(x, W, Wzp, Ws)` node, which computes the same thing: the activations
 //!   quantized per tensor exactly as tract's (and the ONNX spec's) DynamicQuantizeLinear, the
 //!   product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in the graph's order.
