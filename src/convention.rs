@@ -1,6 +1,6 @@
 //! The graph's I/O convention, discovered from its input and output names, not assumed.
 //!
-//! Accepted: the report's (`past_key_i`, `past_value_i` -> `present_key_i`, `present_value_i`) and
+//! Accepted: ours (`past_key_i`, `past_value_i` -> `present_key_i`, `present_value_i`) and
 //! Optimum's (`past_key_values.i.key|value` -> `present.i.key|value`), with or without
 //! `attention_mask` and `position_ids`; or no cache at all (`input_ids` -> `logits`).
 
@@ -8,8 +8,11 @@ use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Style {
-    Report,
+    /// `past_key_<i>`, `past_value_<i>` -> `present_key_<i>`, `present_value_<i>`: our exporter's.
+    PastKeyIndexed,
+    /// `past_key_values.<i>.key|value` -> `present.<i>.key|value`: Optimum's.
     Optimum,
+    /// `input_ids` -> `logits`, no cache.
     NoCache,
 }
 
@@ -28,7 +31,7 @@ pub struct Convention {
 }
 
 const EXPECTED: &str = "expected inputs input_ids [attention_mask] [position_ids] and, for a KV \
-    cache, past_key_<i>/past_value_<i> (the report's) or past_key_values.<i>.key/.value \
+    cache, past_key_<i>/past_value_<i> (ours) or past_key_values.<i>.key/.value \
     (Optimum's); outputs logits and present_key_<i>/present_value_<i> or present.<i>.key/.value";
 
 /// Parse "<prefix><layer><suffix>" -> layer.
@@ -70,12 +73,12 @@ impl Convention {
         let style = if inputs.iter().any(|n| n.starts_with("past_key_values.")) {
             Style::Optimum
         } else if inputs.iter().any(|n| n.starts_with("past_key_") || n.starts_with("past_value_")) {
-            Style::Report
+            Style::PastKeyIndexed
         } else {
             Style::NoCache
         };
         let (past, present) = match style {
-            Style::Report => (
+            Style::PastKeyIndexed => (
                 pairs(inputs, ("past_key_", ""), ("past_value_", ""))?,
                 pairs(outputs, ("present_key_", ""), ("present_value_", ""))?,
             ),
@@ -123,13 +126,13 @@ mod tests {
     }
 
     #[test]
-    fn report_convention() {
+    fn past_key_indexed_convention() {
         let c = Convention::discover(
             &s(&["input_ids", "past_key_0", "past_key_1", "past_value_0", "past_value_1"]),
             &s(&["logits", "present_key_0", "present_key_1", "present_value_0", "present_value_1"]),
         )
         .unwrap();
-        assert_eq!(c.style, Style::Report);
+        assert_eq!(c.style, Style::PastKeyIndexed);
         assert_eq!(c.past, vec![(1, 3), (2, 4)]);
         assert_eq!(c.present, vec![(1, 3), (2, 4)]);
     }

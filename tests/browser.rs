@@ -3,7 +3,7 @@
 //! (V8 11.3 has relaxed SIMD behind a flag and computes `i32x4.relaxed_dot_i8x16_i7x16_add_s`
 //! twice over: 8ab for a lane of four products ab, measured). `./build.sh test` runs it for the
 //! relaxed build; the whole engine in that build is tested by the end-to-end test (tests/node),
-//! which compares its greedy text on the `report` file with the other builds'.
+//! which compares its greedy text on the `ort-dynamic-qint8` file with the other builds'.
 #![cfg(target_arch = "wasm32")]
 
 use wasm_bindgen_test::*;

@@ -35,13 +35,13 @@ fn fp32_matches_onnxruntime_llama_gqa() {
 }
 
 /// INT8: `q8b32` dequantizes the same INT8 weights to the same FP32 values in both runtimes, so
-/// FP32's tolerance holds. `report` quantizes activations at run time; the two runtimes may
+/// FP32's tolerance holds. `ort-dynamic-qint8` quantizes activations at run time; the two runtimes may
 /// round a uint8 activation code differently (x.5 cases, scale computed in another order), and
 /// one code step moves a logit by about scale_x * scale_w * |w| summed over a row: measured on
 /// these files at < 0.02 of the logits' range. Greedy tokens: teacher-forced agreement >= 30/32.
 fn int8_parity(reference_model: &str) {
     let dir = bundle(reference_model);
-    for (file, tolerance) in [("model.with_past.int8.onnx", 1e-4), ("model.with_past.report-int8.onnx", 0.02)] {
+    for (file, tolerance) in [("model.with_past.int8.onnx", 1e-4), ("model.with_past.ort-dynamic-qint8.onnx", 0.02)] {
         let (ref_logits, ref_tokens) = reference(&dir, file, &PROMPT, 3, 32);
         let engine = load(&dir, file);
         let (logits, _) = engine_run(&engine, &PROMPT, 3, 0);
@@ -82,15 +82,15 @@ fn with_past_equals_no_past() {
 #[test]
 fn folded_graph_equals_the_plain_one() {
     let dir = bundle("tiny-gpt2");
-    for file in ["model.with_past.int8.onnx", "model.with_past.report-int8.onnx"] {
-        // tract's own integer matmul: with our int8 kernels, the report file has nothing to fold
+    for file in ["model.with_past.int8.onnx", "model.with_past.ort-dynamic-qint8.onnx"] {
+        // tract's own integer matmul: with our int8 kernels, the ort-dynamic-qint8 file has nothing to fold
         let prep = Prepare { int8_kernels: false, ..Prepare::default() };
         let fast = Engine::from_dir(&dir, Some(file), prep).unwrap();
         let plain = Engine::from_dir(&dir, Some(file), Prepare { fold_constants: false, ..prep }).unwrap();
         assert!(fast.graph.nodes < plain.graph.nodes, "{file}: folding removed nothing");
-        // q8b32's block weights are dequantized before tract (prefold.rs); the report's are not blocks.
+        // q8b32's block weights are dequantized before tract (prefold.rs); the distilgpt2 study's are not blocks.
         // (10: every Reshape(Mul(Cast, Cast)) of the file, counted with the onnx package)
-        let blocks = if file.contains("report") { 0 } else { 10 };
+        let blocks = if file.contains("ort-dynamic-qint8") { 0 } else { 10 };
         assert_eq!((fast.graph.prefolded, plain.graph.prefolded), (blocks, 0), "{file}");
         let (a, ta) = engine_run(&fast, &PROMPT, 3, 8);
         let (b, tb) = engine_run(&plain, &PROMPT, 3, 8);
@@ -101,21 +101,21 @@ fn folded_graph_equals_the_plain_one() {
     }
 }
 
-/// Our int8 kernels (qmatmul/) against the same file without them. The report's dynamic
+/// Our int8 kernels (qmatmul/) against the same file without them. The ort-dynamic-qint8 preset's dynamic
 /// quantization: both sides quantize x the same way and the integer sums are exact, so only the
 /// final float products' rounding may differ. q8b32: the kernels round x to 15 bits per row
 /// (blockq8.rs) where tract multiplies f32 by the dequantized weights; measured here at
-/// 2.7e-5 at most, held at 1e-4 (the FP32 parity bound). (The report files: identical, 0.)
+/// 2.7e-5 at most, held at 1e-4 (the FP32 parity bound). (The ort-dynamic-qint8 files: identical, 0.)
 #[test]
 fn int8_kernels_equal_the_unfused_graph() {
-    // Products per file (counted with the onnx package): the report's MatMulInteger nodes, and
+    // Products per file (counted with the onnx package): the distilgpt2 study's MatMulInteger nodes, and
     // q8b32's block-weight products (the layers' MatMul or Gemm, plus the tied LM head).
     let cases = [
-        ("tiny-gpt2", "model.with_past.report-int8.onnx", 9),
-        ("tiny-gpt2", "model.report-int8.onnx", 9),
+        ("tiny-gpt2", "model.with_past.ort-dynamic-qint8.onnx", 9),
+        ("tiny-gpt2", "model.ort-dynamic-qint8.onnx", 9),
         ("tiny-gpt2", "model.with_past.int8.onnx", 9),
-        ("tiny-llama", "model.with_past.report-int8.onnx", 15),
-        ("tiny-llama", "model.report-int8.onnx", 15),
+        ("tiny-llama", "model.with_past.ort-dynamic-qint8.onnx", 15),
+        ("tiny-llama", "model.ort-dynamic-qint8.onnx", 15),
         ("tiny-llama", "model.with_past.int8.onnx", 15),
         ("tiny-llama", "model.int8.onnx", 15),
     ];
@@ -126,7 +126,7 @@ fn int8_kernels_equal_the_unfused_graph() {
         assert_eq!((fused.graph.fused, plain.graph.fused), (products, 0), "{model} {file}");
         // q8b32's embedding lookups on their blocks (qmatmul/gather.rs), bit for bit the
         // dequantized tables' rows: GPT-2's token and position tables, Llama's token table
-        let lookups = match (file.contains("report"), model) { (true, _) => 0, (false, "tiny-gpt2") => 2, _ => 1 };
+        let lookups = match (file.contains("ort-dynamic-qint8"), model) { (true, _) => 0, (false, "tiny-gpt2") => 2, _ => 1 };
         assert_eq!((fused.graph.block_lookups, plain.graph.block_lookups), (lookups, 0), "{model} {file}");
         let (a, ta) = engine_run(&fused, &PROMPT, 3, 32);
         let (b, tb) = engine_run(&plain, &PROMPT, 3, 32);
@@ -159,10 +159,10 @@ fn fused_ops_equal_tracts_ops() {
     let cases = [
         ("tiny-gpt2", "model.with_past.onnx", c(4, 0, 2, 0, 0, 0)),
         ("tiny-gpt2", "model.onnx", c(4, 0, 2, 0, 0, 0)),
-        ("tiny-gpt2", "model.with_past.report-int8.onnx", c(4, 0, 2, 0, 0, 0)),
+        ("tiny-gpt2", "model.with_past.ort-dynamic-qint8.onnx", c(4, 0, 2, 0, 0, 0)),
         ("tiny-gpt2", "model.with_past.int8.onnx", c(4, 0, 2, 0, 0, 0)),
         ("tiny-llama", "model.with_past.onnx", c(0, 0, 0, 4, 2, 2)),
-        ("tiny-llama", "model.with_past.report-int8.onnx", c(0, 0, 0, 4, 2, 2)),
+        ("tiny-llama", "model.with_past.ort-dynamic-qint8.onnx", c(0, 0, 0, 4, 2, 2)),
         ("tiny-llama", "model.int8.onnx", c(0, 0, 0, 4, 2, 0)),
     ];
     for (model, file, counts) in cases {
@@ -174,12 +174,12 @@ fn fused_ops_equal_tracts_ops() {
         assert_eq!((fused.graph.cache_in_ops, plain.graph.cache_in_ops), (counts.with_cache > 0, false), "{model} {file}");
         // 7 tokens: the products' own loops; 40: a prefill's attention on the blocked kernel
         // (BLOCKED_ROWS in src/fused/matmul.rs), whose summation order differs from tract's.
-        // There `report`, which quantizes activations at run time, may round an activation
+        // There `ort-dynamic-qint8`, which quantizes activations at run time, may round an activation
         // code the other way: int8_parity's bound for that (0.02 of the logits' range,
         // teacher-forced agreement >= 30/32); it measured 0.0017 on tiny GPT-2.
         let long: Vec<u32> = (0..40).map(|i| PROMPT[i % PROMPT.len()] + 97 * i as u32).collect();
         for prompt in [&PROMPT[..], &long] {
-            let codes_may_flip = prompt.len() > PROMPT.len() && file.contains("report");
+            let codes_may_flip = prompt.len() > PROMPT.len() && file.contains("ort-dynamic-qint8");
             let (a, ta) = engine_run(&fused, prompt, 3, 32);
             let (b, tb) = engine_run(&plain, prompt, 3, 32);
             for (step, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -220,8 +220,8 @@ fn truncate_then_continue_equals_a_fresh_prefill() {
 fn products_split_across_threads_equal_one_thread() {
     wasmlm::qmatmul::split::set_min_work(0);
     for (model, file) in [
-        ("tiny-gpt2", "model.with_past.report-int8.onnx"),
-        ("tiny-llama", "model.with_past.report-int8.onnx"),
+        ("tiny-gpt2", "model.with_past.ort-dynamic-qint8.onnx"),
+        ("tiny-llama", "model.with_past.ort-dynamic-qint8.onnx"),
         ("tiny-llama", "model.with_past.int8.onnx"),
     ] {
         let dir = bundle(model);
@@ -241,7 +241,7 @@ fn products_split_across_threads_equal_one_thread() {
 #[test]
 fn profiled_steps_equal_plain_steps_and_count_every_product() {
     for (model, file, op) in [
-        ("tiny-gpt2", "model.with_past.report-int8.onnx", "WasmlmDynQMatMul"),
+        ("tiny-gpt2", "model.with_past.ort-dynamic-qint8.onnx", "WasmlmDynQMatMul"),
         ("tiny-llama", "model.with_past.int8.onnx", "WasmlmBlockQ8MatMul"),
     ] {
         let engine = load(&bundle(model), file);

@@ -1,6 +1,6 @@
 """Graph passes on exported ONNX files: store tied weights once; weight-only INT8 for chosen weights.
 
-The report's 82M-parameter distilgpt2 file weighed 461 MiB because the exporter folded the LM
+The distilgpt2 study's 82M-parameter file weighed 461 MiB because the exporter folded the LM
 head's Transpose(embedding) into a second initializer. `store_tied_once` finds initializers that
 equal another one (or its transpose) and replaces them by a reference (or a Transpose node).
 """

@@ -1,9 +1,11 @@
 """INT8 presets. Each maps an FP32 ONNX file to an INT8 one; the manifest records which is which.
 
-report   the report's call, unchanged: onnxruntime quantize_dynamic, QInt8 weights, MatMul and Gemm,
-         per-tensor, reduce_range; applied to the export as the report had it (tied embedding
-         stored twice), so its file reproduces the report's size. Dynamic uint8 activations.
-q8b32    the default (chosen by measurement: README.md, "INT8 presets"): every weight matrix and the
+ort-dynamic-qint8
+         ONNX Runtime's quantize_dynamic with QInt8 weights per tensor and reduce_range (7-bit),
+         MatMul and Gemm, dynamic uint8 activations: the distilgpt2 study's call, unchanged
+         (docs/decisions.md, "Where this comes from"). It is applied to the export as the study
+         had it (tied embedding stored twice), so its file reproduces the study's size.
+q8b32    the default (chosen by measurement: docs/presets.md): every weight matrix and the
          embedding as symmetric INT8 in blocks of 32 along the reduction axis with an FP16 scale
          per block (GGML's Q8_0 layout), weight-only; the embedding is stored once and shared by
          the LM head. Activations stay FP32, so no activation outlier is clipped.
@@ -23,7 +25,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from . import onnx_graph
 
-PRESETS = ("report", "q8b32", "pc8", "wo8")
+PRESETS = ("ort-dynamic-qint8", "q8b32", "pc8", "wo8")
 BLOCK = {"pc8": 1 << 30, "wo8": 1 << 30, "q8b32": 32}
 DEFAULT_PRESET = "q8b32"
 # Node names from the exporter carry module paths: /model/layers.3/mlp/down_proj/MatMul (Llama),
@@ -33,9 +35,9 @@ MLP_OUT = re.compile(r"mlp/(down_proj|c_proj)/")
 
 def describe(preset: str) -> dict:
     return {
-        "report": {"weights": "int8 per-tensor, reduce_range (7-bit)",
+        "ort-dynamic-qint8": {"weights": "int8 per-tensor, reduce_range (7-bit)",
                    "activations": "dynamic uint8 per-tensor", "ops": "MatMulInteger",
-                   "embedding": "fp32, stored twice (as the report)"},
+                   "embedding": "fp32, stored twice (as the distilgpt2 study)"},
         "q8b32": {"weights": "int8, blocks of 32 along the reduction axis, fp16 scale (Q8_0)",
                   "activations": "fp32 (weight-only)", "ops": "Cast, Mul, Reshape -> MatMul",
                   "embedding": "int8 as the weights, stored once, shared with the LM head"},
@@ -49,8 +51,8 @@ def describe(preset: str) -> dict:
 
 
 def quantize(src: Path, dst: Path, preset: str, vocab: int) -> None:
-    """`src`: for 'report' the export with duplicated embedding, otherwise the FP32 bundle file."""
-    if preset == "report":
+    """`src`: for 'ort-dynamic-qint8' the export with duplicated embedding, otherwise the FP32 bundle file."""
+    if preset == "ort-dynamic-qint8":
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"], per_channel=False,
                          reduce_range=True)

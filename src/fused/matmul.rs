@@ -3,7 +3,7 @@
 //! tract plans every `MatMul` onto its packed-panel kernels: both operands are packed at each
 //! call (`OptMatMulPack`), then multiplied (`OptMatMul`). For a decode step's attention, where
 //! Q has one row, the packing and the kernel's set-up cost more than the arithmetic: on
-//! distilgpt2-shape's `report` file, 12 products and 24 packings took 0.59 of ~4.0 ms per token
+//! distilgpt2-shape's `ort-dynamic-qint8` file, 12 products and 24 packings took 0.59 of ~4.0 ms per token
 //! (`wasmlm profile`, 64 steps). Here the product is computed where it lies:
 //!
 //! - `trans_b` (B read as `Bᵀ`, from a `Transpose` of its last two axes, which is folded in):

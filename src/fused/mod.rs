@@ -6,7 +6,7 @@
 //! (crate::qmatmul), the rotary embedding (by tract-transformers' rules) and the attention core
 //! on the typed model. All
 //! are the per-token overhead left once those products ran near the memory bandwidth: on
-//! distilgpt2-shape's `report` file, 0.59 + ~0.2 of ~4.0 ms per token (`wasmlm profile`).
+//! distilgpt2-shape's `ort-dynamic-qint8` file, 0.59 + ~0.2 of ~4.0 ms per token (`wasmlm profile`).
 //! `Prepare::fused_ops = false` leaves the graph to tract, to compare.
 
 pub mod attention;

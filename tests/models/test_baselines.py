@@ -22,7 +22,7 @@ def test_rows_for_every_backend_with_measured_numbers(tiny_bundles, tmp_path):
         ("pytorch", "fp32", None, "with_past"),
         ("pytorch", "int8", "torch dynamic qint8", "with_past"),
         ("bitsandbytes", "int8", "LLM.int8 (load_in_8bit)", "with_past"),
-        *{("onnxruntime", p, s, c) for p, s in (("fp32", None), ("int8", "report"), ("int8", "q8b32"))
+        *{("onnxruntime", p, s, c) for p, s in (("fp32", None), ("int8", "ort-dynamic-qint8"), ("int8", "q8b32"))
           for c in ("no_past", "with_past")}}
     for r in ours:
         assert "error" not in r, r
@@ -36,7 +36,7 @@ def test_rows_for_every_backend_with_measured_numbers(tiny_bundles, tmp_path):
 
 
 def test_dynamic_int8_rewrites_gpt2_conv1d(tiny_bundles):
-    """FINDINGS 12: torch's quantize_dynamic skips GPT-2's Conv1D unless rewritten as Linear."""
+    """docs/decisions.md, "Python pipeline pins": torch's quantize_dynamic skips GPT-2's Conv1D unless rewritten as Linear."""
     import torch
     from wasmlm_models import baseline_runs, sources
     model = baseline_runs.dynamic_int8(sources.load("tiny-gpt2").model)
@@ -61,7 +61,7 @@ def test_compare_alternates_rounds_and_takes_each_rounds_ratio(tiny_bundles, tmp
     out = tmp_path / "compare.json"
     table = compare.build([tiny_bundles["tiny-llama"]], out, fake, baselines.files.DEFAULT_TEXT, [1], 2, None)
     files = {r["file"] for r in table["results"]}
-    assert files == {"model.with_past.report-int8.onnx", "model.with_past.int8.onnx"}
+    assert files == {"model.with_past.ort-dynamic-qint8.onnx", "model.with_past.int8.onnx"}
     for r in table["results"]:
         assert len(r["rounds"]) == 2 and r["threads"] == 1
         for p in r["rounds"]:

@@ -35,7 +35,7 @@ def test_unchanged_inputs_are_skipped_and_damage_is_rebuilt(tiny_bundles, tmp_pa
     with open(out / "model.int8.onnx", "r+b") as f:      # a damaged file: rebuilt
         f.write(b"garbage")
     assert not bundle.up_to_date(out, bundle.input_key("tiny-llama", bundle.DEFAULT_TEXT,
-                                                       ["report", quantize.DEFAULT_PRESET]))
+                                                       ["ort-dynamic-qint8", quantize.DEFAULT_PRESET]))
     bundle.build("tiny-llama", out)
     m = manifest_of(out)
     entry = next(f for f in m["files"] if f["name"] == "model.int8.onnx")

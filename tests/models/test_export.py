@@ -1,5 +1,5 @@
 """Export checks on tiny random models: PyTorch vs ONNX Runtime, with past vs without, the
-report's I/O convention, the tied embedding stored once."""
+our I/O convention, the tied embedding stored once."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,7 +63,7 @@ def test_manifest_records_parity_within_goals(case):
     assert p["greedy_identical_steps"] == p["greedy_steps"] == 32
 
 
-def test_io_convention_is_the_reports(case):
+def test_io_convention_is_past_key_indexed(case):
     _, shape, folder = case
     m = onnx.load(str(folder / "model.with_past.onnx"), load_external_data=False)
     ins = [i.name for i in m.graph.input]
@@ -82,7 +82,7 @@ def test_tied_embedding_stored_once(case):
     assert len(vocab_sized) == 1, vocab_sized
     entry = next(f for f in manifest_of(folder)["files"] if f["name"] == "model.onnx")
     embedding_bytes = shape.vocab * shape.hidden * 4
-    assert entry["report_layout_bytes"] - entry["bytes"] >= 0.99 * embedding_bytes
+    assert entry["tied_twice_bytes"] - entry["bytes"] >= 0.99 * embedding_bytes
 
 
 def test_gqa_shape_recorded(tiny_bundles):

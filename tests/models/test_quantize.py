@@ -14,8 +14,8 @@ def big_initializers(path) -> dict[str, np.dtype]:
     return {t.name: numpy_helper.to_array(t).dtype for t in m.graph.initializer if np.prod(t.dims) >= 4096}
 
 
-def test_report_preset_is_per_tensor_matmulinteger(tiny_bundles):
-    m = onnx.load(str(tiny_bundles["tiny-gpt2"] / "model.with_past.report-int8.onnx"))
+def test_ort_dynamic_qint8_is_per_tensor_matmulinteger(tiny_bundles):
+    m = onnx.load(str(tiny_bundles["tiny-gpt2"] / "model.with_past.ort-dynamic-qint8.onnx"))
     ops = {n.op_type for n in m.graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
     inits = {t.name: t for t in m.graph.initializer}
@@ -71,7 +71,7 @@ def test_fidelity_sees_damage(tiny_bundles, tmp_path):
 
 def test_manifest_has_fidelity_for_each_preset(tiny_bundles):
     f = manifest_of(tiny_bundles["tiny-gpt2"])["fidelity"]
-    assert set(f["by_preset"]) == {"report", quantize.DEFAULT_PRESET}
+    assert set(f["by_preset"]) == {"ort-dynamic-qint8", quantize.DEFAULT_PRESET}
     for r in f["by_preset"].values():
         assert r["tokens"] >= 4000 and 0 <= r["top1_agreement"] <= 1 and r["ppl_fp32"] > 1
 
@@ -86,6 +86,6 @@ def test_fidelity_command_reports_each_int8_file(tiny_bundles, capsys):
     from wasmlm_models.__main__ import main
     assert main(["fidelity", str(tiny_bundles["tiny-gpt2"]), "--tokens", "600"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {r["preset"] for r in rows} == {"report", quantize.DEFAULT_PRESET}
+    assert {r["preset"] for r in rows} == {"ort-dynamic-qint8", quantize.DEFAULT_PRESET}
     # windows of 256 (tiny-gpt2's context): 255 + 255 + 87 predicted tokens
     assert all(r["tokens"] == 597 and 0 < r["top1_agreement"] <= 1 for r in rows)

@@ -2,7 +2,7 @@
 //!
 //! tract runs the plan on the calling thread. Natively, `--threads N` also gives tract a rayon
 //! pool of N for its own matmuls; ours are most of a token's time (70% of distilgpt2-shape's
-//! `report` file), so a session's step runs [`with_threads`] and its products are cut across
+//! `ort-dynamic-qint8` file), so a session's step runs [`with_threads`] and its products are cut across
 //! that many threads: a decode step (one row) cuts the columns at panel boundaries, so each
 //! thread streams its own share of the weights (a matrix-vector product is bound by memory
 //! bandwidth: two cores of this machine read 81 MB in 1.5-1.7 ms against 2.1-2.8 ms for one);

@@ -3,7 +3,7 @@
 //! A decode step runs ~25 (distilgpt2-shape) to ~120 (SmolLM2 `q8b32`) products of 10-1,500 µs each,
 //! with the rest of the graph in between on the calling thread. Handing each product to a rayon
 //! pool made 2 threads slower than 1 (4.9-5.3 against 4.1-4.2 ms/token on distilgpt2-shape's
-//! `report` file, measured alternately): `install` from outside the pool parks the caller and
+//! `ort-dynamic-qint8` file, measured alternately): `install` from outside the pool parks the caller and
 //! wakes a sleeping worker, then the other way round, for every product. Here the caller runs
 //! part 0 itself, and helpers that spin for a while after each part (then park) take the others
 //! as soon as they see the job (3.1-3.5 ms/token on the same file).
@@ -18,7 +18,7 @@
 //! wasm-bindgen-rayon's `initThreadPool`): each
 //! helper is a rayon job that never ends, so nothing else may use that pool (tract's executor
 //! stays single-threaded there, graph.rs). The same hand-off through rayon's own jobs measured
-//! 7-8 ms/token against 4.5-4.9 on one thread (Chromium, distilgpt2-shape `report`).
+//! 7-8 ms/token against 4.5-4.9 on one thread (Chromium, distilgpt2-shape `ort-dynamic-qint8`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
