@@ -3,7 +3,7 @@
 Protocol (shared with the Rust engine's native bench): batch 1, the same 32 prompt tokens,
 exactly 64 new tokens with EOS ignored, one warm-up run, then RUNS measured runs; a run's decode
 ms/token is its 63 decode steps' mean (the first new token comes out of the prefill); rows give
-the median and p90 over runs. Without cache, the measured thing is the report's: the latency of
+the median and p90 over runs. Without cache, the measured thing is the distilgpt2 study's: the latency of
 one inference over the 32-token prompt.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def torch_model(spec: dict):
 
 def dynamic_int8(model):
     """torch.ao dynamic INT8 on every nn.Linear. GPT-2's layers are transformers Conv1D, which
-    quantize_dynamic does not touch (FINDINGS 12): rewrite them as Linear first."""
+    quantize_dynamic does not touch (docs/decisions.md, "Python pipeline pins"): rewrite them as Linear first."""
     import torch
     from transformers.pytorch_utils import Conv1D
     for parent in list(model.modules()):

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import export, files, fidelity, onnx_graph, parity, quantize, sources
+from . import files, fidelity, onnx_graph, parity, quantize, sources
+from .export_names import OPSET, io_names
 
 MANIFEST_VERSION = 1
 FIDELITY_TOKENS = 4096
@@ -30,16 +31,18 @@ def log(msg: str) -> None:
 
 def file_names(preset: str) -> dict[str, str]:
     """(cache) -> file name for one precision; the manifest, not the name, is what readers use."""
-    tag = {"fp32": "", quantize.DEFAULT_PRESET: ".int8"}.get(preset, f".{preset}-int8")
+    # ort-dynamic-qint8 says int8 already; the other presets get the suffix
+    tag = {"fp32": "", quantize.DEFAULT_PRESET: ".int8"}.get(
+        preset, f".{preset}" if "int8" in preset else f".{preset}-int8")
     return {"no_past": f"model{tag}.onnx", "with_past": f"model.with_past{tag}.onnx"}
 
 
-def input_key(ref: str, text: Path, presets: list[str]) -> str:
+def input_key(ref: str, text: Path, presets: list[str], torch: bool = False) -> str:
     here = Path(__file__).parent
     code = {p.name: files.sha256_of(p) for p in sorted(here.glob("*.py"))}
     lock = here.parent / "requirements.lock"
     return files.sha256_of_text(json.dumps({
-        "ref": sources.identity(ref), "code": code, "presets": presets,
+        "ref": sources.identity(ref), "code": code, "presets": presets, "torch": torch,
         "lock": files.sha256_of(lock) if lock.exists() else None,
         "text": files.sha256_of(text)}, sort_keys=True))
 
@@ -56,9 +59,10 @@ def up_to_date(out: Path, key: str) -> bool:
 
 
 def build(ref: str, out: Path, text: Path = DEFAULT_TEXT, presets: list[str] | None = None,
-          force: bool = False) -> dict:
-    presets = presets or ["report", quantize.DEFAULT_PRESET]
-    key = input_key(ref, text, presets)
+          force: bool = False, torch: bool = False) -> dict:
+    """`torch`: export the default model by tracing it in PyTorch rather than from its GGUF."""
+    presets = presets or ["ort-dynamic-qint8", quantize.DEFAULT_PRESET]
+    key = input_key(ref, text, presets, torch)
     if not force and up_to_date(out, key):
         log(f"{out} is up to date (inputs unchanged, files match their sha256): skipped")
         return json.loads((out / "manifest.json").read_text())
@@ -66,7 +70,7 @@ def build(ref: str, out: Path, text: Path = DEFAULT_TEXT, presets: list[str] | N
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "work").mkdir(parents=True)
     try:
-        manifest = _build_into(ref, staging, text, presets)
+        manifest = _build_into(ref, staging, text, presets, torch)
         manifest["input_key"] = key
         shutil.rmtree(staging / "work")
         files.write_json(staging / "manifest.json", manifest)
@@ -80,17 +84,23 @@ def build(ref: str, out: Path, text: Path = DEFAULT_TEXT, presets: list[str] | N
     return manifest
 
 
-def _build_into(ref: str, dst: Path, text: Path, presets: list[str]) -> dict:
+def _build_into(ref: str, dst: Path, text: Path, presets: list[str], torch: bool) -> dict:
     log(f"loading {ref}")
-    src = sources.load(ref)
-    shape = export.Shape.of(src.model.config)
+    src = sources.load(ref, torch=torch)
+    shape = src.shape
     roles = _export_fp32(src, shape, dst)
     for preset in presets:
         roles += _quantize(preset, shape, dst)
     tok_files = _save_tokenizer(src, dst)
-    log("parity: ONNX Runtime on the FP32 files vs PyTorch")
     prompt = check_prompt(src)
-    checks = parity.check(src.model, shape, dst / "model.onnx", dst / "model.with_past.onnx", prompt)
+    files_ = (dst / "model.onnx", dst / "model.with_past.onnx")
+    if src.model is not None:
+        log("parity: ONNX Runtime on the FP32 files vs PyTorch")
+        checks = parity.check(src.model, shape, *files_, prompt)
+    else:
+        log("parity: ONNX Runtime, with-past file vs no-past file (the exporter is held to PyTorch's "
+            "by tests/models/test_gguf_export.py)")
+        checks = parity.check_onnx(shape, *files_, prompt)
     checks["chat_answer"] = _chat_answer(src, shape, dst, presets, prompt)
     measured = _fidelity(src, dst, text, presets, min(fidelity.WINDOW, shape.context))
     return _manifest(src, shape, dst, roles, tok_files, checks, measured, text)
@@ -119,26 +129,36 @@ def _chat_answer(src, shape, dst: Path, presets: list[str], prompt, steps: int =
 
 
 def _export_fp32(src, shape, dst: Path) -> list[dict]:
+    """The FP32 files, the tied embedding stored once, and (in work/) the layout the traced
+    exporter writes, with it stored twice: the ort-dynamic-qint8 preset's input."""
     roles = []
     for cache, past in (("no_past", False), ("with_past", True)):
-        raw = dst / "work" / f"{cache}.report-layout.onnx"
-        log(f"exporting FP32 {cache} (legacy exporter, opset {export.OPSET})")
-        export.export(src.model, shape, raw, past)
-        model = onnx.load(str(raw))
-        tied = onnx_graph.store_tied_once(model)
+        raw = dst / "work" / f"{cache}.tied-twice.onnx"
+        if src.gguf is not None:
+            from . import gguf_export
+            log(f"writing FP32 {cache} from the GGUF (gguf_export, opset {OPSET})")
+            onnx.save(gguf_export.build(src.gguf, past, tied_twice=True), str(raw))
+            model = gguf_export.build(src.gguf, past)
+            tied = ["lm_head.weight"] if src.gguf.tied else []
+        else:
+            from . import export
+            log(f"exporting FP32 {cache} (legacy exporter, opset {OPSET})")
+            export.export(src.model, shape, raw, past)
+            model = onnx.load(str(raw))
+            tied = onnx_graph.store_tied_once(model)
         final = dst / file_names("fp32")[cache]
         with files.atomic_path(final) as tmp:
             onnx.save(model, str(tmp))
         roles.append({**files.file_entry(final), "kind": "onnx", "precision": "fp32", "cache": cache,
                       "preset": None, "tied_weights_stored_once": tied,
-                      "report_layout_bytes": raw.stat().st_size})
+                      "tied_twice_bytes": raw.stat().st_size})
     return roles
 
 
 def _quantize(preset: str, shape, dst: Path) -> list[dict]:
     roles = []
     for cache in ("no_past", "with_past"):
-        source = (dst / "work" / f"{cache}.report-layout.onnx" if preset == "report"
+        source = (dst / "work" / f"{cache}.tied-twice.onnx" if preset == "ort-dynamic-qint8"
                   else dst / file_names("fp32")[cache])
         final = dst / file_names(preset)[cache]
         log(f"quantizing {cache} with preset {preset}")
@@ -172,8 +192,7 @@ def _fidelity(src, dst: Path, text: Path, presets: list[str], window: int) -> di
 
 def eos_ids(src) -> list[int]:
     ids = set()
-    for value in (src.model.config.eos_token_id, src.model.generation_config.eos_token_id,
-                  src.tokenizer.eos_token_id):
+    for value in (*src.config_eos(), src.tokenizer.eos_token_id):
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     # Instruct models end a turn with <|im_end|>, which the chat template writes.
     template = src.tokenizer.chat_template or ""
@@ -184,8 +203,11 @@ def eos_ids(src) -> list[int]:
 
 
 def _manifest(src, shape, dst, roles, tok_files, checks, measured, text) -> dict:
-    import onnxruntime, torch, transformers  # noqa: E401 (versions only)
-    ins, outs = export.io_names(shape.layers, past=True)
+    import onnxruntime, transformers  # noqa: E401 (versions only)
+    torch = None
+    if src.model is not None:
+        import torch
+    ins, outs = io_names(shape.layers, past=True)
     return {
         "manifest_version": MANIFEST_VERSION,
         "id": src.name, "real_weights": src.real_weights, "provenance": src.provenance,
@@ -201,7 +223,7 @@ def _manifest(src, shape, dst, roles, tok_files, checks, measured, text) -> dict
         "presets": {p: quantize.describe(p) for p in measured["by_preset"]},
         "files": roles + tok_files,
         "parity": checks, "fidelity": measured,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__ if torch else None,
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__, "opset": export.OPSET},
+                     "onnxruntime": onnxruntime.__version__, "opset": OPSET},
     }

@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX with the report's I/O convention, through the legacy (TorchScript) exporter.
+"""PyTorch -> ONNX with the distilgpt2 study's I/O convention, through the legacy (TorchScript) exporter.
 
 with past:  input_ids (batch, sequence), past_key_0..L-1, past_value_0..L-1
                                           each (batch, kv_heads, past_sequence, head_dim)
@@ -12,40 +12,12 @@ mask builder bakes the dummy length into a Reshape when traced (see the brief).
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from .export_names import io_names  # noqa: F401 (re-exported)
-
-OPSET = 17
-
-
-@dataclasses.dataclass
-class Shape:
-    arch: str
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    vocab: int
-    context: int
-
-    @staticmethod
-    def of(config) -> "Shape":
-        if config.model_type == "gpt2":
-            heads = config.n_head
-            return Shape("gpt2", config.n_layer, heads, heads, config.n_embd // heads,
-                         config.n_embd, config.vocab_size, config.n_positions)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return Shape(config.model_type, config.num_hidden_layers, heads,
-                     config.num_key_value_heads, head_dim, config.hidden_size,
-                     config.vocab_size, config.max_position_embeddings)
-
+from .export_names import OPSET, Shape, io_names  # noqa: F401 (re-exported)
 
 def causal_mask(seq: int, past: torch.Tensor, dtype) -> torch.Tensor:
     """(1, 1, seq, past + seq) additive mask: query i (at position past + i) sees keys <= it."""
@@ -58,7 +30,7 @@ def causal_mask(seq: int, past: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class WithPast(torch.nn.Module):
-    """Flat tensors in, flat tensors out: the report's convention around an HF causal LM."""
+    """Flat tensors in, flat tensors out: the distilgpt2 study's convention around an HF causal LM."""
 
     def __init__(self, model, layers: int):
         super().__init__()

@@ -13,14 +13,14 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .export import Shape
+from .export_names import Shape
 from .runner import PastRunner, greedy_ort, ort_session
 
 
 def greedy_torch(model, prompt: np.ndarray, steps: int) -> list[int]:
     """Greedy tokens from transformers' own forward and KV cache (EOS not special here either)."""
+    import torch
     tokens, past, ids = [], None, torch.tensor(prompt[None])
     with torch.no_grad():
         for _ in range(steps):
@@ -31,9 +31,9 @@ def greedy_torch(model, prompt: np.ndarray, steps: int) -> list[int]:
     return tokens
 
 
-def check(model, shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarray,
-          decode_steps: int = 3, greedy_steps: int = 32) -> dict:
-    """Prefill `prompt`, then `decode_steps` tokens (the greedy ones), compared at every step."""
+def _onnx_logits(shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarray, decode_steps: int):
+    """The with-past file's logits over a prefill and `decode_steps` greedy steps, the no-past
+    file's over the same tokens, the tokens, and the with-past runner."""
     full = prompt.copy()
     runner = PastRunner(with_past, shape)
     chunks = [runner(prompt[None])]
@@ -43,6 +43,28 @@ def check(model, shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarra
         chunks.append(runner(nxt))
     past_logits = np.concatenate(chunks, axis=1)                    # (1, prompt + steps, vocab)
     nopast_logits = ort_session(no_past).run(["logits"], {"input_ids": full[None]})[0]
+    return past_logits, nopast_logits, full, runner
+
+
+def check_onnx(shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarray,
+               decode_steps: int = 3, greedy_steps: int = 32) -> dict:
+    """Without a PyTorch model: the two files against each other, and the greedy tokens."""
+    past_logits, nopast_logits, _, runner = _onnx_logits(shape, no_past, with_past, prompt, decode_steps)
+    return {
+        "prompt_tokens": int(len(prompt)), "decode_steps": decode_steps,
+        "reference": "none here: exported from the GGUF without PyTorch; tests/models/"
+                     "test_gguf_export.py holds that exporter to the traced one",
+        "max_abs_logit_diff_with_past_vs_no_past": float(np.abs(past_logits - nopast_logits).max()),
+        "tolerance": 1e-4, "greedy_steps": greedy_steps,
+        "greedy_tokens_onnxruntime": greedy_ort(runner, prompt, greedy_steps),
+    }
+
+
+def check(model, shape: Shape, no_past: Path, with_past: Path, prompt: np.ndarray,
+          decode_steps: int = 3, greedy_steps: int = 32) -> dict:
+    """Prefill `prompt`, then `decode_steps` tokens (the greedy ones), compared at every step."""
+    import torch
+    past_logits, nopast_logits, full, runner = _onnx_logits(shape, no_past, with_past, prompt, decode_steps)
     with torch.no_grad():
         ref = model(torch.tensor(full[None])).logits.numpy()
     floor = fp32_noise_floor(model, full, ref)
@@ -65,6 +87,7 @@ def fp32_noise_floor(model, ids: np.ndarray, ref32: np.ndarray) -> float:
     """How far PyTorch's own FP32 logits are from its FP64 ones on these tokens: two correct FP32
     implementations cannot be expected to agree more closely than about this (measured on
     SmolLM2 with a 37-token prompt: 9.8e-5, logits up to 37)."""
+    import torch
     m64 = copy.deepcopy(model).double()
     with torch.no_grad():
         ref64 = m64(torch.tensor(ids[None])).logits.numpy()

