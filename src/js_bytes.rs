@@ -1,10 +1,12 @@
-//! An ONNX file as the page holds it, a `Uint8Array` in JS memory, read in chunks as it is
-//! hashed or decoded (wasm32 only).
+//! An ONNX file as the page holds it, in JS memory, read in chunks as it is hashed or decoded
+//! (wasm32 only): one `Uint8Array`, or an `Array` of them, the file's parts in order (a static
+//! site serves a model in parts of at most 25 MiB: docs/decisions.md, "Static hosting"; the
+//! parts are read as one stream and never joined in either memory).
 //!
 //! Passed as a slice, the whole file would first be copied into wasm memory, and wasm memory
 //! never shrinks: the copy sets the high-water mark wherever it adds to the peak of the load.
 //! Read in chunks, one chunk at a time is in wasm memory besides what the protobuf keeps. On
-//! distilgpt2-shape's `report` file (240 MB) wasm memory after load went from 534 to 493 MiB;
+//! distilgpt2-shape's `ort-dynamic-qint8` file (240 MB) wasm memory after load went from 534 to 493 MiB;
 //! on SmolLM2 `q8b32` it stayed at 348-349 MiB, where the peak is tract's tensors beside the
 //! protobuf's (README, "Memory at load").
 
@@ -27,27 +29,59 @@ pub fn set_chunk_bytes(bytes: usize) {
     CHUNK.store(bytes.max(1), Relaxed);
 }
 
-pub struct JsBytes(js_sys::Uint8Array);
+pub struct JsBytes {
+    parts: Vec<js_sys::Uint8Array>,
+    /// Where each part starts in the file, and the file's length last.
+    starts: Vec<usize>,
+}
 
 impl JsBytes {
-    /// wasm-bindgen does not check a `Uint8Array` argument's type: an `ArrayBuffer` or an
-    /// `Array` would fail later, inside a call to its missing methods.
-    pub fn new(array: js_sys::Uint8Array) -> Result<JsBytes> {
-        if !array.is_instance_of::<js_sys::Uint8Array>() {
-            return Err(Error::Onnx("its bytes must be a Uint8Array (or a Node Buffer)".into()));
+    /// wasm-bindgen does not check the argument's type: an `ArrayBuffer` or an `Array` of
+    /// numbers would fail later, inside a call to their missing methods.
+    pub fn new(value: wasm_bindgen::JsValue) -> Result<JsBytes> {
+        let wrong = || Error::Onnx("its bytes must be a Uint8Array (or a Node Buffer), or an Array of them".into());
+        let parts: Vec<js_sys::Uint8Array> = if value.is_instance_of::<js_sys::Uint8Array>() {
+            vec![value.unchecked_into()]
+        } else if js_sys::Array::is_array(&value) {
+            let array: js_sys::Array = value.unchecked_into();
+            array.iter().map(|part| part.dyn_into::<js_sys::Uint8Array>().map_err(|_| wrong())).collect::<Result<_>>()?
+        } else {
+            return Err(wrong());
+        };
+        let mut starts = vec![0];
+        for part in &parts {
+            starts.push(starts.last().unwrap() + part.length() as usize);
         }
-        Ok(JsBytes(array))
+        Ok(JsBytes { parts, starts })
+    }
+
+    fn total(&self) -> usize {
+        *self.starts.last().unwrap()
+    }
+
+    /// Copies the file's bytes `from..from + out.len()` into `out`, across parts.
+    fn copy_to(&self, from: usize, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            let at = from + done;
+            // the part that holds `at`: the last one starting at or before it (empty parts skipped)
+            let i = self.starts.partition_point(|&s| s <= at) - 1;
+            let within = at - self.starts[i];
+            let n = (self.starts[i + 1] - at).min(out.len() - done);
+            self.parts[i].subarray(within as u32, (within + n) as u32).copy_to(&mut out[done..done + n]);
+            done += n;
+        }
     }
 }
 
 impl OnnxBytes for JsBytes {
     fn len(&self) -> u64 {
-        self.0.length() as u64
+        self.total() as u64
     }
 
     fn sha256(&self) -> String {
         let mut hash = Sha256::new();
-        let mut chunks = Chunks::new(&self.0);
+        let mut chunks = Chunks::new(&self);
         while chunks.has_remaining() {
             let n = chunks.chunk().len();
             hash.update(chunks.chunk());
@@ -57,15 +91,15 @@ impl OnnxBytes for JsBytes {
     }
 
     fn decode(self) -> Result<tract_onnx::pb::ModelProto> {
-        decode_proto(Chunks::new(&self.0))
+        decode_proto(Chunks::new(&self))
     }
 }
 
-/// The array as a `Buf`: a window of `CHUNK` bytes copied out of it at a time.
+/// The file as a `Buf`: a window of `CHUNK` bytes copied out of it at a time.
 struct Chunks<'a> {
-    array: &'a js_sys::Uint8Array,
+    bytes: &'a JsBytes,
     len: usize,
-    /// Where the window starts in the array,
+    /// Where the window starts in the file,
     start: usize,
     window: Vec<u8>,
     /// and how much of it was read.
@@ -73,8 +107,8 @@ struct Chunks<'a> {
 }
 
 impl<'a> Chunks<'a> {
-    fn new(array: &'a js_sys::Uint8Array) -> Chunks<'a> {
-        let mut chunks = Chunks { array, len: array.length() as usize, start: 0, window: vec![], at: 0 };
+    fn new(bytes: &'a JsBytes) -> Chunks<'a> {
+        let mut chunks = Chunks { bytes, len: bytes.total(), start: 0, window: vec![], at: 0 };
         chunks.fill(0);
         chunks
     }
@@ -82,7 +116,7 @@ impl<'a> Chunks<'a> {
     fn fill(&mut self, from: usize) {
         let end = (from + CHUNK.load(Relaxed)).min(self.len);
         self.window.resize(end - from, 0);
-        self.array.subarray(from as u32, end as u32).copy_to(&mut self.window);
+        self.bytes.copy_to(from, &mut self.window);
         (self.start, self.at) = (from, 0);
     }
 }

@@ -148,14 +148,15 @@ pub struct JsEngine {
 #[wasm_bindgen(js_class = Engine)]
 impl JsEngine {
     /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes (a
-    /// `Uint8Array`, read in chunks: never whole in wasm memory, src/js_bytes.rs),
+    /// `Uint8Array`, or an `Array` of them, the file's parts in order; read in chunks: never
+    /// whole in wasm memory, src/js_bytes.rs),
     /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest (options:
     /// `{sha256: {name: hex}}` gives digests already computed, e.g. by WebCrypto).
     #[wasm_bindgen(js_name = fromBundle)]
     pub fn from_bundle(
         manifest_json: &str,
         onnx_name: &str,
-        onnx: js_sys::Uint8Array,
+        onnx: JsValue,
         tokenizer_json: &[u8],
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
@@ -173,7 +174,7 @@ impl JsEngine {
     #[wasm_bindgen(js_name = fromUserFiles)]
     pub fn from_user_files(
         name: &str,
-        onnx: js_sys::Uint8Array,
+        onnx: JsValue,
         tokenizer_json: &[u8],
         tokenizer_config: Option<Vec<u8>>,
         context: usize,

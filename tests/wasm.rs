@@ -23,7 +23,7 @@ extern "C" {
 }
 
 const PROMPT: [u32; 7] = [510, 2317, 314, 260, 3575, 282, 4649];
-const FILES: [&str; 3] = ["model.with_past.onnx", "model.with_past.int8.onnx", "model.with_past.report-int8.onnx"];
+const FILES: [&str; 3] = ["model.with_past.onnx", "model.with_past.int8.onnx", "model.with_past.ort-dynamic-qint8.onnx"];
 
 fn root() -> String {
     let env = js_sys::Reflect::get(&js_sys::global(), &"process".into())
@@ -40,8 +40,19 @@ fn read(path: &str) -> Vec<u8> {
 }
 
 /// Bytes as the page hands them to the engine.
-fn u8a(bytes: &[u8]) -> js_sys::Uint8Array {
-    js_sys::Uint8Array::from(bytes)
+fn u8a(bytes: &[u8]) -> JsValue {
+    js_sys::Uint8Array::from(bytes).into()
+}
+
+/// The bytes as the page holds a file served in parts: an `Array` of `Uint8Array`s.
+fn parts(bytes: &[u8], cuts: &[usize]) -> JsValue {
+    let array = js_sys::Array::new();
+    let mut from = 0;
+    for &cut in cuts.iter().chain([bytes.len()].iter()) {
+        array.push(&js_sys::Uint8Array::from(&bytes[from..cut]));
+        from = cut;
+    }
+    array.into()
 }
 
 fn json(path: &str) -> Value {
@@ -95,7 +106,7 @@ fn parity(model: &str) {
         let kernels = engine.info.int8_kernels.clone().unwrap_or_default();
         let want = match (file, cfg!(target_feature = "simd128")) {
             ("model.with_past.onnx", _) => "",
-            ("model.with_past.report-int8.onnx", true) if cfg!(feature = "relaxed-simd") => "relaxed-simd",
+            ("model.with_past.ort-dynamic-qint8.onnx", true) if cfg!(feature = "relaxed-simd") => "relaxed-simd",
             (_, true) => "simd128",
             _ => "scalar",
         };
@@ -112,13 +123,13 @@ fn parity(model: &str) {
         }
         assert_eq!(tokens, native_tokens, "{model} {file}: wasm vs native greedy tokens");
         // And against ONNX Runtime, with the native tests' bounds (tests/parity.rs).
-        let tolerance = if file.contains("report") { 0.02 } else { 1e-4 };
+        let tolerance = if file.contains("ort-dynamic-qint8") { 0.02 } else { 1e-4 };
         for (step, (a, o)) in logits.iter().zip(&rows(&ort["logits"])).enumerate() {
             let range = o.iter().cloned().fold(f32::MIN, f32::max) - o.iter().cloned().fold(f32::MAX, f32::min);
             let d = max_abs_diff(a, o);
             assert!(d <= tolerance * range.max(1.0), "{model} {file} step {step}: wasm vs ORT {d}");
         }
-        if !file.contains("report") {
+        if !file.contains("ort-dynamic-qint8") {
             assert_eq!(tokens, ids(&ort["greedy"]), "{model} {file}: wasm vs ORT greedy tokens");
         }
     }
@@ -170,17 +181,19 @@ fn js_surface_streams_the_native_tokens() {
     assert_eq!(session.stop_reason().as_deref(), Some("MaxTokens"));
 }
 
-/// The ONNX file is read out of its `Uint8Array` in chunks (src/js_bytes.rs): with 997-byte
-/// chunks, boundaries fall inside every field. The sha256 computed through them must match the
+/// The ONNX file is read out of its parts (`Uint8Array`s) in chunks (src/js_bytes.rs): with
+/// 997-byte chunks, boundaries fall inside every field and across parts. The sha256 computed through them must match the
 /// manifest's, and the decoded graph must give the native greedy tokens.
 #[wasm_bindgen_test]
 fn onnx_read_in_small_chunks_gives_the_same_model() {
     let b = bundle("tiny-llama");
     let file = "model.with_past.int8.onnx";
     let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    let bytes = read(&format!("{}/{file}", b.dir));
+    // As a site serves it: in parts (uneven, one empty), each chunk boundary falling elsewhere.
+    let cuts = [1, 4096, 4096, bytes.len() / 3, bytes.len() - 7];
     wasmlm::js_bytes::set_chunk_bytes(997);
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
-                                       JsValue::UNDEFINED);
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, parts(&bytes, &cuts), &b.tokenizer, JsValue::UNDEFINED);
     wasmlm::js_bytes::set_chunk_bytes(4 << 20);
     let engine = engine.map_err(JsValue::from).unwrap();
     let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
@@ -201,7 +214,7 @@ fn onnx_read_in_small_chunks_gives_the_same_model() {
 #[wasm_bindgen_test]
 fn bench_profile_times_every_product() {
     let b = bundle("tiny-gpt2");
-    let file = "model.with_past.report-int8.onnx";
+    let file = "model.with_past.ort-dynamic-qint8.onnx";
     let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
     let p: Value = serde_wasm_bindgen::from_value(engine.bench_profile(&PROMPT, Some(3)).map_err(JsValue::from).unwrap()).unwrap();
@@ -238,9 +251,15 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(m.contains("ONNX"), "{m}");
     // Not a Uint8Array (wasm-bindgen passes any JS value through).
     use wasm_bindgen::JsCast;
-    let buffer: js_sys::Uint8Array = u8a(&onnx).buffer().unchecked_into();
-    let m = message("array buffer", JsEngine::from_bundle(&b.manifest_text, file, buffer, &b.tokenizer, JsValue::UNDEFINED));
+    let buffer: js_sys::Uint8Array = js_sys::Uint8Array::from(&onnx[..]).buffer().unchecked_into();
+    let m = message("array buffer", JsEngine::from_bundle(&b.manifest_text, file, buffer.into(), &b.tokenizer, JsValue::UNDEFINED));
     assert!(m.contains("must be a Uint8Array"), "{m}");
+    let mixed = js_sys::Array::of2(&js_sys::Uint8Array::from(&onnx[..10]), &JsValue::from(3));
+    let m = message("array of non-bytes", JsEngine::from_bundle(&b.manifest_text, file, mixed.into(), &b.tokenizer, JsValue::UNDEFINED));
+    assert!(m.contains("an Array of them"), "{m}");
+    // Parts whose join is not the file: the manifest's sha256 catches a part left out.
+    let m = message("part missing", JsEngine::from_bundle(&b.manifest_text, file, parts(&onnx[1000..], &[5000]), &b.tokenizer, JsValue::UNDEFINED));
+    assert!(m.contains("bytes") || m.contains("sha256"), "{m}");
     let opts = js(&serde_json::json!({"fold_constants": "yes"}));
     let m = message("options", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("load options"), "{m}");

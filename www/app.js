@@ -1,7 +1,7 @@
 // The page: model picker, prompt, streamed output, per-token timings, baseline table with the
 // browser's rows, benchmark mode. The engine runs in worker.js; this thread only draws.
 // Text from the model or from files always goes in with textContent, never as HTML.
-import { renderBaselines, renderBundles } from "./tables.js";
+import { presentRows, renderBaselines, renderBundles } from "./tables.js";
 import { TokenChart } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -9,6 +9,7 @@ const state = {
   worker: null,
   manifests: [],
   baselines: null,
+  root: "models/", // where the bundles are (modelsRoot)
   live: [], // rows measured in this page
   loaded: null, // {info, build}
   running: null, // "generate" | "bench" | "load"
@@ -16,6 +17,30 @@ const state = {
   benchText: null,
 };
 const chart = new TokenChart($("chart"));
+
+// Where the bundles are: this site's models/ folder, or a folder of the same layout on another
+// origin that allows CORS (a CDN, a Hugging Face repository): ?models=URL.
+function modelsRoot() {
+  const given = new URLSearchParams(location.search).get("models");
+  if (!given) return "models/";
+  let url;
+  try {
+    url = new URL(given, location.href);
+  } catch {
+    throw new Error(`?models=${given}: not a URL`);
+  }
+  if (url.protocol !== "https:" && url.protocol !== "http:") throw new Error(`?models=${given}: only http(s) URLs`);
+  return url.href.endsWith("/") ? url.href : url.href + "/";
+}
+
+function useModelsRoot(value) {
+  const url = new URL(location.href);
+  if (value) url.searchParams.set("models", value);
+  else url.searchParams.delete("models");
+  location.assign(url.href);
+}
+$("models-use").onclick = () => useModelsRoot($("models-root").value.trim());
+$("models-here").onclick = () => useModelsRoot("");
 
 async function fetchJson(url) {
   const res = await fetch(url, { cache: "no-cache" });
@@ -206,7 +231,7 @@ function load(source) {
 $("load").onclick = () => {
   if (!$("model").value) return;
   const { id, file } = JSON.parse($("model").value);
-  load({ kind: "bundle", base: `models/${id}/`, file });
+  load({ kind: "bundle", base: `${state.root}${id}/`, file });
 };
 
 function userFiles(files) {
@@ -460,15 +485,25 @@ async function main() {
   if (self.crossOriginIsolated) sessionStorage.removeItem("wasmlm-isolation-reload");
   startWorker();
   chart.draw();
-  let ids = ["smollm2-135m", "distilgpt2-shape"];
   try {
-    ids = (await fetchJson("models/index.json")).models;
-  } catch {
-    // a folder assembled by hand: try the two usual bundles
+    state.root = modelsRoot();
+  } catch (err) {
+    setStatus(err.message, true);
+    return;
+  }
+  if (state.root !== "models/") {
+    $("models-root").value = state.root;
+    $("models-from").open = true;
+  }
+  let ids = ["smollm2-135m"];
+  try {
+    ids = (await fetchJson(`${state.root}index.json`)).models;
+  } catch (err) {
+    if (state.root !== "models/") notice(`${err.message}: trying the default bundle's folder`, "error");
   }
   for (const id of ids) {
     try {
-      state.manifests.push(await fetchJson(`models/${id}/manifest.json`));
+      state.manifests.push(await fetchJson(`${state.root}${id}/manifest.json`));
     } catch (err) {
       state.manifests.push({ id, error: err.message });
     }
@@ -478,6 +513,7 @@ async function main() {
   setRunning(null);
   try {
     state.baselines = await fetchJson("baselines.json");
+    $("baselines-present").textContent = presentRows(state.baselines);
     fillTableFilter();
     renderTable();
   } catch (err) {

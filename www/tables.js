@@ -52,6 +52,16 @@ function nativeMedian(rows, r, backend) {
 
 // `live`: rows measured in this page (a generation or the benchmark mode), shown last and
 // compared with the native rows of the same file and thread count.
+// Which native rows the table holds: the first command measures only the default file's ONNX
+// Runtime and tract native rows; ./build.sh baselines measures every backend and file.
+export function presentRows(data) {
+  const backends = [...new Set(data.rows.map((r) => r.backend))].sort();
+  const files = new Set(data.rows.map((r) => `${r.model}/${r.file || r.precision}`));
+  const full = ["pytorch", "bitsandbytes", "onnxruntime", "tract native"].every((b) => backends.some((x) => x.startsWith(b)));
+  return `${data.rows.length} native rows: ${backends.join(", ")}, on ${files.size} file(s). ` +
+    (full ? "The full table." : "Not the full table: ./build.sh baselines measures every backend (PyTorch, bitsandbytes, ONNX Runtime, tract) on every file.");
+}
+
 export function renderBaselines(container, machineEl, data, live = [], filter = {}) {
   const m = data.machine;
   machineEl.textContent = `Native rows measured on ${m.cpu}, ${m.cores} cores (${m.simd.join(" ")}); ` +

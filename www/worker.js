@@ -53,7 +53,7 @@ async function loadWasm() {
   // The threaded build where the page is cross-origin isolated (SharedArrayBuffer: the served
   // COOP/COEP headers, or the service worker coi-sw.js on a static host) and SIMD is there; else
   // the relaxed-SIMD build where WebAssembly.validate accepts relaxed SIMD (the same build but
-  // for the report preset's INT8 products); else the SIMD128 build where it accepts SIMD;
+  // for the ort-dynamic-qint8 preset's INT8 products); else the SIMD128 build where it accepts SIMD;
   // ?build= forces one.
   const simd = WebAssembly.validate(SIMD_PROBE);
   const relaxed = simd && WebAssembly.validate(RELAXED_PROBE);
@@ -126,15 +126,16 @@ function hex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-// Bytes of one manifest entry: from the Cache API when there, else downloaded with progress,
-// checked (size, sha256) and then cached. A failed check never reaches the cache.
-async function fetchFile(base, entry, cache) {
+// Bytes of one file (or part) of the manifest: from the Cache API when there, else downloaded,
+// checked (size, sha256) and then cached under its sha256. A failed check never reaches the
+// cache. `onBytes(loaded, cached)` follows the download.
+async function fetchFile(base, entry, cache, onBytes) {
   if (cache) {
     const hit = await cache.match(cacheKey(entry.sha256));
     if (hit) {
       const bytes = new Uint8Array(await hit.arrayBuffer());
       if (bytes.length === entry.bytes) {
-        post({ type: "progress", file: entry.name, loaded: bytes.length, total: entry.bytes, cached: true });
+        onBytes(bytes.length, true);
         return { bytes, sha256: await sha256(bytes) };
       }
       await cache.delete(cacheKey(entry.sha256));
@@ -144,7 +145,6 @@ async function fetchFile(base, entry, cache) {
   if (!res.ok) throw new Error(`${base}${entry.name}: HTTP ${res.status} ${res.statusText}`);
   const bytes = new Uint8Array(entry.bytes);
   let loaded = 0;
-  let lastPost = 0;
   const reader = res.body.getReader();
   for (;;) {
     const { done, value } = await reader.read();
@@ -154,13 +154,8 @@ async function fetchFile(base, entry, cache) {
     }
     bytes.set(value, loaded);
     loaded += value.length;
-    const now = performance.now();
-    if (now - lastPost > 100) {
-      post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached: false });
-      lastPost = now;
-    }
+    onBytes(loaded, false);
   }
-  post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached: false });
   if (loaded !== entry.bytes) {
     throw new Error(`${entry.name}: ${loaded} bytes arrived, the manifest says ${entry.bytes} (interrupted download?)`);
   }
@@ -178,6 +173,62 @@ async function fetchFile(base, entry, cache) {
     post({ type: "notice", text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
   }
   return { bytes, sha256: found };
+}
+
+// A progress bar for one manifest entry, whatever its parts: at most one message per 100 ms,
+// and the last one always.
+function progressOf(entry) {
+  let lastPost = 0;
+  return (loaded, cached, last = false) => {
+    const now = performance.now();
+    if (!last && now - lastPost < 100) return;
+    lastPost = now;
+    post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached });
+  };
+}
+
+const PARALLEL_PARTS = 4;
+
+// One manifest entry's bytes. A file a static site serves in parts (`entry.parts`, each at most
+// 25 MiB: docs/decisions.md, "Static hosting") comes back as the array of its parts, fetched
+// PARALLEL_PARTS at a time, each checked and cached on its own; the engine reads the array as one
+// stream. Its `sha256` is then the manifest's, every part having been checked against its own.
+async function fetchEntry(base, entry, cache) {
+  const progress = progressOf(entry);
+  if (!entry.parts) {
+    let cached = false;
+    const file = await fetchFile(base, entry, cache, (n, hit) => { cached = hit; progress(n, hit); });
+    progress(entry.bytes, cached, true);
+    return file;
+  }
+  const loaded = entry.parts.map(() => 0);
+  let cached = true;
+  const total = () => loaded.reduce((a, b) => a + b, 0);
+  const parts = new Array(entry.parts.length);
+  let next = 0;
+  const lane = async () => {
+    while (next < entry.parts.length) {
+      const i = next++;
+      const part = await fetchFile(base, entry.parts[i], cache, (n, hit) => {
+        loaded[i] = n;
+        cached &&= hit;
+        progress(total(), cached);
+      });
+      parts[i] = part.bytes;
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(PARALLEL_PARTS, entry.parts.length) }, lane));
+  progress(total(), cached, true);
+  return { bytes: parts, sha256: entry.sha256 };
+}
+
+// A file's bytes as one array (for onnxruntime-web, which takes nothing else).
+function joined(bytes) {
+  if (!Array.isArray(bytes)) return bytes;
+  const out = new Uint8Array(bytes.reduce((n, b) => n + b.length, 0));
+  let at = 0;
+  for (const b of bytes) { out.set(b, at); at += b.length; }
+  return out;
 }
 
 // WebCrypto's SHA-256 (native speed; the engine's own in wasm runs at ~30 MB/s). Undefined where
@@ -222,14 +273,14 @@ async function load(source) {
       if (!e) throw new Error(`${name} is not in ${manifest.id}'s manifest`);
       return e;
     };
-    const tokenizer = await fetchFile(source.base, find("tokenizer.json"), cache);
-    let onnx = await fetchFile(source.base, find(source.file), cache);
+    const tokenizer = await fetchEntry(source.base, find("tokenizer.json"), cache);
+    let onnx = await fetchEntry(source.base, find(source.file), cache);
     post({ type: "status", text: `optimizing the graph (${source.file}); large models take seconds` });
     await yieldToEvents();
     const sha256 = {};
     if (onnx.sha256) sha256[source.file] = onnx.sha256;
     if (tokenizer.sha256) sha256["tokenizer.json"] = tokenizer.sha256;
-    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, tokenizer.bytes, { sha256, threads: build.threadCount });
+    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, joined(tokenizer.bytes), { sha256, threads: build.threadCount });
     onnx = null;
     loaded = { base: source.base, entry: find(source.file), manifest };
   } else {
@@ -305,9 +356,9 @@ async function peerBench(prompt, runs) {
   ort.env.wasm.wasmPaths = new URL("./ort/", self.location.href).href;
   const { base, entry, manifest } = loaded;
   const arch = manifest.architecture;
-  const onnx = await fetchFile(base, entry, await openCache());
+  const onnx = joined((await fetchEntry(base, entry, await openCache())).bytes);
   const t0 = performance.now();
-  const session = await ort.InferenceSession.create(onnx.bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+  const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   const loadMs = performance.now() - t0;
   try {
     const pastNames = session.inputNames.filter((n) => n !== "input_ids");

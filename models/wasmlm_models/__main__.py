@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .files import DEFAULT_TEXT
 
-PRESETS = ("report", "q8b32", "pc8", "wo8")  # quantize.PRESETS, without importing onnx here
-DEFAULT_PRESETS = ["report", "q8b32"]
+PRESETS = ("ort-dynamic-qint8", "q8b32", "pc8", "wo8")  # quantize.PRESETS, without importing onnx here
+DEFAULT_PRESETS = ["ort-dynamic-qint8", "q8b32"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +25,9 @@ def parser() -> argparse.ArgumentParser:
                    help="text for the INT8 fidelity check (default: tinyshakespeare)")
     b.add_argument("--presets", nargs="+", choices=PRESETS, default=DEFAULT_PRESETS)
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--torch", action="store_true",
+                   help="smollm2-135m: trace the model in PyTorch (torch.onnx.export) instead of "
+                        "writing the graph from its GGUF with numpy")
     t = sub.add_parser("baselines", help="measure the native baseline rows of built bundles")
     t.add_argument("bundles", nargs="+", type=Path)
     t.add_argument("--out", type=Path, required=True, help="baselines.json (rows are merged in)")
@@ -57,8 +60,17 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     c.add_argument("--rounds", type=int, default=3)
     c.add_argument("--files", nargs="+", help="only these ONNX files")
+    s = sub.add_parser("site", help="bundles -> a static site's models folder (files in parts)")
+    s.add_argument("bundles", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the site's models/ folder (created)")
+    s.add_argument("--max-part-mib", type=int, default=25, help="largest file the host accepts")
+    s.add_argument("--files", choices=["default", "int8", "all"], default="default",
+                   help="each bundle's default file (default), every INT8 file with a cache, or all")
     m = sub.add_parser("render", help="rewrite baselines.md from baselines.json")
     m.add_argument("table", type=Path)
+    m.add_argument("--docs", type=Path, help="also write this page (docs/benchmarks.md): the table "
+                                             "with the machine, the date and --command")
+    m.add_argument("--command", default="./build.sh benchmarks", help="the command named on that page")
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
     r.add_argument("spec")
     return ap
@@ -100,16 +112,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.cmd == "site":
+        from . import site
+        try:
+            site.build(args.bundles, args.out, args.max_part_mib << 20, args.files)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.cmd == "render":
         import json
         from . import baselines, files
-        files.write_text(args.table.with_suffix(".md"),
-                         baselines.render(json.loads(args.table.read_text())))
+        table = json.loads(args.table.read_text())
+        files.write_text(args.table.with_suffix(".md"), baselines.render(table))
+        if args.docs:
+            files.write_text(args.docs, baselines.render_page(table, args.command))
         return 0
     from . import baselines, bundle, sources
     try:
         if args.cmd == "bundle":
-            bundle.build(args.ref, args.out, args.text, args.presets, args.force)
+            bundle.build(args.ref, args.out, args.text, args.presets, args.force, args.torch)
         else:
             baselines.build(args.bundles, args.out, args.text, args.threads,
                             args.cache_dir.resolve(), args.backends, args.files)

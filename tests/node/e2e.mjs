@@ -1,16 +1,19 @@
 // End to end, in Debian's headless Chromium (driven by playwright-core; no browser download):
-// serve the built dist/ folder the way `./build.sh serve` does, load the default model (SmolLM2
+// serve a site made by `./build.sh site` with a plain static server, as a static host would (no
+// special headers; every file at most 25 MiB, the model in parts), load the default model (SmolLM2
 // INT8 with past) through the page, ask "What is the capital of France?" in chat mode, and check
 // that "Paris" streams into the output, that the per-token timings are positive, that the live
 // row and the benchmark row land in the baseline table (then the peer's, onnxruntime-web on the
-// same file in the same browser, with our ratio to it), and that generated markup ("<b>") shows
-// as text, and that a reload loads the model from the Cache API. A screenshot goes to
-// tests/out/e2e.png.
+// same file in the same browser, with our ratio to it), that generated markup ("<b>") shows as
+// text, that a reload loads the model from the Cache API, and that the threaded build runs once
+// the page's service worker has made it cross-origin isolated. A screenshot goes to
+// $WASMLM_SCREENSHOT (default tests/out/e2e.png).
 //
-//   node tests/node/e2e.mjs [dist folder]      (./build.sh test runs it after building dist/)
+//   node tests/node/e2e.mjs [site folder]      (./build.sh test runs it after building the site)
 import { spawn } from "node:child_process";
-import { mkdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { createServer } from "node:net";
+import { createServer as createHttpServer } from "node:http";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
@@ -21,7 +24,16 @@ const repo = resolve(here, "../..");
 const dist = resolve(process.argv[2] || resolve(repo, "dist"));
 const out = resolve(repo, "tests/out");
 const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
+const screenshot = resolve(process.env.WASMLM_SCREENSHOT || resolve(out, "e2e.png"));
 mkdirSync(out, { recursive: true });
+mkdirSync(dirname(screenshot), { recursive: true });
+const MAX_FILE = 25 * 2 ** 20; // what a free static host accepts (Cloudflare Pages)
+const MAX_SITE = 400e6;
+
+function filesOf(dir) {
+  return readdirSync(dir, { withFileTypes: true }).flatMap((e) =>
+    e.isDirectory() ? filesOf(resolve(dir, e.name)) : [resolve(dir, e.name)]);
+}
 
 function log(...args) {
   console.log(`[e2e ${new Date().toISOString().slice(11, 19)}]`, ...args);
@@ -56,6 +68,26 @@ async function serve(port, isolated) {
   throw new Error("the static server did not start");
 }
 
+// Another origin that serves a site's models/ folder with CORS, as a CDN or a Hugging Face
+// repository would; it counts the requests it answers.
+async function corsServer(root) {
+  const seen = [];
+  const server = createHttpServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    seen.push(path);
+    const file = resolve(root, "." + path);
+    res.setHeader("Access-Control-Allow-Origin", "*");
+    if (!file.startsWith(root) || !statSync(file, { throwIfNoEntry: false })?.isFile()) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "Content-Length": statSync(file).size }).end(readFileSync(file));
+  });
+  const port = await freePort();
+  await new Promise((ok) => server.listen(port, "127.0.0.1", ok));
+  return { url: `http://127.0.0.1:${port}/`, seen, close: () => server.close() };
+}
+
 async function loadModel(page) {
   await page.waitForSelector("#model option", { state: "attached" });
   await page.click("#load");
@@ -84,10 +116,43 @@ async function generate(page, prompt, maxNew) {
   };
 }
 
+// Opens `url` and waits until the page is usable: where the page wants the threaded build (3
+// cores on, or ?build=threads) on a host without the isolation headers, its service worker makes
+// it cross-origin isolated after one reload, which must be over before the page is used.
+async function open(page, url, wantIsolation, picker = true) {
+  await page.goto(url);
+  if (wantIsolation) {
+    let isolated = false;
+    for (let i = 0; i < 120 && !isolated; i++) {
+      // the page reloads itself once: a check may land in the old page and fail
+      isolated = await page.evaluate(() => self.crossOriginIsolated === true).catch(() => false);
+      if (!isolated) await new Promise((r) => setTimeout(r, 250));
+    }
+    assert.ok(isolated, `${url}: the service worker made the page cross-origin isolated`);
+    assert.ok(await page.evaluate(() => !!navigator.serviceWorker.controller), "the service worker controls the page");
+  }
+  if (picker) await page.waitForSelector("#model option", { state: "attached" });
+}
+
 async function main() {
+  // The site as a static host gets it.
+  const files = filesOf(dist).map((f) => ({ f, bytes: statSync(f).size }));
+  const over = files.filter((x) => x.bytes > MAX_FILE).map((x) => x.f);
+  assert.deepEqual(over, [], `files over ${MAX_FILE} bytes`);
+  const total = files.reduce((n, x) => n + x.bytes, 0);
+  // ./build.sh site by default holds each bundle's default file only; this one (--files int8)
+  // holds the other INT8 files too: the limit is held on the default site's share.
+  const extra = JSON.parse(readFileSync(resolve(dist, "models/index.json"), "utf8")).models
+    .map((id) => JSON.parse(readFileSync(resolve(dist, `models/${id}/manifest.json`), "utf8")))
+    .flatMap((m) => m.files.filter((f) => f.kind === "onnx" && f.name !== m.default.file))
+    .reduce((n, f) => n + f.bytes, 0);
+  assert.ok(total - extra <= MAX_SITE, `the default site is ${total - extra} bytes, over ${MAX_SITE}`);
+  const parts = files.filter((x) => /\.part-\d+$/.test(x.f)).length;
+  assert.ok(parts > 0, "the default model is served in parts");
+  log(`site: ${files.length} files, ${(total / 1e6).toFixed(1)} MB (${((total - extra) / 1e6).toFixed(1)} MB without the non-default files), the largest ${(Math.max(...files.map((x) => x.bytes)) / 2 ** 20).toFixed(1)} MiB, ${parts} model parts`);
+
   const port = await freePort();
-  const server = await serve(port, true);
-  const servers = [server];
+  const servers = [await serve(port, false)];
   const browser = await chromium.launch({
     executablePath: chromiumPath,
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -99,15 +164,16 @@ async function main() {
     page.on("pageerror", (e) => errors.push(`pageerror: ${e.message}`));
     page.on("console", (m) => { if (m.type() === "error") errors.push(`console: ${m.text()}`); });
     const url = `http://127.0.0.1:${port}/`;
-    log("open", url);
-    await page.goto(url);
-    await page.waitForSelector("#model option", { state: "attached" });
+    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
+    log("open", url, `(${cores} cores)`);
+    await open(page, url, cores >= 3);
     const picked = JSON.parse(await page.inputValue("#model"));
     assert.equal(picked.id, "smollm2-135m", "the default model is preselected");
     assert.equal(picked.file, "model.with_past.int8.onnx", "the default file is preselected");
     // the table comes after the picker (baselines.json is fetched once the bundles are listed)
     await page.waitForSelector("#baselines table tbody tr", { state: "attached", timeout: 30_000 })
       .catch(async () => assert.fail(`the native baseline table is shown: ${await page.textContent("#baselines")}`));
+    assert.match(await page.textContent("#baselines-present"), /rows/, "the page says which native rows are present");
 
     log("load", picked.file);
     const t0 = Date.now();
@@ -115,11 +181,9 @@ async function main() {
     log(`ready after ${((Date.now() - t0) / 1000).toFixed(1)} s: ${status}`);
     const modelInfo = await page.textContent("#model-info");
     log(modelInfo);
-    // Chromium validates SIMD and relaxed SIMD, and the served headers isolate the page: the page
-    // must pick the threaded SIMD128 build from 3 cores on (a thread per core but one), else the
+    // Chromium validates SIMD and relaxed SIMD: the page must pick the threaded SIMD128 build from
+    // 3 cores on (a thread per core but one; isolated by the service worker), else the
     // relaxed-SIMD one, after its kernel check
-    assert.equal(await page.evaluate(() => self.crossOriginIsolated), true, "./build.sh serve isolates the page");
-    const cores = await page.evaluate(() => navigator.hardwareConcurrency);
     assert.match(modelInfo, cores >= 3 ? new RegExp(`WebAssembly build: simd128, ${Math.min(cores - 1, 8)} threads \\(threaded build\\)`)
       : /WebAssembly build: relaxed-simd \(kernels checked against the scalar one in [\d.]+ ms\), 1 thread\b/,
       `the build for ${cores} cores is loaded`);
@@ -167,13 +231,13 @@ async function main() {
     assert.match(peerCells[1], /^onnxruntime-web/);
     assert.ok(Number(peerCells[6].split(" / ")[0]) > 0, "peer decode median is positive");
 
-    await page.screenshot({ path: resolve(out, "e2e.png"), fullPage: true });
+    await page.screenshot({ path: screenshot, fullPage: true });
 
     // 4. A reload starts from the Cache API: no download of the model files. The other build:
     //    ?build=threads (or ?build=simd where the threaded one was picked) must answer with the
     //    very same greedy text; the threaded one also runs the benchmark mode.
     const other = cores >= 3 ? "simd" : "threads";
-    await page.goto(`${url}?build=${other}`);
+    await open(page, `${url}?build=${other}`, true);
     await loadModel(page);
     const otherInfo = await page.textContent("#model-info");
     assert.match(otherInfo, other === "threads" ? /WebAssembly build: simd128, [2-8] threads \(threaded build\)/
@@ -203,26 +267,25 @@ async function main() {
     assert.match(cached, /from the browser's cache/, "the second load reads the cache");
     assert.deepEqual(errors, [], "no page errors");
 
-    // 4b. The report preset's file, whose products the relaxed-SIMD build runs on its relaxed
+    // 4b. The ort-dynamic-qint8 file, whose products the relaxed-SIMD build runs on its relaxed
     //     kernel (the others on SIMD128's): the relaxed, SIMD128 and threaded builds must give the
     //     same greedy text (each computes the integer products exactly).
-    const report = JSON.stringify({ id: "smollm2-135m", file: "model.with_past.report-int8.onnx" });
-    const reportAnswers = {};
+    const ortq = JSON.stringify({ id: "smollm2-135m", file: "model.with_past.ort-dynamic-qint8.onnx" });
+    const ortqAnswers = {};
     for (const b of ["relaxed", "simd", "threads"]) {
-      await page.goto(`${url}?build=${b}`);
-      await page.waitForSelector("#model option", { state: "attached" });
-      await page.selectOption("#model", report);
+      await open(page, `${url}?build=${b}`, true); // the service worker is there: no reload
+      await page.selectOption("#model", ortq);
       await loadModel(page);
       const info = await page.textContent("#model-info");
       assert.match(info, b === "relaxed" ? /int8 kernels: \d+ x dynamic-quant relaxed-simd\b/ : /int8 kernels: \d+ x dynamic-quant simd128\b/,
-        `?build=${b}: the report file's products on this build's kernel: ${info}`);
+        `?build=${b}: the ort-dynamic-qint8 file's products on this build's kernel: ${info}`);
       await page.check("#chat");
-      reportAnswers[b] = await generate(page, "What is the capital of France?", 16);
-      log(`report file, ?build=${b}:`, JSON.stringify(reportAnswers[b]));
+      ortqAnswers[b] = await generate(page, "What is the capital of France?", 16);
+      log(`ort-dynamic-qint8 file, ?build=${b}:`, JSON.stringify(ortqAnswers[b]));
     }
-    assert.match(reportAnswers.relaxed.text, /Paris/, "the report file's answer names Paris");
-    assert.equal(reportAnswers.simd.text, reportAnswers.relaxed.text, "the relaxed and SIMD128 builds give the same greedy text");
-    assert.equal(reportAnswers.threads.text, reportAnswers.relaxed.text, "the relaxed and threaded builds give the same greedy text");
+    assert.match(ortqAnswers.relaxed.text, /Paris/, "the ort-dynamic-qint8 file's answer names Paris");
+    assert.equal(ortqAnswers.simd.text, ortqAnswers.relaxed.text, "the relaxed and SIMD128 builds give the same greedy text");
+    assert.equal(ortqAnswers.threads.text, ortqAnswers.relaxed.text, "the relaxed and threaded builds give the same greedy text");
     assert.deepEqual(errors, [], "no page errors");
 
     // 5. A user's own files: bytes that are not ONNX, then a file without its tokenizer, are
@@ -238,35 +301,47 @@ async function main() {
     await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
     assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
 
-    // 6. A static host sends no isolation headers: where the threaded build would run (3 cores
-    //    on, or ?build=threads) the page's service worker (coi-sw.js) adds them, after one
-    //    reload, and the page is cross-origin isolated all the same; elsewhere no service worker
-    //    is registered (nothing to gain, and no reload).
-    const plainPort = await freePort();
-    servers.push(await serve(plainPort, false));
-    const plain = await browser.newPage();
-    plain.on("pageerror", (e) => errors.push(`pageerror (static host): ${e.message}`));
+    // 5b. Bundles from another origin: ?models=URL reads the index and the manifest there (the
+    //     parts, already in the Cache API under their sha256, are not fetched again).
+    const cdn = await corsServer(resolve(dist, "models"));
+    try {
+      await open(page, `${url}?models=${encodeURIComponent(cdn.url)}`, true);
+      await loadModel(page);
+      assert.ok(cdn.seen.includes("/index.json") && cdn.seen.includes("/smollm2-135m/manifest.json"),
+        `the page read the other origin's index and manifest: ${cdn.seen.join(", ")}`);
+      assert.equal(await page.inputValue("#models-root"), cdn.url, "the field shows where the bundles come from");
+      await page.check("#chat");
+      const remote = await generate(page, "What is the capital of France?", 16);
+      assert.equal(remote.text, paris.text, "the same answer from the other origin's bundle");
+      log("bundles from another origin:", cdn.seen.length, "requests there");
+      await open(page, `${url}?models=${encodeURIComponent("javascript:alert(1)")}`, true, false);
+      await page.waitForFunction(() => document.querySelector("#status").className === "error");
+      assert.match(await page.textContent("#status"), /only http\(s\) URLs/, "a URL of another scheme is refused");
+    } finally {
+      cdn.close();
+    }
+    assert.deepEqual(errors, [], "no page errors");
+
+    // 6. Where the threaded build would not run (2 cores, no ?build=threads), a new visitor's
+    //    page registers no service worker and reloads nothing; `./build.sh serve` sends the
+    //    isolation headers itself.
+    const fresh = await browser.newContext();
+    const plain = await fresh.newPage();
+    plain.on("pageerror", (e) => errors.push(`pageerror (new visitor): ${e.message}`));
     if (cores < 3) {
-      await plain.goto(`http://127.0.0.1:${plainPort}/`);
-      await plain.waitForSelector("#model option", { state: "attached" });
+      await open(plain, url, false);
       const registered = await plain.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length);
       assert.equal(registered, 0, `no service worker on ${cores} cores without ?build=threads`);
       assert.equal(await plain.evaluate(() => self.crossOriginIsolated), false);
       log(`static host, ${cores} cores: no service worker, not isolated`);
     }
-    await plain.goto(`http://127.0.0.1:${plainPort}/${cores < 3 ? "?build=threads" : ""}`);
-    let isolated = false;
-    for (let i = 0; i < 120 && !isolated; i++) {
-      // the page reloads itself once: a check may land in the old page and fail
-      isolated = await plain.evaluate(() => self.crossOriginIsolated === true).catch(() => false);
-      if (!isolated) await new Promise((r) => setTimeout(r, 250));
-    }
-    assert.ok(isolated, "the service worker made the static-host page cross-origin isolated");
-    await plain.waitForSelector("#model option", { state: "attached" });
-    assert.ok(await plain.evaluate(() => !!navigator.serviceWorker.controller), "the service worker controls the page");
-    log("static host: isolated by the service worker");
+    const isolatedPort = await freePort();
+    servers.push(await serve(isolatedPort, true));
+    await open(plain, `http://127.0.0.1:${isolatedPort}/?isolate=0`, false);
+    assert.equal(await plain.evaluate(() => self.crossOriginIsolated), true, "./build.sh serve isolates the page");
+    await fresh.close();
     assert.deepEqual(errors, [], "no page errors");
-    log("screenshot:", resolve(out, "e2e.png"));
+    log("screenshot:", screenshot);
     log("passed");
   } finally {
     await browser.close();
