@@ -457,9 +457,10 @@ first_run() {
 
 # benchmarks: the full table, then docs/benchmarks.md from it (machine, date, command).
 benchmarks() {
+  local cmd="./build.sh benchmarks"
+  [[ -n ${WASMLM_MODELS:-} ]] && cmd="WASMLM_MODELS='$WASMLM_MODELS' $cmd"
   baselines
-  (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json \
-      --docs ../docs/benchmarks.md --command "./build.sh benchmarks")
+  (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json --docs ../docs/benchmarks.md --command "$cmd")
   echo "docs/benchmarks.md written"
 }
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         table = json.loads(args.table.read_text())
         files.write_text(args.table.with_suffix(".md"), baselines.render(table))
         if args.docs:
-            files.write_text(args.docs, baselines.render_page(table, args.command))
+            files.write_text(args.docs, baselines.render_page(table, args.command, args.table.stat().st_mtime))
         return 0
     from . import baselines, bundle, sources
     try:
