@@ -207,14 +207,16 @@ wasm_tools() {
   local want
   want=$(wasm_bindgen_version)
   if [[ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $want" ]]; then
-    say "setup: cargo install wasm-bindgen-cli $want (once; minutes)"
-    # without --locked: the CLI's own lock file does not resolve here (docs/decisions.md, "The wasm builds")
-    cargo install wasm-bindgen-cli --version "=$want"
+    say "setup: cargo install wasm-bindgen-cli $want (once; about a minute)"
+    # without --locked: the CLI's own lock file does not resolve here. --debug: 1 minute to build
+    # instead of 3.5, 8 s instead of 2 s a run, the same output (docs/decisions.md, "The wasm builds")
+    cargo install wasm-bindgen-cli --version "=$want" --debug
   fi
 }
 
-# One flavour of the wasm engine: cargo build for wasm32 with its RUSTFLAGS (its own target dir,
-# so switching flavours rebuilds nothing), then wasm-bindgen's ES-module glue into $out.
+# One flavour of the wasm engine: cargo build for wasm32 in the `wasm` profile (Cargo.toml) with
+# its RUSTFLAGS (its own target dir, so switching flavours rebuilds nothing), then wasm-bindgen's
+# ES-module glue into $out.
 # The threaded flavour: a pinned nightly (build-std recompiles std with atomics), the `threads`
 # feature (wasm-bindgen-rayon), shared memory up to 4 GiB. The relaxed flavour: the SIMD128
 # flavour's flags and target dir (its dependencies are not built again) with the `relaxed-simd`
@@ -228,12 +230,12 @@ wasm_flavour() {
   [[ $flavour == relaxed ]] && extra=(--features relaxed-simd)
   local dir="target/wasm-${flavour/relaxed/simd}"
   say "wasm: $flavour build (RUSTFLAGS='$rustflags' ${extra[*]})"
-  RUSTFLAGS="$rustflags" "${cargo[@]}" build --release --locked --lib --target wasm32-unknown-unknown \
+  RUSTFLAGS="$rustflags" "${cargo[@]}" build --profile wasm --locked --lib --target wasm32-unknown-unknown \
     --target-dir "$dir" "${extra[@]}"
   # without the name section: 25% smaller download; a panic's message still reaches the console
   wasm-bindgen --target web --out-dir "$out/$flavour" --out-name wasmlm --no-typescript \
     --remove-name-section --remove-producers-section \
-    "$dir/wasm32-unknown-unknown/release/wasmlm.wasm"
+    "$dir/wasm32-unknown-unknown/wasm/wasmlm.wasm"
   wasm_opt "$flavour" "$out/$flavour/wasmlm_bg.wasm"
 }
 
@@ -315,9 +317,9 @@ run_tests() {
   rust_setup
   say "tests 2/4: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --cargo-profile test-release --locked --no-fail-fast
+    cargo nextest run --release --locked --no-fail-fast
   else
-    cargo test --profile test-release --locked --no-fail-fast
+    cargo test --release --locked --no-fail-fast
   fi
   test_wasm
   test_e2e
@@ -337,8 +339,8 @@ test_e2e() {
   say "tests 4/4: the page, end to end, in headless Chromium"
   wasm "${ALL_FLAVOURS[@]}"
   models "$DEFAULT_MODEL"
-  cargo build --profile test-release --locked --bin wasmlm
-  native_rows build/test/baselines.json ./target/test-release/wasmlm 1
+  engine
+  native_rows build/test/baselines.json ./target/release/wasmlm 1
   MODELS=("$DEFAULT_MODEL")
   # the default site first (the limits), then the one the test serves: its other INT8 file
   # runs on each build's own integer kernel
@@ -351,7 +353,7 @@ test_e2e() {
 # native engine's logits and greedy tokens on the tiny models' with-past files.
 WASM_TEST_PROMPT=(510 2317 314 260 3575 282 4649)
 wasm_expectations() {
-  cargo build --profile test-release --locked --bin wasmlm
+  engine
   for model in tiny-gpt2 tiny-llama; do
     models "$model" >/dev/null
     mkdir -p "build/wasm-test/$model"
@@ -359,7 +361,7 @@ wasm_expectations() {
       local base="build/wasm-test/$model/$file"
       (cd models && ../"$PY" -m wasmlm_models reference "../build/models/$model" --file "$file" --decode 3 \
           --greedy 32 --prompt "${WASM_TEST_PROMPT[@]}") > "$base.ort.json.partial"
-      ./target/test-release/wasmlm trace --bundle "build/models/$model" --file "$file" --decode 3 --greedy 32 \
+      ./target/release/wasmlm trace --bundle "build/models/$model" --file "$file" --decode 3 --greedy 32 \
           "${WASM_TEST_PROMPT[@]}" > "$base.native.json.partial"
       mv "$base.ort.json.partial" "$base.ort.json" && mv "$base.native.json.partial" "$base.native.json"
     done
@@ -373,7 +375,7 @@ wasm_test_flavour() {
   say "tests: wasm engine ($flavour build) in Node, against the native engine and ONNX Runtime"
   WASMLM_ROOT="$PWD" RUSTFLAGS="$rustflags" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     WASM_BINDGEN_TEST_TIMEOUT=600 \
-    cargo test --release --locked --target wasm32-unknown-unknown --target-dir "target/wasm-$flavour" --test wasm
+    cargo test --profile wasm --locked --target wasm32-unknown-unknown --target-dir "target/wasm-$flavour" --test wasm
 }
 
 # The relaxed-SIMD build's kernels in headless Chromium (tests/browser.rs, wasm-bindgen-test
@@ -387,7 +389,7 @@ wasm_browser_test_relaxed() {
   RUSTFLAGS="-C target-feature=+simd128" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_WEBDRIVER_JSON="$PWD/tests/webdriver.json" \
     WASM_BINDGEN_TEST_TIMEOUT=300 \
-    cargo test --release --locked --target wasm32-unknown-unknown --target-dir target/wasm-simd \
+    cargo test --profile wasm --locked --target wasm32-unknown-unknown --target-dir target/wasm-simd \
     --features relaxed-simd --test browser
 }
 
