@@ -52,6 +52,8 @@ fn phases(verify: f64, graph: &Graph, tokenizer: f64) -> Vec<(String, f64)> {
 
 pub struct Engine {
     pub graph: Arc<Graph>,
+    /// The ONNX file's sha256 (hex): what a session's snapshot is tied to.
+    pub sha256: Arc<str>,
     pub text: Text,
     pub eos_ids: Vec<u32>,
     pub context: usize,
@@ -110,7 +112,8 @@ impl Engine {
             int8_kernels: graph.kernels.clone(),
             fused_ops: fused_ops(&graph),
         };
-        Ok(Engine { graph: Arc::new(graph), text, eos_ids: manifest.tokens.eos_ids.clone(), context: arch.context, info })
+        Ok(Engine { graph: Arc::new(graph), sha256: entry.sha256.as_str().into(), text, eos_ids: manifest.tokens.eos_ids.clone(),
+                    context: arch.context, info })
     }
 
     /// A user's own files, without a manifest (the page's drag and drop): the cache layout is read
@@ -149,10 +152,13 @@ impl Engine {
                 .take(1)
                 .collect();
         }
-        let t_text = now_ms();
+        // no manifest gives it: what a session's snapshot is tied to
+        let t_hash = now_ms();
+        let sha256 = onnx.sha256();
+        let hash_ms = now_ms() - t_hash;
         let file_bytes = onnx.len();
         let graph = graph::load(onnx, None, prep)?;
-        let load_phases_ms = phases(0.0, &graph, t_text - t0);
+        let load_phases_ms = phases(hash_ms, &graph, t_hash - t0);
         let info = LoadedInfo {
             model: name.into(),
             real_weights: true,
@@ -167,7 +173,7 @@ impl Engine {
             int8_kernels: graph.kernels.clone(),
             fused_ops: fused_ops(&graph),
         };
-        Ok(Engine { graph: Arc::new(graph), text, eos_ids, context, info })
+        Ok(Engine { graph: Arc::new(graph), sha256: sha256.into(), text, eos_ids, context, info })
     }
 
     /// From a bundle folder (native): reads manifest.json, the chosen ONNX file, tokenizer.json.
@@ -186,6 +192,6 @@ impl Engine {
     }
 
     pub fn session(&self) -> Result<Session> {
-        Session::new(self.graph.clone(), self.context)
+        Session::new(self.graph.clone(), self.sha256.clone(), self.context)
     }
 }

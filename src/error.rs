@@ -26,8 +26,10 @@ pub enum Error {
     Template(String),
     #[error("the prompt has {tokens} tokens and the model's context is {context}: shorten it")]
     PromptTooLong { tokens: usize, context: usize },
-    #[error("the context is full ({context} tokens): reset the session or start a new one")]
-    ContextFull { context: usize },
+    #[error("the context is full: {held} tokens held, {more} more asked, {context} at most; truncate the cache (drop old turns) or start over")]
+    ContextFull { context: usize, held: usize, more: usize },
+    #[error("cache snapshot refused: {0}")]
+    Snapshot(String),
     #[error("invalid option: {0}")]
     Options(String),
     #[error("{0}")]

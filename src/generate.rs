@@ -49,10 +49,21 @@ pub enum StopReason {
     ContextFull,
 }
 
+/// What a generation feeds before its first token.
+enum Input {
+    /// Tokens after what the cache holds; none: continue from the cache's last token.
+    Append(Vec<u32>),
+    /// A whole conversation: the cache keeps its longest common prefix, the rest is fed
+    /// (`Session::sync`).
+    Whole(Vec<u32>),
+}
+
 pub struct Generation {
     opts: GenerateOptions,
     sampler: Sampler,
-    prompt: Vec<u32>,
+    input: Input,
+    /// Tokens the first call actually ran (a chat's new turn only), once it has.
+    fed: Option<usize>,
     last: Option<u32>,
     produced: usize,
     stream: DecodeStream,
@@ -62,7 +73,8 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Tokenize the prompt (through the chat template if asked); nothing runs yet.
+    /// Tokenize the prompt (through the chat template if asked), to be fed after what the cache
+    /// holds; nothing runs yet. An empty prompt continues from the cache.
     pub fn new(engine: &Engine, prompt: &str, opts: GenerateOptions) -> Result<Generation> {
         let text = if opts.chat {
             engine.text.chat_prompt(&[Message { role: "user".into(), content: prompt.into() }])?
@@ -73,14 +85,34 @@ impl Generation {
         Generation::from_ids(ids, opts)
     }
 
+    /// The assistant's next turn of a conversation, through the chat template: the cache keeps
+    /// what it shares with the conversation's tokens and runs only the rest.
+    pub fn chat(engine: &Engine, messages: &[Message], opts: GenerateOptions) -> Result<Generation> {
+        let ids = engine.text.encode(&engine.text.chat_prompt(messages)?)?;
+        Generation::with_input(Input::Whole(ids), opts)
+    }
+
     pub fn from_ids(prompt: Vec<u32>, opts: GenerateOptions) -> Result<Generation> {
+        Generation::with_input(Input::Append(prompt), opts)
+    }
+
+    fn with_input(input: Input, opts: GenerateOptions) -> Result<Generation> {
         let sampler = Sampler::new(opts.sampling.clone())?;
-        Ok(Generation { opts, sampler, prompt, last: None, produced: 0, stream: DecodeStream::default(),
+        Ok(Generation { opts, sampler, input, fed: None, last: None, produced: 0, stream: DecodeStream::default(),
                         text: String::new(), emitted: 0, stopped: None })
     }
 
+    /// The prompt's tokens (a chat: the whole conversation's).
     pub fn prompt_tokens(&self) -> usize {
-        self.prompt.len()
+        match &self.input {
+            Input::Append(ids) | Input::Whole(ids) => ids.len(),
+        }
+    }
+
+    /// The tokens the prefill ran (a chat's new turn: those not already in the cache), once the
+    /// first token is out.
+    pub fn fed_tokens(&self) -> Option<usize> {
+        self.fed
     }
 
     /// The next token, or None once stopped (see `stopped` for why).
@@ -92,10 +124,23 @@ impl Generation {
             return self.stop(StopReason::MaxTokens);
         }
         let t0 = now_ms();
-        let logits = match self.last {
-            None => session.prefill(&self.prompt)?,
-            Some(_) if session.len() >= session.context() => return self.stop(StopReason::ContextFull),
-            Some(id) => session.step(id)?,
+        let logits = match (self.last, &self.input) {
+            (Some(_), _) if session.len() >= session.context() => return self.stop(StopReason::ContextFull),
+            (Some(id), _) => session.step(id)?,
+            (None, Input::Append(ids)) if ids.is_empty() => {
+                self.fed = Some(0);
+                session.logits()?
+            }
+            (None, Input::Append(ids)) => {
+                let logits = session.prefill(ids)?;
+                self.fed = Some(ids.len());
+                logits
+            }
+            (None, Input::Whole(ids)) => {
+                let (fed, logits) = session.sync(ids)?;
+                self.fed = Some(fed);
+                logits
+            }
         };
         let id = self.sampler.sample(&logits, session.tokens());
         let ms = now_ms() - t0;

@@ -118,3 +118,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// `hex`'s inverse into `out` (exactly 2 x out.len() hex digits).
+pub(crate) fn unhex(text: &str, out: &mut [u8]) -> std::result::Result<(), ()> {
+    let b = text.as_bytes();
+    if b.len() != 2 * out.len() {
+        return Err(());
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8).ok_or(());
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = digit(b[2 * i])? << 4 | digit(b[2 * i + 1])?;
+    }
+    Ok(())
+}

@@ -24,6 +24,7 @@ use crate::graph::Prepare;
 use crate::js_bytes::JsBytes;
 use crate::manifest::Manifest;
 use crate::session::Session;
+use crate::text::Message;
 
 /// The threaded build: starts `workers` Web Workers sharing this module's memory (rayon's
 /// global pool, wasm-bindgen-rayon's `initThreadPool`), before any engine is loaded; a session
@@ -300,6 +301,75 @@ impl JsSession {
     #[wasm_bindgen(getter)]
     pub fn length(&self) -> usize {
         self.session.len()
+    }
+
+    /// The tokens the cache holds, in order.
+    #[wasm_bindgen(getter)]
+    pub fn tokens(&self) -> Vec<u32> {
+        self.session.tokens().to_vec()
+    }
+
+    /// The tokens the current generation's prefill ran (a chat's new turn: only those the cache
+    /// did not hold), once its first token is out.
+    #[wasm_bindgen(getter, js_name = fedTokens)]
+    pub fn fed_tokens(&self) -> Option<usize> {
+        self.generation.as_ref()?.fed_tokens()
+    }
+
+    /// Feed text (tokenized as is) or token ids (an array or Uint32Array) after what the cache
+    /// holds; returns how many tokens were fed. Refused past the context, the cache intact.
+    pub fn append(&mut self, input: JsValue) -> Result<usize, JsError> {
+        let ids = match input.as_string() {
+            Some(text) => self.engine.text.encode(&text).map_err(err)?,
+            None => serde_wasm_bindgen::from_value::<Vec<u32>>(input)
+                .map_err(|e| JsError::new(&format!("append: expected text or token ids ({e})")))?,
+        };
+        self.generation = None;
+        self.session.prefill(&ids).map_err(err)?;
+        Ok(ids.len())
+    }
+
+    /// Start a generation that continues from the cache: the prompt (empty: none) is fed after
+    /// what the cache holds; returns the first token event, like `prefill`.
+    pub fn generate(&mut self, prompt: &str, generate_options: JsValue) -> Result<JsValue, JsError> {
+        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
+        self.generation = Some(Generation::new(&self.engine, prompt, opts).map_err(err)?);
+        self.next()
+    }
+
+    /// The assistant's next turn of `messages` ([{role, content}], through the chat template):
+    /// the cache keeps what it shares with the conversation and runs only the rest (`fedTokens`
+    /// says how many). Returns the first token event, like `prefill`.
+    pub fn chat(&mut self, messages: JsValue, generate_options: JsValue) -> Result<JsValue, JsError> {
+        let messages: Vec<Message> = serde_wasm_bindgen::from_value(messages)
+            .map_err(|e| JsError::new(&format!("chat: expected messages [{{role, content}}] ({e})")))?;
+        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
+        self.generation = Some(Generation::chat(&self.engine, &messages, opts).map_err(err)?);
+        self.next()
+    }
+
+    /// Keep only the first `n` tokens of the cache.
+    pub fn truncate(&mut self, n: usize) -> Result<(), JsError> {
+        self.generation = None;
+        self.session.truncate(n).map_err(err)
+    }
+
+    /// An independent copy of this session's cache (no generation in progress).
+    pub fn fork(&self) -> JsSession {
+        JsSession { engine: self.engine.clone(), session: self.session.fork(), generation: None }
+    }
+
+    /// The cache as bytes (a versioned format tied to the model file's sha256; src/session.rs).
+    pub fn snapshot(&self) -> Result<Vec<u8>, JsError> {
+        self.session.snapshot().map_err(err)
+    }
+
+    /// Load a `snapshot()` in place of the cache; refused, the cache intact, for another model
+    /// file or damaged bytes.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), JsError> {
+        self.session.restore(bytes).map_err(err)?;
+        self.generation = None;
+        Ok(())
     }
 
     /// Empty the cache and forget the generation.

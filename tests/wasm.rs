@@ -280,3 +280,53 @@ fn bad_input_is_an_error_not_a_panic() {
     let m = js_sys::Reflect::get(&e, &"message".into()).unwrap().as_string().unwrap();
     assert!(m.contains("context is 64"), "{m}");
 }
+
+/// The cache handle through the JS surface: `append` then `generate("")` continues from the cache
+/// with the native greedy tokens; a fork and a restored snapshot continue the same way; a
+/// snapshot is refused by another file's session, which keeps its cache.
+#[wasm_bindgen_test]
+fn js_handle_appends_forks_and_restores() {
+    let b = bundle("tiny-llama");
+    let file = "model.with_past.int8.onnx";
+    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    let want = ids(&native["tokens"])[..6].to_vec();
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, u8a(&read(&format!("{}/{file}", b.dir))), &b.tokenizer,
+                                       JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
+    let opts = || js(&serde_json::json!({"max_new_tokens": 6, "ignore_eos": true}));
+    let run = |s: &mut JsSession, first: JsValue| {
+        let mut ev = first;
+        let mut tokens = vec![];
+        while !ev.is_undefined() {
+            let e: Value = serde_wasm_bindgen::from_value(ev).unwrap();
+            tokens.push(e["id"].as_u64().unwrap() as u32);
+            ev = s.next().map_err(JsValue::from).unwrap();
+        }
+        tokens
+    };
+    let mut s: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    let fed = s.append(js(&serde_json::json!(PROMPT))).map_err(JsValue::from).unwrap();
+    assert_eq!((fed, s.length(), s.tokens()), (7, 7, PROMPT.to_vec()));
+    let mut fork = s.fork();
+    let snapshot = s.snapshot().map_err(JsValue::from).unwrap();
+    let first = s.generate("", opts()).map_err(JsValue::from).unwrap();
+    assert_eq!(run(&mut s, first), want, "generate continuing from an appended cache");
+    assert_eq!(s.fed_tokens(), Some(0));
+    let first = fork.generate("", opts()).map_err(JsValue::from).unwrap();
+    assert_eq!(run(&mut fork, first), want, "the fork, after its origin generated");
+    let mut restored: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    restored.restore(&snapshot).map_err(JsValue::from).unwrap();
+    let first = restored.generate("", opts()).map_err(JsValue::from).unwrap();
+    assert_eq!(run(&mut restored, first), want, "a restored snapshot");
+    restored.truncate(7).map_err(JsValue::from).unwrap();
+    assert_eq!(restored.tokens(), PROMPT.to_vec());
+    // another file of the same model refuses it and keeps its cache
+    let other = "model.with_past.onnx";
+    let engine2 = JsEngine::from_bundle(&b.manifest_text, other, u8a(&read(&format!("{}/{other}", b.dir))), &b.tokenizer,
+                                        JsValue::UNDEFINED).map_err(JsValue::from).unwrap();
+    let mut s2: JsSession = engine2.session().map_err(JsValue::from).unwrap();
+    s2.append(js(&serde_json::json!([5, 6, 7]))).map_err(JsValue::from).unwrap();
+    let e = s2.restore(&snapshot).map(|_| ()).map_err(JsValue::from).expect_err("another file");
+    let message = js_sys::Error::from(e).message().as_string().unwrap();
+    assert!(message.contains("another model file"), "{message}");
+    assert_eq!(s2.tokens(), vec![5, 6, 7]);
+}

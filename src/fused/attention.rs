@@ -242,11 +242,12 @@ impl EvalOp for Attention {
 /// graph's `Concat(past, new)` copied the whole cache every step (~2x its size in memory
 /// traffic, 46 KB per cached token on SmolLM2); here a step writes its new rows only.
 ///
-/// The op's `past_*` inputs give the cache's length, which the graph reads for the positions
-/// and the mask, and the op trusts its own rows for that length: the session feeds it, through
-/// those inputs, only the cache this state made (src/session.rs: zeros of that shape). A
-/// shorter past truncates the cache (the session's `truncate`, a reset); a longer one, which
-/// this state never saw, is loaded from the input. The `present_*` outputs are empty (0 rows).
+/// The session owns these states through its plan state and reaches them by node id
+/// (src/session.rs, `Store::Ops`): it truncates, copies, saves and loads them. The op's `past_*`
+/// inputs give the cache's length, which the graph reads for the positions and the mask; the
+/// session feeds there zeros of the length it holds, and the op checks its own rows against
+/// it: a past this state does not hold is loaded from the input. The `present_*` outputs are
+/// empty (0 rows).
 #[derive(Debug, Clone, Default)]
 pub struct Cache {
     k: Rows,
@@ -269,6 +270,40 @@ impl OpState for Cache {
 
     fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
         bail!("the attention cache serves one stream")
+    }
+}
+
+/// What the session reads and writes of a layer's cache (src/session.rs: truncate, fork,
+/// snapshot, restore); the op's steps grow it.
+impl Cache {
+    /// Rows per head.
+    pub fn len(&self) -> usize {
+        self.k.shape[2]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep the first `len` rows of every head (at once: the next step's past is that length).
+    pub fn truncate(&mut self, len: usize) {
+        self.k.shape[2] = self.k.shape[2].min(len);
+        self.v.shape[2] = self.v.shape[2].min(len);
+    }
+
+    /// The keys, then the values, each (B, H, len, D) in order, appended to `out`.
+    pub fn export(&self, out: &mut Vec<f32>) {
+        self.k.export(out);
+        self.v.export(out);
+    }
+
+    /// The cache `export` wrote for `shape` (B, H, len, D): keys then values.
+    pub fn import(&mut self, shape: [usize; 4], kv: &[f32]) -> TractResult<()> {
+        let n = shape.iter().product::<usize>();
+        ensure!(kv.len() == 2 * n, "{} values for two caches of shape {shape:?}", kv.len());
+        self.k = Rows { data: kv[..n].to_vec(), shape, cap: shape[2] };
+        self.v = Rows { data: kv[n..].to_vec(), shape, cap: shape[2] };
+        Ok(())
     }
 }
 
@@ -326,6 +361,13 @@ impl Rows {
             data[i * cap * d..][..len * d].copy_from_slice(&self.data[i * self.cap * d..][..len * d]);
         }
         (self.data, self.cap) = (data, cap);
+    }
+
+    fn export(&self, out: &mut Vec<f32>) {
+        let [b, h, len, d] = self.shape;
+        for i in 0..b * h {
+            out.extend_from_slice(&self.data[i * self.cap * d..][..len * d]);
+        }
     }
 
     fn keys(&self) -> Keys<'_> {
