@@ -66,6 +66,7 @@ function setRunning(what) {
   $("generate").disabled = !ready;
   $("bench").disabled = !ready || !state.loaded.info.has_cache;
   $("load").disabled = !!what;
+  $("new-chat").disabled = !!what;
   $("stop").disabled = !(what === "generate" || what === "bench");
 }
 
@@ -150,11 +151,23 @@ function onWorkerMessage(msg) {
         $("baseline-model").value = i.model;
         renderTable();
       }
+      newChat(false); // a new session: the saved conversation, if any, is resumed below
       $("chat").disabled = !i.has_chat_template;
       if (!i.has_chat_template) $("chat").checked = false;
       setRunning(null);
+      resume();
       break;
     }
+    case "snapshot-done":
+      conversation.put({ model: state.loaded?.info.model, file: state.loaded?.info.file, messages: state.messages,
+        snapshot: msg.bytes, cacheTokens: msg.cacheTokens, saved: new Date().toISOString() })
+        .catch((err) => notice(`The conversation could not be saved in this browser: ${err.message}`));
+      break;
+    case "restore-done":
+      $("context-note").textContent = `Resumed the saved conversation: its KV cache (${msg.cacheTokens} tokens) ` +
+        "was restored, nothing was run again.";
+      setRunning(null);
+      break;
     case "token":
       onToken(msg);
       break;
@@ -178,6 +191,18 @@ function onWorkerMessage(msg) {
       break;
     case "error":
       if (msg.during === "load") state.loaded = null;
+      if (msg.during === "restore") {
+        $("context-note").textContent = `The saved KV cache was not restored (${msg.message}): ` +
+          "the next turn runs the whole conversation again.";
+        setRunning(null);
+        break;
+      }
+      if (msg.during === "chat" && msg.contextFull) {
+        onContextFull(msg.message);
+        setRunning(null);
+        break;
+      }
+      if (msg.during === "chat" || msg.during === "generate") $("output")?.remove();
       setStatus(`${msg.during}: ${msg.message}`, true);
       if (state.running === "bench") $("bench-status").textContent = "";
       if (msg.fatal) {
@@ -276,16 +301,117 @@ function options() {
   };
 }
 
-$("generate").onclick = () => {
+// The conversation: its messages, as the chat template sees them. The worker's session keeps
+// the KV cache of what was said; each turn sends the whole conversation and the engine runs
+// only what its cache does not hold (done.fedTokens).
+state.messages = [];
+
+function turnElement(role, text) {
+  const el = document.createElement("pre");
+  el.className = `turn ${role}`;
+  el.textContent = text; // text, never HTML
+  $("transcript").append(el);
+  return el;
+}
+
+// The conversation and its KV cache's snapshot, kept in IndexedDB so that a reload resumes it
+// without running it again (a snapshot from another model file is refused by the engine; the
+// next turn then reads the conversation from its text).
+const conversation = (() => {
+  const request = (mode, fn) => new Promise((resolve, reject) => {
+    if (typeof indexedDB === "undefined") return resolve(undefined);
+    const open = indexedDB.open("wasmlm", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("conversation");
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction("conversation", mode);
+      const req = fn(tx.objectStore("conversation"));
+      tx.oncomplete = () => { open.result.close(); resolve(req.result); };
+      tx.onerror = () => { open.result.close(); reject(tx.error); };
+    };
+  });
+  return {
+    get: () => request("readonly", (store) => store.get("current")),
+    put: (value) => request("readwrite", (store) => store.put(value, "current")),
+    clear: () => request("readwrite", (store) => store.delete("current")),
+  };
+})();
+
+async function resume() {
+  let saved;
+  try {
+    saved = await conversation.get();
+  } catch (err) {
+    notice(`The saved conversation could not be read: ${err.message}`);
+    return;
+  }
+  if (!saved?.messages?.length || !state.loaded || state.running) return;
+  state.messages = saved.messages;
+  for (const m of saved.messages) turnElement(m.role, m.content);
+  $("context-note").textContent = "Resuming the saved conversation…";
+  setRunning("restore");
+  state.worker.postMessage({ type: "restore", bytes: saved.snapshot });
+}
+
+function newChat(forget = true) {
+  if (forget) conversation.clear().catch(() => {});
+  state.messages = [];
+  state.pendingTurn = null;
+  $("transcript").replaceChildren();
+  $("context-full").hidden = true;
+  $("context-note").textContent = "";
+  if (state.loaded && !state.running) state.worker.postMessage({ type: "reset" });
+}
+$("new-chat").onclick = () => { if (!state.running) newChat(); };
+
+function send(messages) {
   state.events = [];
-  $("output").textContent = "";
   $("stats").replaceChildren();
+  $("context-full").hidden = true;
   chart.reset();
+  // the reply streams into the newest assistant turn, #output
+  $("output")?.removeAttribute("id");
+  const reply = turnElement("assistant", "");
+  reply.id = "output";
   setRunning("generate");
-  state.worker.postMessage({ type: "generate", prompt: $("prompt").value, options: options() });
+  if (messages) state.worker.postMessage({ type: "chat", messages, options: options() });
+  else state.worker.postMessage({ type: "generate", prompt: state.pendingTurn.content, options: options() });
+}
+
+$("generate").onclick = () => {
+  const content = $("prompt").value;
+  if (!content.trim()) return setStatus("type a message first", true);
+  const chat = $("chat").checked;
+  if (!chat) newChat(); // a one-shot completion
+  state.pendingTurn = { role: "user", content };
+  turnElement("user", content);
+  send(chat ? [...state.messages, state.pendingTurn] : null);
 };
 
 $("stop").onclick = () => state.worker.postMessage({ type: "cancel" });
+
+// At the context limit: drop the oldest exchange (a user turn and its reply) and send again,
+// or start over; never a silent failure.
+function onContextFull(message, dropReply = true) {
+  if (dropReply) $("output")?.remove();
+  $("context-full-text").textContent = message;
+  $("context-full").hidden = false;
+  $("drop-oldest").disabled = state.messages.length < 2;
+}
+$("drop-oldest").onclick = () => {
+  if (state.running || state.messages.length < 2) return;
+  state.messages = state.messages.slice(2);
+  const turns = $("transcript").querySelectorAll(".turn");
+  turns[0]?.remove();
+  turns[1]?.remove();
+  send([...state.messages, state.pendingTurn]);
+};
+$("start-over").onclick = () => {
+  if (state.running) return;
+  const turn = state.pendingTurn;
+  newChat();
+  $("prompt").value = turn?.content ?? "";
+};
 
 function onToken(ev) {
   state.events.push(ev);
@@ -351,7 +477,26 @@ function liveRowBase(info, build) {
 }
 
 function onDone(msg) {
-  renderStats([["prompt tokens", String(msg.promptTokens ?? "")], ["stopped by", msg.reason ?? ""]]);
+  if (state.running === "generate" && state.pendingTurn) {
+    const reply = $("output")?.textContent ?? "";
+    if ($("chat").checked) {
+      state.messages.push(state.pendingTurn, { role: "assistant", content: reply });
+      state.worker.postMessage({ type: "snapshot" }); // then kept with the conversation
+    }
+    state.pendingTurn = null;
+    $("prompt").value = "";
+    if (msg.reason === "ContextFull") {
+      onContextFull(`The context is full (${msg.cacheTokens} of ${msg.context} tokens): the reply stopped there.`, false);
+    }
+    if (msg.cacheTokens !== undefined) {
+      $("context-note").textContent = `KV cache: ${msg.cacheTokens} of ${msg.context} tokens; this turn's ` +
+        `prefill ran ${msg.fedTokens} new token(s) of the ${msg.promptTokens} in the conversation.`;
+    }
+  }
+  renderStats([["prompt tokens", String(msg.promptTokens ?? "")],
+    ["prefill tokens (new)", String(msg.fedTokens ?? "")],
+    ["cache tokens", String(msg.cacheTokens ?? "")],
+    ["stopped by", msg.reason ?? ""]]);
   const s = stats(state.events);
   if (state.loaded && s.decode.length > 0 && state.running === "generate") {
     const round = (x) => Math.round(x * 1000) / 1000;

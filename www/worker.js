@@ -7,14 +7,17 @@
 //                                                    {type:"notice", text}
 //                                                    {type:"ready", info, build}
 //   {type:"generate", prompt, options}               {type:"token", id, text, ms, prefill, index}*
-//                                                    {type:"done", reason, promptTokens, cancelled}
+//   {type:"chat", messages, options}                 {type:"done", reason, promptTokens, fedTokens,
+//                                                     cacheTokens, context, cancelled}
 //   {type:"cancel"}                                  (the running generate/bench ends early)
 //   {type:"bench", text, runs, peer, profile}        {type:"bench-progress", run, of, backend}*
 //                                                    {type:"bench-done", row}, then with peer:
 //                                                    {type:"peer-done", row} | {type:"peer-error", message}
 //                                                    | {type:"done", cancelled:true}
 //   {type:"reset"}                                   {type:"reset-done"}
-//   any failure                                      {type:"error", during, message, fatal}
+//   {type:"snapshot"}                                {type:"snapshot-done", bytes, cacheTokens}
+//   {type:"restore", bytes}                          {type:"restore-done", cacheTokens}
+//   any failure                                      {type:"error", during, message, fatal, contextFull}
 //
 // `source` is {kind:"bundle", base:"models/<id>/", file:"<onnx file in the manifest>"} or
 // {kind:"user", name, onnx: File, tokenizer: File, config?: File, context}.
@@ -297,18 +300,22 @@ async function load(source) {
   post({ type: "ready", info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
 }
 
-async function generate(prompt, options) {
+// One generation, a token per message: `first` starts it (the prefill) and returns the first
+// token event; a "cancel" between tokens stops it. A one-shot prompt (generate) empties the
+// cache first; a chat turn keeps what the cache shares with the conversation.
+async function stream(first) {
   if (!session) throw new Error("no model loaded");
   cancelled = false;
   let index = 0;
-  let ev = session.prefill(prompt, options);
+  let ev = first();
   while (ev) {
     post({ type: "token", index: index++, ...ev });
     await yieldToEvents();
     if (cancelled) break;
     ev = session.next();
   }
-  post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens, cancelled });
+  post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens,
+    fedTokens: session.fedTokens, cacheTokens: session.length, context: engine.info.context, cancelled });
 }
 
 async function bench(text, runs, peer, profile) {
@@ -416,15 +423,28 @@ self.onmessage = async (e) => {
   busy = msg.type;
   try {
     if (msg.type === "load") await load(msg.source);
-    else if (msg.type === "generate") await generate(msg.prompt, msg.options);
+    else if (msg.type === "generate") await stream(() => session.prefill(msg.prompt, msg.options));
+    else if (msg.type === "chat") await stream(() => session.chat(msg.messages, msg.options));
     else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5, !!msg.peer, !!msg.profile);
     else if (msg.type === "reset") { session?.reset(); post({ type: "reset-done" }); }
+    else if (msg.type === "snapshot") {
+      if (!session) throw new Error("no model loaded");
+      const bytes = session.snapshot();
+      self.postMessage({ type: "snapshot-done", bytes, cacheTokens: session.length }, [bytes.buffer]);
+    } else if (msg.type === "restore") {
+      if (!session) throw new Error("no model loaded");
+      session.restore(msg.bytes);
+      post({ type: "restore-done", cacheTokens: session.length });
+    }
     else throw new Error(`unknown message ${msg.type}`);
   } catch (err) {
     // A Rust panic surfaces as a WebAssembly.RuntimeError and leaves the instance unusable:
     // the page then replaces this worker (fatal).
     const fatal = err instanceof WebAssembly.RuntimeError;
-    post({ type: "error", during: msg.type, fatal, message: err instanceof Error ? err.message : String(err) });
+    const message = err instanceof Error ? err.message : String(err);
+    // the engine's two context errors (src/error.rs: ContextFull, PromptTooLong); the cache is intact
+    const contextFull = /the context is full|tokens and the model's context is/.test(message);
+    post({ type: "error", during: msg.type, fatal, contextFull, message });
   } finally {
     busy = null;
   }

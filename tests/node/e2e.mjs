@@ -98,7 +98,9 @@ async function loadModel(page) {
   return status;
 }
 
-async function generate(page, prompt, maxNew) {
+// One turn: a new chat first unless `fresh` is false (then the turn continues the conversation).
+async function generate(page, prompt, maxNew, { fresh = true } = {}) {
+  if (fresh) await page.click("#new-chat");
   await page.fill("#prompt", prompt);
   await page.fill("#max-new-tokens", String(maxNew));
   await page.click("#generate");
@@ -112,6 +114,10 @@ async function generate(page, prompt, maxNew) {
     median: await stat("decode ms/token, median"),
     p90: await stat("decode ms/token, p90"),
     tokens: await stat("tokens"),
+    promptTokens: await stat("prompt tokens"),
+    fed: await stat("prefill tokens (new)"),
+    cache: await stat("cache tokens"),
+    turns: await page.locator("#transcript .turn").count(),
     stoppedBy: await page.textContent('#stats dd[data-key="stopped by"]'),
   };
 }
@@ -199,6 +205,33 @@ async function main() {
     assert.ok(await page.locator("#baselines tr.live").count() >= 1, "the live row landed in the table");
     const ratio = await page.locator("#baselines tr.live td").last().textContent();
     assert.match(ratio, /× tract native/, `the live row compares with the native row of the same file: ${ratio}`);
+
+    // 1b. A second turn of the same conversation: its prefill runs only the tokens the cache
+    //     does not hold (the new turn, and the template's end of the reply), not the history.
+    assert.equal(paris.fed, paris.promptTokens, "a new chat's first turn runs its whole prompt");
+    const italy = await generate(page, "And of Italy?", 16, { fresh: false });
+    log("second turn:", JSON.stringify(italy));
+    assert.equal(italy.turns, 4, "the transcript shows both turns and both replies");
+    assert.ok(italy.promptTokens > paris.promptTokens + paris.tokens - 1, "the conversation holds the first exchange");
+    assert.ok(italy.fed > 0 && italy.fed <= italy.promptTokens - paris.promptTokens - paris.tokens + 3,
+      `the second turn's prefill ran only its new tokens: ${italy.fed} of ${italy.promptTokens}`);
+    assert.match(await page.textContent("#context-note"), new RegExp(`ran ${italy.fed} new token`), "the page shows the count");
+
+    // 1c. A reload resumes the conversation from its saved KV cache (IndexedDB): the transcript
+    //     is back, nothing is run again, and a third turn runs only its own tokens.
+    await open(page, url, cores >= 3);
+    await loadModel(page);
+    await page.waitForFunction(() => /Resumed|not restored/.test(document.querySelector("#context-note").textContent),
+      null, { timeout: 60_000 });
+    const resumed = await page.textContent("#context-note");
+    log("after a reload:", resumed);
+    assert.match(resumed, new RegExp(`Resumed the saved conversation: its KV cache \\(${italy.cache} tokens\\)`));
+    assert.equal(await page.locator("#transcript .turn").count(), 4, "the transcript is back");
+    await page.waitForFunction(() => !document.querySelector("#generate").disabled, null, { timeout: 60_000 });
+    const third = await generate(page, "Thank you!", 8, { fresh: false });
+    log("third turn, after the reload:", JSON.stringify(third));
+    assert.ok(third.fed > 0 && third.fed <= third.promptTokens - italy.cache + 3,
+      `the third turn ran only its new tokens: ${third.fed} of ${third.promptTokens}`);
 
     // 2. Generated markup shows as text, never as HTML.
     const markup = await generate(page, "Write the HTML tag that makes text bold.", 16);
