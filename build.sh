@@ -311,8 +311,20 @@ engine() {
 
 run_tests() {
   say "tests 1/4: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
-  models "$DEFAULT_MODEL"   # as the first command builds it: without PyTorch
-  setup_torch
+  # PyTorch's venv (minutes of download) is made while the default bundle is written, as the
+  # first command writes it: without PyTorch
+  mkdir -p build
+  say "setup: the PyTorch venv in the background (build/venv-torch.log)"
+  setup_torch > build/venv-torch.log 2>&1 &
+  local torch_pid=$!
+  trap "kill $torch_pid 2>/dev/null || true" EXIT
+  models "$DEFAULT_MODEL"
+  if ! wait "$torch_pid"; then
+    tail -n 30 build/venv-torch.log >&2
+    echo "error: the PyTorch venv could not be made (build/venv-torch.log)" >&2
+    exit 1
+  fi
+  trap - EXIT
   "$PYT" -m pytest tests/models -v -p no:cacheprovider
   rust_setup
   say "tests 2/4: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
