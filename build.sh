@@ -23,6 +23,16 @@ TEXT=models/data/tinyshakespeare.txt
 
 say() { printf '\n== %s\n' "$*"; }
 
+# disk_check GB: say at once when the disk cannot hold what follows (a full disk otherwise shows
+# up minutes later as a truncated file in some other tool's error).
+disk_check() {
+  local need=$1 free
+  free=$(df -Pk . | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
+  if (( free < need )); then
+    echo "warning: $free GB free on this disk; this command writes up to about $need GB (build/, target/, models/.venv*)" >&2
+  fi
+}
+
 # venv DIR LOCK WHAT: a venv with exactly the lock's packages, made again when the lock changes.
 venv() {
   local dir=$1 lock=$2 what=$3 stamp="$1/.lock-sha256" want
@@ -310,29 +320,30 @@ engine() {
 }
 
 run_tests() {
-  say "tests 1/4: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
-  # PyTorch's venv (minutes of download) is made while the default bundle is written, as the
-  # first command writes it: without PyTorch
+  disk_check 20
+  say "tests: the default model's bundle, as the first command writes it (without PyTorch)"
+  models "$DEFAULT_MODEL"
+  rust_setup
+  # PyTorch's venv (minutes of download) is made while the Rust tests compile: one is network
+  # and disk, the other CPU. Nothing else writes files meanwhile.
   mkdir -p build
-  say "setup: the PyTorch venv in the background (build/venv-torch.log)"
+  say "setup: the PyTorch venv in the background (build/venv-torch.log) while the Rust tests compile"
   setup_torch > build/venv-torch.log 2>&1 &
   local torch_pid=$!
   trap "kill $torch_pid 2>/dev/null || true" EXIT
-  models "$DEFAULT_MODEL"
+  local runner=(cargo test)
+  cargo nextest --version >/dev/null 2>&1 && runner=(cargo nextest run)
+  "${runner[@]}" --release --locked --no-run
   if ! wait "$torch_pid"; then
     tail -n 30 build/venv-torch.log >&2
     echo "error: the PyTorch venv could not be made (build/venv-torch.log)" >&2
     exit 1
   fi
   trap - EXIT
+  say "tests 1/4: model pipeline, pytest (tiny random GPT-2 and Llama; the default model, marked slow)"
   "$PYT" -m pytest tests/models -v -p no:cacheprovider
-  rust_setup
   say "tests 2/4: engine, Rust (parity with ONNX Runtime on the same files, tokenizer, errors, default model)"
-  if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --release --locked --no-fail-fast
-  else
-    cargo test --release --locked --no-fail-fast
-  fi
+  "${runner[@]}" --release --locked --no-fail-fast
   test_wasm
   test_e2e
 }
@@ -446,6 +457,7 @@ first_run() {
   local times=build/first-run-times.txt t0=$SECONDS
   mkdir -p build && : > "$times"
   mark() { printf '%5d s  %s\n' $((SECONDS - t0)) "$*" >> "$times"; }
+  disk_check 8
   setup; mark "python venv"
   say "engine: cargo build --release in the background (build/engine.log)"
   (engine > build/engine.log 2>&1; mark "native engine (in the background)") &
