@@ -38,7 +38,7 @@ fn fused_ops(graph: &Graph) -> Option<String> {
         return None;
     }
     let grouped = if c.grouped > 0 { format!(" ({} on grouped key/value heads)", c.grouped) } else { String::new() };
-    let cache = if c.with_cache > 0 { format!(" ({} with the cache's concatenation)", c.with_cache) } else { String::new() };
+    let cache = if c.with_cache > 0 { format!(" ({} keeping the cache)", c.with_cache) } else { String::new() };
     Some(format!("{} attention products{grouped}, {} attention cores{cache}, {} GELUs, {} rotary embeddings", c.products, c.attentions, c.gelus, c.ropes))
 }
 

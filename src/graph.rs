@@ -27,7 +27,11 @@ pub type Plan = Arc<TypedSimplePlan>;
 #[derive(Debug, Clone)]
 pub struct Graph {
     pub plan: Plan,
+    /// The file's inputs and outputs.
     pub conv: Convention,
+    /// The plan's: the file's, less the past inputs and present outputs when the attention ops
+    /// keep the cache (`caches`).
+    pub io: Convention,
     pub kv_heads: usize,
     pub head_dim: usize,
     pub nodes: usize,
@@ -46,13 +50,20 @@ pub struct Graph {
     pub kernels: Option<String>,
     /// Nodes on our ops (fused/).
     pub fused_ops: fused::Counts,
-    /// Every layer's key/value cache is kept in its attention op's state, grown in place
-    /// (fused/attention.rs): the graph's past inputs give only its length, its present outputs
-    /// are empty.
-    pub cache_in_ops: bool,
+    /// Per layer, the plan node whose attention op keeps that layer's key/value cache in its
+    /// state, grown in place (fused/attention.rs); empty when the cache goes through the graph's
+    /// past inputs and present outputs.
+    pub caches: Vec<usize>,
     /// The threads a session's products are cut across (qmatmul/split); natively tract's own
     /// executor gets as many.
     pub threads: usize,
+}
+
+impl Graph {
+    /// Every layer's cache is kept in its attention op's state (`caches`).
+    pub fn cache_in_ops(&self) -> bool {
+        !self.caches.is_empty()
+    }
 }
 
 /// How to prepare the graph (the defaults are the fast path; the others exist to test it).
@@ -76,7 +87,10 @@ impl Default for Prepare {
     }
 }
 
-fn names(model: &InferenceModel) -> Result<(Vec<String>, Vec<String>)> {
+fn names<F: Fact + Clone + 'static, O>(model: &tract_onnx::tract_core::model::Graph<F, O>) -> Result<(Vec<String>, Vec<String>)>
+where
+    O: std::fmt::Debug + std::fmt::Display + AsRef<dyn Op> + AsMut<dyn Op> + Clone + 'static,
+{
     let ins = model.input_outlets().map_err(Error::run)?;
     let outs = model.output_outlets().map_err(Error::run)?;
     let ins = ins.iter().map(|o| model.node(o.node).name.clone()).collect();
@@ -188,15 +202,32 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
         }
     }
     let typed = prepare(model, prep, &mut phases)?;
+    let (plan_ins, plan_outs) = names(&typed)?;
+    let io = Convention::discover(&plan_ins, &plan_outs)?;
+    let caches = cache_nodes(&typed, &conv, &ins)?;
     let nodes = typed.nodes.len();
     let kernels = qmatmul::describe(&typed);
     let fused_ops = fused::count(&typed);
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    let cache_in_ops = conv.layers() > 0 && fused_ops.with_cache == conv.layers();
-    Ok(Graph { plan, conv, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, cache_in_ops,
+    Ok(Graph { plan, conv, io, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, caches,
                threads: prep.threads.max(1) })
+}
+
+/// Per layer, the node of the attention op that took over the layer's past keys (by the input's
+/// name); none when no op did. A plan that lost the past inputs keeps every layer's cache.
+fn cache_nodes(typed: &TypedModel, conv: &Convention, ins: &[String]) -> Result<Vec<usize>> {
+    use fused::attention::Attention;
+    let owner = |input: &str| {
+        typed.nodes.iter().find(|n| n.op_as::<Attention>().and_then(|a| a.cache.as_ref()).is_some_and(|c| c.input == input)).map(|n| n.id)
+    };
+    let found: Vec<Option<usize>> = conv.past.iter().map(|&(k, _)| owner(&ins[k])).collect();
+    match found.iter().flatten().count() {
+        0 => Ok(vec![]),
+        n if n == conv.layers() => Ok(found.into_iter().flatten().collect()),
+        n => Err(Error::UnsupportedGraph(format!("the attention ops keep the cache of {n} of {} layers", conv.layers()))),
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -16,7 +16,7 @@ use tract_onnx::prelude::*;
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::fused::attention::{Attention, Cache};
+use crate::fused::attention::Cache;
 use crate::graph::Graph;
 
 /// Where a session's key/value cache is.
@@ -26,8 +26,7 @@ enum Store {
     /// fed back as its past inputs on the next call.
     Tensors(Vec<(TValue, TValue)>),
     /// Per layer, the node (in the plan) of the attention op whose state ([`Cache`]) holds it
-    /// (fused/attention.rs). The graph's past inputs then only say the length: zeros of that
-    /// shape.
+    /// (fused/attention.rs); the plan has no past inputs or present outputs then.
     Ops(Vec<usize>),
     /// A graph without a cache: it sees every token each time.
     None,
@@ -66,8 +65,8 @@ impl Session {
         let state = graph.plan.spawn().map_err(Error::run)?;
         let store = if !graph.conv.has_cache() {
             Store::None
-        } else if graph.cache_in_ops {
-            Store::Ops(cache_nodes(&graph)?)
+        } else if graph.cache_in_ops() {
+            Store::Ops(graph.caches.clone())
         } else {
             Store::Tensors(empty_past(&graph, 0)?)
         };
@@ -218,55 +217,43 @@ impl Session {
 
     /// The graph's inputs for feeding `ids` after what the cache holds.
     fn inputs(&self, ids: &[u32]) -> Result<TVec<TValue>> {
-        let conv = &self.graph.conv;
+        let (io, inputs) = (&self.graph.io, self.graph.plan.model().inputs.len());
         // Without a cache, the graph sees the whole sequence every time.
         let fed: Vec<u32> = match self.store {
             Store::None => self.tokens.iter().chain(ids).copied().collect(),
             _ => ids.to_vec(),
         };
-        let past_len = if conv.has_cache() { self.tokens.len() } else { 0 };
+        let past_len = if self.graph.conv.has_cache() { self.tokens.len() } else { 0 };
         let n = fed.len();
-        let mut inputs: Vec<Option<TValue>> = vec![None; 1 + 2 * conv.layers() + 2];
+        let mut inputs: Vec<Option<TValue>> = vec![None; inputs];
         let as_i64 = |v: Vec<i64>| tensor1(&v).into_shape(&[1, v.len()]).map(|t| t.into_tvalue());
-        inputs[conv.input_ids] = Some(as_i64(fed.iter().map(|&t| t as i64).collect()).map_err(Error::run)?);
-        if let Some(ix) = conv.attention_mask {
+        inputs[io.input_ids] = Some(as_i64(fed.iter().map(|&t| t as i64).collect()).map_err(Error::run)?);
+        if let Some(ix) = io.attention_mask {
             inputs[ix] = Some(as_i64(vec![1; past_len + n]).map_err(Error::run)?);
         }
-        if let Some(ix) = conv.position_ids {
+        if let Some(ix) = io.position_ids {
             let pos = (past_len..past_len + n).map(|p| p as i64).collect();
             inputs[ix] = Some(as_i64(pos).map_err(Error::run)?);
         }
-        match &self.store {
-            Store::Tensors(past) => {
-                for (layer, &(k, v)) in conv.past.iter().enumerate() {
-                    inputs[k] = Some(past[layer].0.clone());
-                    inputs[v] = Some(past[layer].1.clone());
-                }
+        if let Store::Tensors(past) = &self.store {
+            for (layer, &(k, v)) in io.past.iter().enumerate() {
+                inputs[k] = Some(past[layer].0.clone());
+                inputs[v] = Some(past[layer].1.clone());
             }
-            Store::Ops(_) => {
-                let zeros = Tensor::zero::<f32>(&[1, self.graph.kv_heads, past_len, self.graph.head_dim])
-                    .map_err(Error::run)?
-                    .into_tvalue();
-                for &(k, v) in &conv.past {
-                    inputs[k] = Some(zeros.clone());
-                    inputs[v] = Some(zeros.clone());
-                }
-            }
-            Store::None => {}
         }
-        Ok(inputs.into_iter().flatten().collect())
+        inputs.into_iter().enumerate().map(|(ix, t)| t.ok_or_else(|| Error::UnsupportedGraph(format!("the plan's input {ix} has no role")))).collect()
     }
 
     /// Keep the new cache, remember the tokens, return the last position's logits.
     fn absorb(&mut self, ids: &[u32], mut outputs: TVec<TValue>) -> Result<Vec<f32>> {
-        let conv = &self.graph.conv;
+        let io = &self.graph.io;
         if let Store::Tensors(past) = &mut self.store {
-            for (layer, &(k, v)) in conv.present.iter().enumerate() {
+            for (layer, &(k, v)) in io.present.iter().enumerate() {
                 past[layer] = (outputs[k].clone(), outputs[v].clone());
             }
         }
         self.tokens.extend_from_slice(ids);
-        let logits = last_row(outputs.swap_remove(conv.logits))?;
+        let logits = last_row(outputs.swap_remove(io.logits))?;
         self.last = Some(logits.clone());
         Ok(logits)
     }
@@ -429,28 +416,6 @@ fn push_f32(out: &mut Vec<u8>, values: &[f32]) {
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }
-}
-
-/// The plan's attention nodes holding each layer's cache, in layer order: the one whose past
-/// key input is the layer's.
-fn cache_nodes(graph: &Graph) -> Result<Vec<usize>> {
-    let model = graph.plan.model();
-    let inputs = model.input_outlets().map_err(Error::run)?;
-    graph
-        .conv
-        .past
-        .iter()
-        .enumerate()
-        .map(|(layer, &(k, _))| {
-            let past_k = inputs[k];
-            model
-                .nodes()
-                .iter()
-                .find(|n| n.op_as::<Attention>().is_some_and(|a| a.concat) && n.inputs.get(1) == Some(&past_k))
-                .map(|n| n.id)
-                .ok_or_else(|| Error::UnsupportedGraph(format!("layer {layer}: no attention op reads its past keys")))
-        })
-        .collect()
 }
 
 fn op_cache(state: &mut TypedSimpleState, node: usize) -> Result<&mut Cache> {

@@ -47,7 +47,7 @@ fn default_int8_file_on_int8_kernels_stays_with_onnxruntime() {
     // as in the traced export (tests/parity.rs counts those on tiny-llama).
     let c = &engine.graph.fused_ops;
     assert_eq!((c.attentions, c.with_cache, c.ropes), (30, 30, 60), "{c:?}");
-    assert!(engine.graph.cache_in_ops);
+    assert!(engine.graph.cache_in_ops());
     let prompt = engine.text.encode("The quick brown fox jumps over the lazy dog. Then").unwrap();
     let (ref_logits, ref_tokens) = reference(&dir, file, &prompt, 3, 32);
     let (logits, tokens) = engine_run(&engine, &prompt, 3, 32);

@@ -1,5 +1,6 @@
 //! The session handle's operations (src/session.rs) on the three places a cache can live: the
-//! attention ops' states (tiny Llama with past: `cache_in_ops`), the graph's present outputs fed
+//! attention ops' states (tiny Llama with past: `cache_in_ops`, the plan without past inputs or
+//! present outputs), the graph's present outputs fed
 //! back (tiny GPT-2 with past, whose attention keeps its `Concat`s) and no cache at all (a
 //! no-past file, which sees every token each time).
 mod common;
@@ -24,9 +25,17 @@ fn engines() -> Vec<(String, Engine)> {
     ];
     let out: Vec<(String, Engine)> = cases.iter().map(|(m, f)| (format!("{m} {f}"), load(m, f))).collect();
     // the cases above cover each store: held against the graphs' own flags
-    let in_ops: Vec<bool> = out.iter().map(|(_, e)| e.graph.cache_in_ops).collect();
+    let in_ops: Vec<bool> = out.iter().map(|(_, e)| e.graph.cache_in_ops()).collect();
     let cached: Vec<bool> = out.iter().map(|(_, e)| e.graph.conv.has_cache()).collect();
     assert_eq!((in_ops, cached), (vec![true, true, false, false], vec![true, true, true, false]));
+    // one owner: where the ops keep the cache, the plan has no past inputs nor present outputs
+    for (what, e) in &out {
+        let (ins, outs) = (e.graph.plan.model().inputs.len(), e.graph.plan.model().outputs.len());
+        let pairs = if e.graph.cache_in_ops() { 0 } else { e.graph.conv.layers() };
+        assert_eq!((e.graph.io.past.len(), e.graph.io.present.len()), (pairs, pairs), "{what}");
+        assert_eq!(ins, 1 + e.graph.io.attention_mask.is_some() as usize + e.graph.io.position_ids.is_some() as usize + 2 * pairs, "{what}");
+        assert_eq!(outs, 1 + 2 * pairs, "{what}");
+    }
     out
 }
 

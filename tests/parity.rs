@@ -171,7 +171,7 @@ fn fused_ops_equal_tracts_ops() {
         let plain = Engine::from_dir(&dir, Some(file), Prepare { fused_ops: false, ..Prepare::default() }).unwrap();
         assert_eq!((fused.graph.fused_ops, plain.graph.fused_ops), (counts, fused::Counts::default()), "{model} {file}");
         // the cache kept in the attention ops where they took every layer's Concats in
-        assert_eq!((fused.graph.cache_in_ops, plain.graph.cache_in_ops), (counts.with_cache > 0, false), "{model} {file}");
+        assert_eq!((fused.graph.cache_in_ops(), plain.graph.cache_in_ops()), (counts.with_cache > 0, false), "{model} {file}");
         // 7 tokens: the products' own loops; 40: a prefill's attention on the blocked kernel
         // (BLOCKED_ROWS in src/fused/matmul.rs), whose summation order differs from tract's.
         // There `ort-dynamic-qint8`, which quantizes activations at run time, may round an activation

@@ -21,7 +21,9 @@
 //! `Concat(past, new)` copied the whole cache every step, ~2x its size in memory traffic (46 KB
 //! per cached token on SmolLM2, quadratic over a generation); the op's state keeps each layer's
 //! keys and values in a buffer with room to grow and writes only the new rows. The graph's
-//! `past_*` inputs then give the cache's length only, and its `present_*` outputs are empty
+//! `past_*` inputs and `present_*` outputs are then removed from the plan: the state is the one
+//! store of the cache, and it gives tract the past length `P` (the symbol the graph's positions
+//! and mask are written in) from the rows it holds. The session reaches the states by node id
 //! (src/session.rs). This is all or nothing over the layers ([`fuse`]).
 
 use tract_onnx::tract_core::broadcast::multi_broadcast;
@@ -39,14 +41,21 @@ pub const OP_NAME: &str = "WasmlmAttention";
 
 /// `y = softmax(q kᵀ · scale + mask) v` over the last axis, per batch and head; q is (B, H, S, D),
 /// k (B, H / group, L, D), v (B, H / group, L, Dv), mask broadcast to (B, H, S, L); y is
-/// (B, H, S, Dv). With `concat`, the inputs are (q, past k, new k, past v, new v, mask): the
-/// keys and values are the op's [`Cache`] with the new rows appended, and the outputs (y, k, v)
-/// where k and v, typed as the concatenations, hold 0 rows (the cache stays in the state).
+/// (B, H, S, Dv). With a `cache`, the inputs are (q, new k, new v, mask): the keys and values
+/// are the op's [`Cache`] with the new rows appended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attention {
     pub group: usize,
     pub scale: f32,
-    pub concat: bool,
+    pub cache: Option<Past>,
+}
+
+/// The graph's past this op's state took over: the name of the past-key input it replaced (so
+/// its layer), and that input's length, `P` in the graph's other shapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Past {
+    pub input: String,
+    pub len: TDim,
 }
 
 /// `scale` is a finite constant of the graph (never NaN), so equality is an equivalence.
@@ -55,7 +64,7 @@ impl Eq for Attention {}
 /// Where the keys (or values) come from.
 enum Kv {
     Whole(OutletId),
-    /// A `Concat` along the sequence axis of two parts.
+    /// A `Concat` along the sequence axis of a graph input (the past) and the new rows.
     Concat(usize, OutletId, OutletId),
 }
 
@@ -74,8 +83,8 @@ struct Found {
 /// [`super::matmul::absorb_kv_repeats`] (which gives the products their `group`).
 ///
 /// The cache's `Concat`s are taken in (the op then keeps the cache, [`Cache`]) only if all of
-/// them are, every graph output made by a `Concat`: the session feeds the graph's past inputs
-/// one way or the other for all layers.
+/// them are, every graph output made by a `Concat`; the graph's past inputs and present outputs
+/// are then removed (the session feeds all layers one way or the other).
 pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
     let mut found = vec![];
     for node in &model.nodes {
@@ -102,27 +111,34 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
         let mut tap = |o: OutletId| patch.tap_model(model, o);
         let q = tap(f.q)?;
         let mut kv = vec![];
+        let mut cache = None;
         for x in [&f.k, &f.v] {
             match x {
                 Kv::Whole(o) => kv.push(tap(*o)?),
-                Kv::Concat(_, a, b) => {
-                    kv.push(tap(*a)?);
-                    kv.push(tap(*b)?);
+                Kv::Concat(_, past, new) => {
+                    kv.push(tap(*new)?);
+                    cache.get_or_insert(Past { input: model.node(past.node).name.clone(), len: model.outlet_fact(*past)?.shape[2].clone() });
                 }
             }
         }
         let mask = tap(f.mask)?;
-        let concat = matches!(f.k, Kv::Concat(..));
         let inputs: TVec<OutletId> = std::iter::once(q).chain(kv).chain([mask]).collect();
         let name = &model.node(f.softmax).name;
-        let op = Attention { group: f.group, scale: f.scale, concat };
+        let op = Attention { group: f.group, scale: f.scale, cache };
         let outs = patch.wire_node(format!("{name}.attention"), op, &inputs)?;
         patch.shunt_outside(model, f.av.into(), outs[0])?;
-        if let (Kv::Concat(k, ..), Kv::Concat(v, ..)) = (&f.k, &f.v) {
-            patch.shunt_outside(model, (*k).into(), outs[1])?;
-            patch.shunt_outside(model, (*v).into(), outs[2])?;
-        }
         patch.apply(model)?;
+    }
+    if !taken.is_empty() && taken == outputs {
+        // the past inputs (each read by its Concat only) and the present outputs go: the
+        // states hold the cache
+        let pasts: Vec<usize> = found
+            .iter()
+            .flat_map(|f| [&f.k, &f.v])
+            .filter_map(|x| if let Kv::Concat(_, past, _) = x { Some(past.node) } else { None })
+            .collect();
+        model.outputs.retain(|o| !taken.contains(&o.node));
+        model.inputs.retain(|o| !pasts.contains(&o.node));
     }
     model.compact()?;
     Ok(found.len())
@@ -190,11 +206,17 @@ fn find(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     if multi_broadcast(&[scores_shape.clone(), mf.shape.to_tvec()]).ok() != Some(scores_shape) {
         return Ok(None);
     }
-    // the cache's Concats along the sequence axis, taken in when both are
+    // the cache's Concats along the sequence axis of a graph input read by nothing else, taken
+    // in when both are
+    let inputs = model.input_outlets()?;
     let concat = |o: OutletId| -> Kv {
         let n = model.node(o.node);
         match n.op_as::<TypedConcat>() {
-            Some(c) if c.axis == 2 && n.inputs.len() == 2 && o.slot == 0 => Kv::Concat(n.id, n.inputs[0], n.inputs[1]),
+            Some(c) if c.axis == 2 && n.inputs.len() == 2 && o.slot == 0
+                && inputs.contains(&n.inputs[0]) && model.outlet_successors(n.inputs[0]).len() == 1 =>
+            {
+                Kv::Concat(n.id, n.inputs[0], n.inputs[1])
+            }
             _ => Kv::Whole(o),
         }
     };
@@ -211,17 +233,18 @@ impl Op for Attention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("group={} scale={} concat={}", self.group, self.scale, self.concat)])
+        let cache = self.cache.as_ref().map(|c| format!(" cache of {} ({})", c.input, c.len)).unwrap_or_default();
+        Ok(vec![format!("group={} scale={}{cache}", self.group, self.scale)])
     }
 
     op_as_typed_op!();
 }
 
 impl EvalOp for Attention {
-    /// Without the cache's `Concat`s the op is a function of its inputs; with them it keeps the
-    /// cache ([`Cache`]) and runs only in a plan's state.
+    /// Without the cache the op is a function of its inputs; with it, it keeps the cache
+    /// ([`Cache`]) and runs only in a plan's state.
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        if self.concat {
+        if self.cache.is_some() {
             return Ok(None);
         }
         let (q, k, v, mask) = args_4!(inputs);
@@ -234,7 +257,7 @@ impl EvalOp for Attention {
     }
 
     fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
-        Ok(self.concat.then(|| Box::new(Cache::default()) as Box<dyn OpState>))
+        Ok(self.cache.as_ref().map(|c| Box::new(Cache::new(c.len.clone())) as Box<dyn OpState>))
     }
 }
 
@@ -243,29 +266,52 @@ impl EvalOp for Attention {
 /// traffic, 46 KB per cached token on SmolLM2); here a step writes its new rows only.
 ///
 /// The session owns these states through its plan state and reaches them by node id
-/// (src/session.rs, `Store::Ops`): it truncates, copies, saves and loads them. The op's `past_*`
-/// inputs give the cache's length, which the graph reads for the positions and the mask; the
-/// session feeds there zeros of the length it holds, and the op checks its own rows against
-/// it: a past this state does not hold is loaded from the input. The `present_*` outputs are
-/// empty (0 rows).
-#[derive(Debug, Clone, Default)]
+/// (src/session.rs, `Store::Ops`): it truncates, copies, saves and loads them. The graph has no
+/// past inputs left: before each run the state gives tract the past length `P` from its rows
+/// ([`OpState::resolve_symbols`], as tract-transformers' own caches do), which the graph reads
+/// for the positions and the mask. Where an input also says `P` (an attention mask of `P + S`),
+/// the two must agree: a step refuses a cache of another length.
+#[derive(Debug, Clone)]
 pub struct Cache {
     k: Rows,
     v: Rows,
+    /// The past length in the graph's shapes: a symbol, `P`.
+    past: TDim,
 }
 
 impl OpState for Cache {
-    fn eval(&mut self, _ctx: &EvalContext, op: &dyn Op, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn init_tensor_fact(&self) -> Option<(String, TypedFact)> {
+        let s = [self.k.shape[0], self.k.shape[1]].map(|x| x.to_dim());
+        Some(("attention cache".into(), f32::fact([s[0].clone(), s[1].clone(), self.past.clone(), self.k.shape[3].to_dim()])))
+    }
+
+    fn has_init_tensor_fact(&self) -> bool {
+        true
+    }
+
+    /// `P` is the rows this state holds.
+    fn resolve_symbols(&mut self, state: &mut TurnState) -> TractResult<()> {
+        if let TDim::Sym(p) = &self.past {
+            if state.resolved_symbols.get(p).is_none() {
+                state.resolved_symbols.set(p, self.len() as i64);
+                if state.scenario.is_none() {
+                    state.scenario = p.scope().context("the past length's symbol scope")?.guess_scenario(&state.resolved_symbols)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn eval(&mut self, ctx: &EvalContext, op: &dyn Op, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let op = op.downcast_ref::<Attention>().context("the attention cache on another op")?;
-        let (q, k0, k1, v0, v1, mask) = args_6!(inputs);
-        self.k.extend(&k0, &k1)?;
-        self.v.extend(&v0, &v1)?;
+        if let Ok(p) = self.past.eval(ctx.symbols).to_usize() {
+            ensure!(p == self.len(), "the attention cache holds {} tokens, the graph's inputs say {p}", self.len());
+        }
+        let (q, k, v, mask) = args_4!(inputs);
+        self.k.append(&k)?;
+        self.v.append(&v)?;
         let y = attend(&q, &self.k.keys(), &self.v.keys(), &mask, op.scale, op.group)?;
-        let empty = |t: &Tensor| -> TractResult<TValue> {
-            let s = t.shape();
-            Ok(Tensor::zero::<f32>(&[s[0], s[1], 0, s[3]])?.into_tvalue())
-        };
-        Ok(tvec!(y.into_tvalue(), empty(&k0)?, empty(&v0)?))
+        Ok(tvec!(y.into_tvalue()))
     }
 
     fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
@@ -276,6 +322,10 @@ impl OpState for Cache {
 /// What the session reads and writes of a layer's cache (src/session.rs: truncate, fork,
 /// snapshot, restore); the op's steps grow it.
 impl Cache {
+    fn new(past: TDim) -> Cache {
+        Cache { k: Rows::default(), v: Rows::default(), past }
+    }
+
     /// Rows per head.
     pub fn len(&self) -> usize {
         self.k.shape[2]
@@ -316,20 +366,15 @@ struct Rows {
 }
 
 impl Rows {
-    /// Brings the cache to `past`'s length (see [`Cache`]), then appends `new`'s rows.
-    fn extend(&mut self, past: &Tensor, new: &Tensor) -> TractResult<()> {
-        let (sp, sn) = (past.shape(), new.shape());
-        ensure!(sp.len() == 4 && sn.len() == 4 && sp[..2] == sn[..2] && sp[3] == sn[3], "key/value parts of shapes {sp:?} and {sn:?}");
-        if [self.shape[0], self.shape[1], self.shape[3]] != [sp[0], sp[1], sp[3]] {
-            *self = Rows { data: vec![], shape: [sp[0], sp[1], 0, sp[3]], cap: 0 };
+    /// Appends `new`'s rows (B, H, n, D) after the cache's; an empty cache takes its B, H, D.
+    fn append(&mut self, new: &Tensor) -> TractResult<()> {
+        let s = new.shape();
+        ensure!(s.len() == 4, "new keys or values of shape {s:?}");
+        if self.shape[2] == 0 && [self.shape[0], self.shape[1], self.shape[3]] != [s[0], s[1], s[3]] {
+            *self = Rows { data: vec![], shape: [s[0], s[1], 0, s[3]], cap: 0 };
         }
-        let p = sp[2];
-        if self.shape[2] < p {
-            // a past this state never saw: load it
-            self.shape[2] = 0;
-            self.write(past)?;
-        }
-        self.shape[2] = p;
+        ensure!([self.shape[0], self.shape[1], self.shape[3]] == [s[0], s[1], s[3]],
+                "new rows of shape {s:?} for a cache of {:?}", self.shape);
         self.write(new)
     }
 
@@ -518,18 +563,9 @@ fn exp_le0(x: f32) -> f32 {
 
 impl TypedOp for Attention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let (q, v) = (&inputs[0].shape, &inputs[if self.concat { 3 } else { 2 }].shape);
+        let (q, v) = (&inputs[0].shape, &inputs[2].shape);
         ensure!(q.rank() == 4 && v.rank() == 4, "attention of rank {} and {}", q.rank(), v.rank());
-        let y = f32::fact([q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]);
-        if !self.concat {
-            return Ok(tvec!(y));
-        }
-        let cat = |a: &TypedFact, b: &TypedFact| {
-            let mut s = a.shape.to_tvec();
-            s[2] = s[2].clone() + b.shape[2].clone();
-            f32::fact(s)
-        };
-        Ok(tvec!(y, cat(inputs[1], inputs[2]), cat(inputs[3], inputs[4])))
+        Ok(tvec!(f32::fact([q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()])))
     }
 
     as_op!();
@@ -553,32 +589,30 @@ mod tests {
         (0..k.shape[0] * k.shape[1]).flat_map(|i| k.head(i).to_vec()).collect()
     }
 
-    /// The cache grown in place holds what the graph's Concat made: from its own rows when the
-    /// past has its length (whatever the past holds), loaded from a past it never saw, cut to a
-    /// shorter past, across a growth of its buffer.
+    /// The cache grown in place holds what the graph's Concat made: appended to, cut to a
+    /// shorter past, across a growth of its buffer; rows of other heads are refused.
     #[test]
     fn cache_rows_equal_the_concatenation() {
         let concat = |a: &Tensor, b: &Tensor| Tensor::stack_tensors(2, &[a.clone(), b.clone()]).unwrap();
         let mut r = Rows::default();
-        // a past never seen: loaded (2 heads, 3 rows of 4), then a new row
-        let (past, new) = (t(&[1, 2, 3, 4], 0.0), t(&[1, 2, 1, 4], 100.0));
-        r.extend(&past, &new).unwrap();
-        let want = concat(&past, &new);
-        assert_eq!(rows(&r), flat(&want));
-        // the next step: the past of that length, zeros (the session's), trusted for its rows
-        let new2 = t(&[1, 2, 1, 4], 200.0);
-        r.extend(&Tensor::zero::<f32>(&[1, 2, 4, 4]).unwrap(), &new2).unwrap();
-        let want = concat(&want, &new2);
+        // 2 heads, 3 rows of 4, then a new row
+        let (first, new) = (t(&[1, 2, 3, 4], 0.0), t(&[1, 2, 1, 4], 100.0));
+        r.append(&first).unwrap();
+        r.append(&new).unwrap();
+        let want = concat(&first, &new);
         assert_eq!(rows(&r), flat(&want));
         // truncated to 2 rows, then 70 new ones (past the first capacity, 64)
         let long = t(&[1, 2, 70, 4], 300.0);
-        r.extend(&Tensor::zero::<f32>(&[1, 2, 2, 4]).unwrap(), &long).unwrap();
+        r.shape[2] = 2;
+        r.append(&long).unwrap();
         let want = concat(&want.slice(2, 0, 2).unwrap(), &long);
         assert_eq!(rows(&r), flat(&want));
         assert!(r.cap >= 72);
-        // other heads: started over
+        // other heads: refused while it holds rows, taken once empty
         let other = t(&[1, 3, 1, 4], 0.0);
-        r.extend(&Tensor::zero::<f32>(&[1, 3, 0, 4]).unwrap(), &other).unwrap();
+        assert!(r.append(&other).is_err());
+        r.shape[2] = 0;
+        r.append(&other).unwrap();
         assert_eq!(rows(&r), flat(&other));
     }
 

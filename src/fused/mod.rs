@@ -41,7 +41,7 @@ pub struct Counts {
     pub ropes: usize,
     /// Attention cores ([`attention::Attention`]), each two products besides the ones above,
     pub attentions: usize,
-    /// of which with the key/value cache's concatenations.
+    /// of which keeping the key/value cache in their state.
     pub with_cache: usize,
 }
 
@@ -56,7 +56,7 @@ pub fn count(model: &TypedModel) -> Counts {
         gelus: of(|n| n.op_is::<gelu::GeluTanh>()),
         ropes: of(|n| n.op_is::<rope::Rope>()),
         attentions: of(|n| n.op_is::<attention::Attention>()),
-        with_cache: of(|n| n.op_as::<attention::Attention>().is_some_and(|a| a.concat)),
+        with_cache: of(|n| n.op_as::<attention::Attention>().is_some_and(|a| a.cache.is_some())),
     }
 }
 
