@@ -58,12 +58,24 @@ enum Input {
     Whole(Vec<u32>),
 }
 
+/// A prefill under way: the tokens to feed (after what the cache kept), how many are in, and
+/// the logits after the last chunk.
+struct Prefill {
+    ids: Vec<u32>,
+    at: usize,
+    logits: Option<Vec<f32>>,
+    t0: f64,
+}
+
 pub struct Generation {
     opts: GenerateOptions,
     sampler: Sampler,
     input: Input,
+    prefill: Option<Prefill>,
     /// Tokens the first call actually ran (a chat's new turn only), once it has.
     fed: Option<usize>,
+    /// Per token: engine ms, and whether it was the first (prefill).
+    times: Vec<(f64, bool)>,
     last: Option<u32>,
     produced: usize,
     stream: DecodeStream,
@@ -98,8 +110,8 @@ impl Generation {
 
     fn with_input(input: Input, opts: GenerateOptions) -> Result<Generation> {
         let sampler = Sampler::new(opts.sampling.clone())?;
-        Ok(Generation { opts, sampler, input, fed: None, last: None, produced: 0, stream: DecodeStream::default(),
-                        text: String::new(), emitted: 0, stopped: None })
+        Ok(Generation { opts, sampler, input, prefill: None, fed: None, times: vec![], last: None, produced: 0,
+                        stream: DecodeStream::default(), text: String::new(), emitted: 0, stopped: None })
     }
 
     /// The prompt's tokens (a chat: the whole conversation's).
@@ -115,6 +127,47 @@ impl Generation {
         self.fed
     }
 
+    /// Timing summary of the tokens so far.
+    pub fn stats(&self) -> RunStats {
+        RunStats::from_times(self.prompt_tokens(), &self.times)
+    }
+
+    /// Feed the next at most `chunk` tokens of the prefill; returns (tokens fed, of how many),
+    /// or None once the prefill is done (then `next` gives the first token). A caller that
+    /// stops between chunks (a cancel) leaves the cache holding what was fed. `next` runs what
+    /// is left of the prefill at once: calling this is optional.
+    ///
+    /// The first call checks the context (refused with the cache as it was, but for a chat
+    /// turn's cut to the common prefix) before anything runs.
+    pub fn prefill_step(&mut self, session: &mut Session, chunk: usize) -> Result<Option<(usize, usize)>> {
+        if self.last.is_some() || self.stopped.is_some() {
+            return Ok(None);
+        }
+        if self.prefill.is_none() {
+            let t0 = now_ms();
+            let ids = match &self.input {
+                Input::Append(ids) => {
+                    session.room_for(ids.len())?;
+                    ids.clone()
+                }
+                Input::Whole(ids) => ids[session.keep_common(ids)?..].to_vec(),
+            };
+            self.prefill = Some(Prefill { ids, at: 0, logits: None, t0 });
+        }
+        let p = self.prefill.as_mut().expect("set above");
+        if p.at == p.ids.len() {
+            if p.logits.is_none() {
+                // nothing to feed: the cache already ends the prompt (or an empty one continues)
+                p.logits = Some(session.logits()?);
+            }
+            return Ok(None);
+        }
+        let end = p.ids.len().min(p.at + chunk.max(1));
+        p.logits = Some(session.prefill(&p.ids[p.at..end])?);
+        p.at = end;
+        Ok(Some((p.at, p.ids.len())))
+    }
+
     /// The next token, or None once stopped (see `stopped` for why).
     pub fn next(&mut self, engine: &Engine, session: &mut Session) -> Result<Option<TokenEvent>> {
         if self.stopped.is_some() {
@@ -123,28 +176,22 @@ impl Generation {
         if self.produced >= self.opts.max_new_tokens {
             return self.stop(StopReason::MaxTokens);
         }
-        let t0 = now_ms();
-        let logits = match (self.last, &self.input) {
-            (Some(_), _) if session.len() >= session.context() => return self.stop(StopReason::ContextFull),
-            (Some(id), _) => session.step(id)?,
-            (None, Input::Append(ids)) if ids.is_empty() => {
-                self.fed = Some(0);
-                session.logits()?
-            }
-            (None, Input::Append(ids)) => {
-                let logits = session.prefill(ids)?;
-                self.fed = Some(ids.len());
-                logits
-            }
-            (None, Input::Whole(ids)) => {
-                let (fed, logits) = session.sync(ids)?;
-                self.fed = Some(fed);
-                logits
+        let mut t0 = now_ms();
+        let logits = match self.last {
+            Some(_) if session.len() >= session.context() => return self.stop(StopReason::ContextFull),
+            Some(id) => session.step(id)?,
+            None => {
+                while self.prefill_step(session, usize::MAX)?.is_some() {}
+                let p = self.prefill.take().expect("prefill_step set it");
+                t0 = p.t0;
+                self.fed = Some(p.ids.len());
+                p.logits.expect("prefill_step left the logits")
             }
         };
         let id = self.sampler.sample(&logits, session.tokens());
         let ms = now_ms() - t0;
         let prefill = self.last.is_none();
+        self.times.push((ms, prefill));
         self.last = Some(id);
         self.produced += 1;
         if !self.opts.ignore_eos && engine.eos_ids.contains(&id) {
@@ -198,13 +245,19 @@ pub struct RunStats {
 
 impl RunStats {
     pub fn from_events(prompt_tokens: usize, events: &[TokenEvent]) -> RunStats {
-        let ttft_ms = events.iter().find(|e| e.prefill).map(|e| e.ms).unwrap_or(0.0);
-        let mut decode: Vec<f64> = events.iter().filter(|e| !e.prefill).map(|e| e.ms).collect();
+        let times: Vec<(f64, bool)> = events.iter().map(|e| (e.ms, e.prefill)).collect();
+        RunStats::from_times(prompt_tokens, &times)
+    }
+
+    /// From (ms, prefill) per token.
+    pub fn from_times(prompt_tokens: usize, times: &[(f64, bool)]) -> RunStats {
+        let ttft_ms = times.iter().find(|e| e.1).map(|e| e.0).unwrap_or(0.0);
+        let mut decode: Vec<f64> = times.iter().filter(|e| !e.1).map(|e| e.0).collect();
         let total: f64 = decode.iter().sum();
         decode.sort_by(f64::total_cmp);
         RunStats {
             prompt_tokens,
-            new_tokens: events.len(),
+            new_tokens: times.len(),
             ttft_ms,
             decode_ms_median: percentile(&decode, 50.0),
             decode_ms_p90: percentile(&decode, 90.0),

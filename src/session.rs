@@ -136,14 +136,20 @@ impl Session {
         if ids.is_empty() {
             return Err(Error::Options("an empty prompt gives nothing to predict from".into()));
         }
-        if self.tokens.len() + ids.len() > self.context {
-            return Err(if self.tokens.is_empty() {
-                Error::PromptTooLong { tokens: ids.len(), context: self.context }
-            } else {
-                Error::ContextFull { context: self.context, held: self.tokens.len(), more: ids.len() }
-            });
-        }
+        self.room_for(ids.len())?;
         self.feed(ids)
+    }
+
+    /// Whether `more` tokens fit after what the cache holds (the error says why not).
+    pub fn room_for(&self, more: usize) -> Result<()> {
+        if self.tokens.len() + more <= self.context {
+            return Ok(());
+        }
+        Err(if self.tokens.is_empty() {
+            Error::PromptTooLong { tokens: more, context: self.context }
+        } else {
+            Error::ContextFull { context: self.context, held: self.tokens.len(), more }
+        })
     }
 
     /// Feed one token, get the logits for the next.
@@ -168,6 +174,18 @@ impl Session {
     /// cut the rest, feed what follows (at least the last token, for its logits). Returns the
     /// tokens fed and the next-token logits. Refused past the context, the cache as it was.
     pub fn sync(&mut self, ids: &[u32]) -> Result<(usize, Vec<f32>)> {
+        let keep = self.keep_common(ids)?;
+        if keep == ids.len() {
+            return Ok((0, self.logits()?));
+        }
+        Ok((ids.len() - keep, self.feed(&ids[keep..])?))
+    }
+
+    /// `sync`'s first half: keep the longest common prefix of the cache and `ids` (cut the
+    /// rest) and return its length; `ids[keep..]` is then to be fed. All of `ids` is kept only
+    /// when the cache holds exactly them (its logits are then `logits()`); otherwise at least
+    /// the last token is left to feed. Refused past the context, the cache as it was.
+    pub fn keep_common(&mut self, ids: &[u32]) -> Result<usize> {
         if ids.is_empty() {
             return Err(Error::Options("an empty conversation gives nothing to predict from".into()));
         }
@@ -176,11 +194,11 @@ impl Session {
         }
         let common = self.tokens.iter().zip(ids).take_while(|(a, b)| a == b).count();
         if common == ids.len() && common == self.tokens.len() {
-            return Ok((0, self.logits()?));
+            return Ok(common);
         }
         let keep = common.min(ids.len() - 1);
         self.truncate(keep)?;
-        Ok((ids.len() - keep, self.feed(&ids[keep..])?))
+        Ok(keep)
     }
 
     fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {

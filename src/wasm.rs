@@ -270,9 +270,8 @@ impl JsSession {
     /// {id, text, ms, prefill: true}, or undefined if generation stopped at once.
     /// Options: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos, chat.
     pub fn prefill(&mut self, prompt: &str, generate_options: JsValue) -> Result<JsValue, JsError> {
-        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
+        self.begin(prompt, generate_options)?;
         self.session.reset();
-        self.generation = Some(Generation::new(&self.engine, prompt, opts).map_err(err)?);
         self.next()
     }
 
@@ -283,6 +282,26 @@ impl JsSession {
             Some(event) => Ok(to_js(&event)),
             None => Ok(JsValue::UNDEFINED),
         }
+    }
+
+    /// Feed the next at most `chunk` tokens of the generation's prefill: returns {fed, of}, or
+    /// undefined once the prefill is done (then `next()` gives the first token). Optional:
+    /// `next()` runs whatever is left of it; a caller feeds it in chunks to stay responsive and
+    /// to stop in the middle (the cache then holds what was fed).
+    #[wasm_bindgen(js_name = prefillStep)]
+    pub fn prefill_step(&mut self, chunk: usize) -> Result<JsValue, JsError> {
+        let generation = self.generation.as_mut().ok_or_else(|| JsError::new("start a generation first"))?;
+        match generation.prefill_step(&mut self.session, chunk).map_err(err)? {
+            Some((fed, of)) => Ok(to_js(&serde_json::json!({"fed": fed, "of": of}))),
+            None => Ok(JsValue::UNDEFINED),
+        }
+    }
+
+    /// The current generation's timing summary (the engine's, as the CLI prints it):
+    /// {prompt_tokens, new_tokens, ttft_ms, decode_ms_median, decode_ms_p90, tokens_per_s}.
+    #[wasm_bindgen(getter)]
+    pub fn stats(&self) -> JsValue {
+        self.generation.as_ref().map(|g| to_js(&g.stats())).unwrap_or(JsValue::UNDEFINED)
     }
 
     /// Why the generation stopped ("Eos", "StopString", "MaxTokens", "ContextFull"), if it has.
@@ -332,19 +351,33 @@ impl JsSession {
     /// Start a generation that continues from the cache: the prompt (empty: none) is fed after
     /// what the cache holds; returns the first token event, like `prefill`.
     pub fn generate(&mut self, prompt: &str, generate_options: JsValue) -> Result<JsValue, JsError> {
+        self.begin(prompt, generate_options)?;
+        self.next()
+    }
+
+    /// `generate` without running anything yet: tokenizes and checks the options; then
+    /// `prefillStep(chunk)` (optional, to feed the prompt in chunks) and `next()`.
+    pub fn begin(&mut self, prompt: &str, generate_options: JsValue) -> Result<(), JsError> {
         let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
         self.generation = Some(Generation::new(&self.engine, prompt, opts).map_err(err)?);
-        self.next()
+        Ok(())
+    }
+
+    /// `chat` without running anything yet (see `begin`).
+    #[wasm_bindgen(js_name = beginChat)]
+    pub fn begin_chat(&mut self, messages: JsValue, generate_options: JsValue) -> Result<(), JsError> {
+        let messages: Vec<Message> = serde_wasm_bindgen::from_value(messages)
+            .map_err(|e| JsError::new(&format!("chat: expected messages [{{role, content}}] ({e})")))?;
+        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
+        self.generation = Some(Generation::chat(&self.engine, &messages, opts).map_err(err)?);
+        Ok(())
     }
 
     /// The assistant's next turn of `messages` ([{role, content}], through the chat template):
     /// the cache keeps what it shares with the conversation and runs only the rest (`fedTokens`
     /// says how many). Returns the first token event, like `prefill`.
     pub fn chat(&mut self, messages: JsValue, generate_options: JsValue) -> Result<JsValue, JsError> {
-        let messages: Vec<Message> = serde_wasm_bindgen::from_value(messages)
-            .map_err(|e| JsError::new(&format!("chat: expected messages [{{role, content}}] ({e})")))?;
-        let opts: GenerateOptions = options(generate_options, "generate", GENERATE_KEYS)?;
-        self.generation = Some(Generation::chat(&self.engine, &messages, opts).map_err(err)?);
+        self.begin_chat(messages, generate_options)?;
         self.next()
     }
 

@@ -211,3 +211,41 @@ fn logits_continue_from_any_cache() {
         assert!(e.contains("cache is empty"), "{e}");
     }
 }
+
+/// A prefill fed in chunks (`Generation::prefill_step`, what the page does to stay cancellable)
+/// gives the first tokens a prefill at once gives; stopped halfway, the cache holds what was
+/// fed, and a chat turn then feeds only the rest.
+#[test]
+fn a_chunked_prefill_equals_one_prefill_and_can_stop_halfway() {
+    use wasmlm::{GenerateOptions, Generation};
+    let opts = || GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..Default::default() };
+    let prompt: Vec<u32> = PROMPT.iter().chain(&MORE).copied().collect();
+    for (what, engine) in engines() {
+        let run = |chunk: Option<usize>| {
+            let mut s = engine.session().unwrap();
+            let mut g = Generation::from_ids(prompt.clone(), opts()).unwrap();
+            let mut progress = vec![];
+            if let Some(chunk) = chunk {
+                while let Some(p) = g.prefill_step(&mut s, chunk).unwrap() {
+                    progress.push(p);
+                }
+            }
+            let ids: Vec<u32> = std::iter::from_fn(|| g.next(&engine, &mut s).unwrap()).map(|e| e.id).collect();
+            (ids, progress, g.fed_tokens())
+        };
+        let (once, _, fed) = run(None);
+        let (chunked, progress, chunked_fed) = run(Some(5));
+        assert_eq!(chunked, once, "{what}: greedy tokens");
+        assert_eq!(progress, vec![(5, 12), (10, 12), (12, 12)], "{what}");
+        assert_eq!((fed, chunked_fed), (Some(12), Some(12)), "{what}");
+        // stopped after the first chunk: the cache holds it; the same conversation as a whole
+        // then feeds only the rest
+        let mut s = engine.session().unwrap();
+        let mut g = Generation::from_ids(prompt.clone(), opts()).unwrap();
+        g.prefill_step(&mut s, 5).unwrap();
+        drop(g);
+        assert_eq!(s.tokens(), &prompt[..5], "{what}");
+        let (fed, _) = s.sync(&prompt).unwrap();
+        assert_eq!(fed, 7, "{what}");
+    }
+}
