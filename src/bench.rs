@@ -167,3 +167,134 @@ pub fn merge(mut table: Value, new: Vec<Value>) -> Value {
     table["rows"] = Value::Array(rows);
     table
 }
+
+/// Pasts at which `context_sweep` times decode steps, prompts whose prefill it times, and the
+/// history and turn of its second-turn case.
+pub const SWEEP_PASTS: [usize; 4] = [32, 256, 1024, 2048];
+pub const SWEEP_PROMPTS: [usize; 3] = [128, 512, 1024];
+pub const SWEEP_HISTORY: usize = 1000;
+pub const SWEEP_TURN: usize = 20;
+/// Decode steps timed after each past.
+const SWEEP_STEPS: usize = 16;
+/// The chunk the page feeds a prefill in (www/protocol.js, PREFILL_CHUNK).
+pub const SWEEP_CHUNK: usize = 64;
+
+/// How the speed holds as the context grows (what a long chat feels), over `rounds` rounds, each
+/// case measured once per round, one after the other:
+/// - `decode`: ms per decode step (median of 16 steps) after a past of each of [`SWEEP_PASTS`]
+///   (those that fit the context), and its ratio to the 32-token past's;
+/// - `prefill`: tokens/s of a prefill of each of [`SWEEP_PROMPTS`], at once and in chunks of
+///   [`SWEEP_CHUNK`] (as the page feeds it) for 512;
+/// - `second_turn`: a [`SWEEP_TURN`]-token turn's prefill after a [`SWEEP_HISTORY`]-token
+///   conversation held in the cache, against the same turn on an empty cache.
+///
+/// The tokens are the text's, from its start. Medians over the rounds.
+pub fn context_sweep(engine: &Engine, text: &str, rounds: usize) -> Result<Value> {
+    use crate::error::Error;
+    let context = engine.context;
+    let longest = SWEEP_PASTS.iter().chain(&SWEEP_PROMPTS).max().copied().unwrap_or(0) + SWEEP_STEPS;
+    let chars: String = text.chars().take(longest * 8).collect();
+    let ids = engine.text.encode(&chars)?;
+    if ids.len() < longest {
+        return Err(Error::Options(format!("the text gives {} tokens; the sweep needs {longest}", ids.len())));
+    }
+    let fits = |n: usize| n + SWEEP_STEPS <= context;
+    let pasts: Vec<usize> = SWEEP_PASTS.into_iter().filter(|&n| fits(n)).collect();
+    let prompts: Vec<usize> = SWEEP_PROMPTS.into_iter().filter(|&n| fits(n)).collect();
+    let mut decode = vec![vec![]; pasts.len()];
+    let mut prefill = vec![vec![]; prompts.len()];
+    let (mut chunked, mut whole512) = (vec![], vec![]);
+    let (mut after, mut fresh) = (vec![], vec![]);
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let t = now_ms();
+        f()?;
+        Ok(now_ms() - t)
+    };
+    let history = fits(SWEEP_HISTORY + SWEEP_TURN).then(|| -> Result<_> {
+        let mut s = engine.session()?;
+        s.prefill(&ids[..SWEEP_HISTORY])?;
+        Ok(s)
+    }).transpose()?;
+    for _ in 0..rounds.max(1) {
+        for (i, &n) in pasts.iter().enumerate() {
+            let mut s = engine.session()?;
+            let mut logits = s.prefill(&ids[..n])?;
+            let mut steps = vec![];
+            for _ in 0..SWEEP_STEPS {
+                let next = argmax(&logits);
+                let t = now_ms();
+                logits = s.step(next)?;
+                steps.push(now_ms() - t);
+            }
+            steps.sort_by(f64::total_cmp);
+            decode[i].push(percentile(&steps, 50.0));
+        }
+        for (i, &n) in prompts.iter().enumerate() {
+            let mut s = engine.session()?;
+            let ms = timed(&mut || s.prefill(&ids[..n]).map(drop))?;
+            prefill[i].push(n as f64 * 1e3 / ms);
+            if n == 512 {
+                whole512.push(n as f64 * 1e3 / ms);
+                let mut s = engine.session()?;
+                let ms = timed(&mut || {
+                    for c in ids[..n].chunks(SWEEP_CHUNK) {
+                        s.prefill(c)?;
+                    }
+                    Ok(())
+                })?;
+                chunked.push(n as f64 * 1e3 / ms);
+            }
+        }
+        if let Some(h) = &history {
+            let turn = &ids[SWEEP_HISTORY..SWEEP_HISTORY + SWEEP_TURN];
+            let mut s = h.fork();
+            after.push(timed(&mut || s.prefill(turn).map(drop))?);
+            let mut s = engine.session()?;
+            fresh.push(timed(&mut || s.prefill(turn).map(drop))?);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (percentile(v, 50.0) * 1000.0).round() / 1000.0
+    };
+    let base = decode.first().map(|v| { let mut v = v.clone(); med(&mut v) }).unwrap_or(0.0);
+    let decode: Vec<Value> = pasts.iter().zip(&mut decode).map(|(&n, v)| {
+        let ms = med(v);
+        json!({"past": n, "ms_per_token": ms, "ratio_to_32": (ms / base * 1000.0).round() / 1000.0})
+    }).collect();
+    let prefill: Vec<Value> = prompts.iter().zip(&mut prefill).map(|(&n, v)| json!({"tokens": n, "tokens_per_s": med(v)})).collect();
+    let mut out = json!({"model": engine.info.model, "file": engine.info.file, "threads": engine.graph.threads,
+                         "context": context, "rounds": rounds.max(1), "decode": decode, "prefill": prefill});
+    if !chunked.is_empty() {
+        out["prefill_512_chunked"] = json!({"chunk": SWEEP_CHUNK, "tokens_per_s": med(&mut chunked),
+                                            "at_once_tokens_per_s": med(&mut whole512)});
+    }
+    if !after.is_empty() {
+        let (a, f) = (med(&mut after), med(&mut fresh));
+        out["second_turn"] = json!({"history": SWEEP_HISTORY, "turn": SWEEP_TURN, "ms_after_history": a,
+                                    "ms_on_empty_cache": f, "ratio": (a / f * 1000.0).round() / 1000.0});
+    }
+    Ok(out)
+}
+
+/// `context_sweep`'s result as Markdown lines.
+pub fn sweep_markdown(v: &Value) -> String {
+    let mut s = format!("{} {}, {} thread(s), median of {} rounds\n\n| past | decode ms/token | x past 32 |\n|---|---|---|\n",
+                        v["model"].as_str().unwrap_or(""), v["file"].as_str().unwrap_or(""), v["threads"], v["rounds"]);
+    for d in v["decode"].as_array().into_iter().flatten() {
+        s += &format!("| {} | {} | {} |\n", d["past"], d["ms_per_token"], d["ratio_to_32"]);
+    }
+    s += "\n| prompt tokens | prefill tokens/s |\n|---|---|\n";
+    for p in v["prefill"].as_array().into_iter().flatten() {
+        s += &format!("| {} | {} |\n", p["tokens"], p["tokens_per_s"]);
+    }
+    if let Some(c) = v.get("prefill_512_chunked") {
+        s += &format!("\n512 tokens in chunks of {}: {} tokens/s (at once, same rounds: {})\n", c["chunk"], c["tokens_per_s"],
+                      c["at_once_tokens_per_s"]);
+    }
+    if let Some(t) = v.get("second_turn") {
+        s += &format!("\nA {}-token turn after {} tokens: {} ms; on an empty cache: {} ms ({}x)\n", t["turn"], t["history"],
+                      t["ms_after_history"], t["ms_on_empty_cache"], t["ratio"]);
+    }
+    s
+}

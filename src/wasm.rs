@@ -238,6 +238,14 @@ impl JsEngine {
         Ok(to_js(&p))
     }
 
+    /// How decode and prefill hold as the context grows (bench::context_sweep, as `wasmlm
+    /// context` runs it natively): {decode: [{past, ms_per_token, ratio_to_32}], prefill:
+    /// [{tokens, tokens_per_s}], prefill_512_chunked, second_turn}. Tens of seconds per round.
+    #[wasm_bindgen(js_name = benchContext)]
+    pub fn bench_context(&self, text: &str, rounds: Option<usize>) -> Result<JsValue, JsError> {
+        Ok(to_js(&bench::context_sweep(&self.inner, text, rounds.unwrap_or(1)).map_err(err)?))
+    }
+
     /// A row in baselines.json's format from the measured runs ([{prefill_ms, steps_ms}], the
     /// warm-up excluded), summarized exactly as the native bench does.
     #[wasm_bindgen(js_name = benchRow)]

@@ -163,6 +163,26 @@ fn bench_all(mut a: Args) -> Res<()> {
     Ok(())
 }
 
+/// How decode and prefill hold as the context grows (bench::context_sweep): Markdown, and the
+/// JSON with --json.
+fn context(mut a: Args) -> Res<()> {
+    let bundle = PathBuf::from(a.required("--bundle")?);
+    let file = a.value("--file")?;
+    let rounds: usize = a.parsed("--rounds")?.unwrap_or(3);
+    let json = a.flag("--json");
+    let prep = prepare(&mut a)?;
+    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into()))
+        .map_err(|e| e.to_string())?;
+    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+    let v = bench::context_sweep(&engine, &text, rounds).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+    } else {
+        print!("{}", bench::sweep_markdown(&v));
+    }
+    Ok(())
+}
+
 /// Decode time per op over `steps` greedy steps after the bench prompt, largest first.
 fn profile(mut a: Args) -> Res<()> {
     let bundle = PathBuf::from(a.required("--bundle")?);
@@ -251,7 +271,7 @@ fn trace(mut a: Args) -> Res<()> {
 pub fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        eprintln!("usage: wasmlm generate|bench|bench-row|profile|trace|membw … (see src/bin/wasmlm/main.rs)");
+        eprintln!("usage: wasmlm generate|bench|bench-row|profile|context|trace|membw … (see src/bin/wasmlm/main.rs)");
         return ExitCode::from(2);
     }
     let cmd = args.remove(0);
@@ -261,9 +281,10 @@ pub fn main() -> ExitCode {
         "bench" => bench_all(a),
         "bench-row" => bench_row(a),
         "profile" => profile(a),
+        "context" => context(a),
         "trace" => trace(a),
         "membw" => membw(a),
-        other => Err(format!("unknown command {other:?}: generate, bench, bench-row, profile, trace, membw")),
+        other => Err(format!("unknown command {other:?}: generate, bench, bench-row, profile, context, trace, membw")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
