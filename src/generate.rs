@@ -121,10 +121,10 @@ impl Generation {
         }
     }
 
-    /// The tokens the prefill ran (a chat's new turn: those not already in the cache), once the
-    /// first token is out.
+    /// The tokens the prefill ran (a chat's new turn: those not already in the cache): all of
+    /// them once the first token is out, so far while it runs in chunks.
     pub fn fed_tokens(&self) -> Option<usize> {
-        self.fed
+        self.fed.or(self.prefill.as_ref().map(|p| p.at))
     }
 
     /// Timing summary of the tokens so far.

@@ -319,6 +319,30 @@ fn js_handle_appends_forks_and_restores() {
     assert_eq!(run(&mut restored, first), want, "a restored snapshot");
     restored.truncate(7).map_err(JsValue::from).unwrap();
     assert_eq!(restored.tokens(), PROMPT.to_vec());
+    // a prompt fed in chunks (begin, prefillStep: what the page's worker does) gives what
+    // generate gives, with its progress and the engine's statistics
+    let text = "The quick brown fox jumps over the lazy dog, and then";
+    let mut whole: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    let first = whole.generate(text, opts()).map_err(JsValue::from).unwrap();
+    let want_text = run(&mut whole, first);
+    let mut chunked: JsSession = engine.session().map_err(JsValue::from).unwrap();
+    chunked.begin(text, opts()).map_err(JsValue::from).unwrap();
+    let mut progress = vec![];
+    loop {
+        let p = chunked.prefill_step(3).map_err(JsValue::from).unwrap();
+        if p.is_undefined() {
+            break;
+        }
+        let p: Value = serde_wasm_bindgen::from_value(p).unwrap();
+        progress.push((p["fed"].as_u64().unwrap() as usize, p["of"].as_u64().unwrap() as usize));
+    }
+    let n = chunked.prompt_tokens();
+    assert!(n > 6 && progress.len() == n.div_ceil(3) && progress.last() == Some(&(n, n)), "{progress:?} of {n}");
+    let first = chunked.next().map_err(JsValue::from).unwrap();
+    assert_eq!(run(&mut chunked, first), want_text, "a chunked prefill");
+    let stats: Value = serde_wasm_bindgen::from_value(chunked.stats()).unwrap();
+    assert_eq!((stats["new_tokens"].as_u64(), stats["prompt_tokens"].as_u64()), (Some(6), Some(n as u64)), "{stats}");
+    assert!(stats["ttft_ms"].as_f64().unwrap() > 0.0 && stats["decode_ms_median"].as_f64().unwrap() > 0.0, "{stats}");
     // another file of the same model refuses it and keeps its cache
     let other = "model.with_past.onnx";
     let engine2 = JsEngine::from_bundle(&b.manifest_text, other, u8a(&read(&format!("{}/{other}", b.dir))), &b.tokenizer,

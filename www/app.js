@@ -1,18 +1,21 @@
-// The page: model picker, prompt, streamed output, per-token timings, baseline table with the
-// browser's rows, benchmark mode. The engine runs in worker.js; this thread only draws.
-// Text from the model or from files always goes in with textContent, never as HTML.
-import { presentRows, renderBaselines, renderBundles } from "./tables.js";
+// The page: model picker, a chat with per-token timings, benchmark mode, baseline table with the
+// browser's rows. The engine runs in a Web Worker behind the client module wasmlm.js (the same
+// one an embedding app uses); this thread only draws. Text from the model or from files always
+// goes in with textContent, never as HTML.
+import { presentRows, renderBaselines, renderBundles, renderComparison } from "./tables.js";
 import { TokenChart } from "./chart.js";
+import { WasmLM } from "./wasmlm.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  worker: null,
+  lm: null, // the engine (WasmLM), made again after a fatal error
+  abort: null, // the running generation's or bench's AbortController
   manifests: [],
   baselines: null,
   root: "models/", // where the bundles are (modelsRoot)
   live: [], // rows measured in this page
   loaded: null, // {info, build}
-  running: null, // "generate" | "bench" | "load"
+  running: null, // "generate" | "bench" | "load" | "restore"
   events: [],
   benchText: null,
 };
@@ -70,17 +73,13 @@ function setRunning(what) {
   $("stop").disabled = !(what === "generate" || what === "bench");
 }
 
-function percentile(sorted, q) {
-  if (!sorted.length) return 0;
-  const pos = (q / 100) * (sorted.length - 1);
-  const lo = Math.floor(pos), hi = Math.ceil(pos);
-  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
-}
-
 function renderTable() {
+  const i = state.loaded?.info;
+  renderComparison($("comparison"), state.baselines, state.live, i && { model: i.model, file: i.file });
   if (!state.baselines) return;
   const filter = { model: $("baseline-model").value, withPast: $("baseline-past").checked };
   renderBaselines($("baselines"), $("machine"), state.baselines, state.live, filter);
+  $("baselines-count").textContent = `${state.baselines.rows.length} native rows, ${state.live.length} from this browser`;
 }
 
 function fillTableFilter() {
@@ -96,123 +95,58 @@ function fillTableFilter() {
 $("baseline-model").onchange = renderTable;
 $("baseline-past").onchange = renderTable;
 
-// ---- worker -------------------------------------------------------------------------------
+// ---- the engine ---------------------------------------------------------------------------
 
-function startWorker() {
-  state.worker?.terminate();
-  // ?build=threads|relaxed|simd|nosimd forces a wasm build (to compare them); otherwise the worker picks
-  const workerUrl = new URL("./worker.js", import.meta.url);
-  const forced = new URLSearchParams(location.search).get("build");
-  if (forced) workerUrl.searchParams.set("build", forced);
-  state.worker = new Worker(workerUrl, { type: "module" });
-  state.worker.onmessage = (e) => onWorkerMessage(e.data);
-  state.worker.onerror = (e) => {
-    setStatus(`the engine's worker failed: ${e.message || "could not start (module workers need a recent browser)"}`, true);
-    setRunning(null);
-  };
+// ?build=threads|relaxed|simd|nosimd forces a wasm build (to compare them); otherwise the engine picks
+const forcedBuild = () => new URLSearchParams(location.search).get("build") || undefined;
+
+function engine() {
+  if (!state.lm || state.lm.closed) state.lm = new WasmLM({ onNotice: (text) => notice(text) });
+  return state.lm;
 }
 
-function onWorkerMessage(msg) {
-  switch (msg.type) {
-    case "status":
-      setStatus(msg.text);
-      break;
-    case "notice":
-      notice(msg.text);
-      break;
-    case "progress": {
-      const bar = $("progress");
-      bar.hidden = false;
-      bar.max = msg.total;
-      bar.value = msg.loaded;
-      const pct = ((100 * msg.loaded) / msg.total).toFixed(0);
-      const mb = (b) => (b / 1e6).toFixed(1);
-      $("progress-text").textContent = msg.cached
-        ? `${msg.file}: ${mb(msg.total)} MB from the browser's cache`
-        : `${msg.file}: ${mb(msg.loaded)} / ${mb(msg.total)} MB (${pct}%)`;
-      break;
-    }
-    case "ready": {
-      state.loaded = { info: msg.info, build: msg.build };
-      const i = msg.info;
-      const phases = (i.load_phases_ms || []).map(([n, ms]) => `${n} ${(ms / 1000).toFixed(1)}`).join(", ");
-      setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (engine load ${(i.load_ms / 1000).toFixed(1)} s: ${phases})`);
-      $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
-        `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
-        `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
-        (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") +
-        (i.fused_ops ? `, fused ops: ${i.fused_ops}` : "") + `. Engine: wasmlm ${msg.build.version}, ` +
-        `tract ${msg.build.tract}, WebAssembly build: ${msg.build.simd === "none" ? "without SIMD" : msg.build.simd}` +
-        (msg.build.relaxedCheck ? ` (kernels checked against the scalar one in ${msg.build.relaxedCheck.ms} ms)` : "") +
-        `, ${threadsText(msg.build)}` +
-        (msg.build.wasmBytes ? `, .wasm ${(msg.build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(msg.build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
-      // the table follows the loaded model
-      if ([...$("baseline-model").options].some((o) => o.value === i.model)) {
-        $("baseline-model").value = i.model;
-        renderTable();
-      }
-      newChat(false); // a new session: the saved conversation, if any, is resumed below
-      $("chat").disabled = !i.has_chat_template;
-      if (!i.has_chat_template) $("chat").checked = false;
-      setRunning(null);
-      resume();
-      break;
-    }
-    case "snapshot-done":
-      conversation.put({ model: state.loaded?.info.model, file: state.loaded?.info.file, messages: state.messages,
-        snapshot: msg.bytes, cacheTokens: msg.cacheTokens, saved: new Date().toISOString() })
-        .catch((err) => notice(`The conversation could not be saved in this browser: ${err.message}`));
-      break;
-    case "restore-done":
-      $("context-note").textContent = `Resumed the saved conversation: its KV cache (${msg.cacheTokens} tokens) ` +
-        "was restored, nothing was run again.";
-      setRunning(null);
-      break;
-    case "token":
-      onToken(msg);
-      break;
-    case "done":
-      onDone(msg);
-      break;
-    case "bench-progress":
-      $("bench-status").textContent = `${msg.backend}: ` + (msg.run === 0 ? "warm-up run…"
-        : msg.run === "profile" ? "timing each op…" : `run ${msg.run} of ${msg.of}…`);
-      break;
-    case "bench-done":
-      onBenchDone(msg.row);
-      break;
-    case "peer-done":
-      onPeerDone(msg.row);
-      break;
-    case "peer-error":
-      $("bench-status").textContent += ` — onnxruntime-web: ${msg.message}`;
-      state.peerPending = false;
-      setRunning(null);
-      break;
-    case "error":
-      if (msg.during === "load") state.loaded = null;
-      if (msg.during === "restore") {
-        $("context-note").textContent = `The saved KV cache was not restored (${msg.message}): ` +
-          "the next turn runs the whole conversation again.";
-        setRunning(null);
-        break;
-      }
-      if (msg.during === "chat" && msg.contextFull) {
-        onContextFull(msg.message);
-        setRunning(null);
-        break;
-      }
-      if (msg.during === "chat" || msg.during === "generate") $("output")?.remove();
-      setStatus(`${msg.during}: ${msg.message}`, true);
-      if (state.running === "bench") $("bench-status").textContent = "";
-      if (msg.fatal) {
-        notice("The engine crashed (see the console); it was restarted: load the model again.", "error");
-        state.loaded = null;
-        startWorker();
-      }
-      setRunning(null);
-      break;
+// A request failed: say so; after a fatal error the engine is gone (the next load starts a new one).
+function failed(during, err) {
+  setStatus(`${during}: ${err.message}`, true);
+  if (err.fatal) {
+    notice("The engine crashed (see the console); it was restarted: load the model again.", "error");
+    state.loaded = null;
   }
+}
+
+function showProgress(p) {
+  const bar = $("progress");
+  bar.hidden = false;
+  bar.max = p.total;
+  bar.value = p.loaded;
+  const pct = ((100 * p.loaded) / p.total).toFixed(0);
+  const mb = (b) => (b / 1e6).toFixed(1);
+  $("progress-text").textContent = p.cached
+    ? `${p.file}: ${mb(p.total)} MB from the browser's cache`
+    : `${p.file}: ${mb(p.loaded)} / ${mb(p.total)} MB (${pct}%)`;
+}
+
+function onReady({ info: i, build }) {
+  state.loaded = { info: i, build };
+  const phases = (i.load_phases_ms || []).map(([n, ms]) => `${n} ${(ms / 1000).toFixed(1)}`).join(", ");
+  setStatus(`ready in ${(i.click_to_ready_ms / 1000).toFixed(1)} s (engine load ${(i.load_ms / 1000).toFixed(1)} s: ${phases})`);
+  $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
+    `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
+    `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
+    (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") +
+    (i.fused_ops ? `, fused ops: ${i.fused_ops}` : "") + `. Engine: wasmlm ${build.version}, ` +
+    `tract ${build.tract}, WebAssembly build: ${build.simd === "none" ? "without SIMD" : build.simd}` +
+    (build.relaxedCheck ? ` (kernels checked against the scalar one in ${build.relaxedCheck.ms} ms)` : "") +
+    `, ${threadsText(build)}` +
+    (build.wasmBytes ? `, .wasm ${(build.wasmBytes.raw / 1e6).toFixed(1)} MB (${(build.wasmBytes.gzip / 1e6).toFixed(1)} MB gzipped).` : ".");
+  // the bars and the table follow the loaded model
+  if ([...$("baseline-model").options].some((o) => o.value === i.model)) $("baseline-model").value = i.model;
+  renderTable();
+  newChat(false); // a new session: the saved conversation, if any, is resumed below
+  $("chat").disabled = !i.has_chat_template;
+  if (!i.has_chat_template) $("chat").checked = false;
+  setRunning(null);
+  resume();
 }
 
 // ---- model picker and loading ------------------------------------------------------------
@@ -245,12 +179,18 @@ function fillPicker() {
   if (!select.options.length) setStatus("no model bundle is built: run ./build.sh", true);
 }
 
-function load(source) {
+async function load(source) {
   state.loaded = null;
   setRunning("load");
   $("progress").hidden = true;
   $("progress-text").textContent = "";
-  state.worker.postMessage({ type: "load", source });
+  try {
+    onReady(await engine().loadModel(source, { build: forcedBuild(), onProgress: showProgress, onStatus: (t) => setStatus(t) }));
+  } catch (err) {
+    failed("load", err);
+    state.loaded = null;
+    setRunning(null);
+  }
 }
 
 $("load").onclick = () => {
@@ -350,7 +290,28 @@ async function resume() {
   for (const m of saved.messages) turnElement(m.role, m.content);
   $("context-note").textContent = "Resuming the saved conversation…";
   setRunning("restore");
-  state.worker.postMessage({ type: "restore", bytes: saved.snapshot });
+  const session = state.lm.session;
+  try {
+    await session.restore(saved.snapshot);
+    $("context-note").textContent = `Resumed the saved conversation: its KV cache (${session.length} tokens) ` +
+      "was restored, nothing was run again.";
+  } catch (err) {
+    if (err.fatal) failed("restore", err);
+    $("context-note").textContent = `The saved KV cache was not restored (${err.message}): ` +
+      "the next turn runs the whole conversation again.";
+  }
+  setRunning(null);
+}
+
+// After a chat turn: the conversation and its cache, for a reload to resume.
+async function save() {
+  try {
+    const snapshot = await state.lm.session.snapshot();
+    await conversation.put({ model: state.loaded?.info.model, file: state.loaded?.info.file, messages: state.messages,
+      snapshot, cacheTokens: state.lm.session.length, saved: new Date().toISOString() });
+  } catch (err) {
+    notice(`The conversation could not be saved in this browser: ${err.message}`);
+  }
 }
 
 function newChat(forget = true) {
@@ -360,11 +321,11 @@ function newChat(forget = true) {
   $("transcript").replaceChildren();
   $("context-full").hidden = true;
   $("context-note").textContent = "";
-  if (state.loaded && !state.running) state.worker.postMessage({ type: "reset" });
+  if (state.loaded && !state.running) state.lm.session.reset().catch((err) => failed("new chat", err));
 }
 $("new-chat").onclick = () => { if (!state.running) newChat(); };
 
-function send(messages) {
+async function send(messages) {
   state.events = [];
   $("stats").replaceChildren();
   $("context-full").hidden = true;
@@ -374,8 +335,25 @@ function send(messages) {
   const reply = turnElement("assistant", "");
   reply.id = "output";
   setRunning("generate");
-  if (messages) state.worker.postMessage({ type: "chat", messages, options: options() });
-  else state.worker.postMessage({ type: "generate", prompt: state.pendingTurn.content, options: options() });
+  state.abort = new AbortController();
+  const opts = { ...options(), signal: state.abort.signal, onToken, onPrefill };
+  const stream = messages ? state.lm.chat(messages, opts) : state.lm.generate(state.pendingTurn.content, opts);
+  try {
+    onDone(await stream.done);
+  } catch (err) {
+    if (messages && err.contextFull) {
+      onContextFull(err.message);
+    } else {
+      $("output")?.remove();
+      failed(messages ? "chat" : "generate", err);
+    }
+    setRunning(null);
+  }
+}
+
+// A long prompt is read in chunks: the page says how far, and Stop works in between.
+function onPrefill({ fed, of }) {
+  $("context-note").textContent = `Reading the prompt: ${fed} of ${of} new tokens…`;
 }
 
 $("generate").onclick = () => {
@@ -388,7 +366,7 @@ $("generate").onclick = () => {
   send(chat ? [...state.messages, state.pendingTurn] : null);
 };
 
-$("stop").onclick = () => state.worker.postMessage({ type: "cancel" });
+$("stop").onclick = () => state.abort?.abort();
 
 // At the context limit: drop the oldest exchange (a user turn and its reply) and send again,
 // or start over; never a silent failure.
@@ -416,34 +394,18 @@ $("start-over").onclick = () => {
 function onToken(ev) {
   state.events.push(ev);
   $("output").append(document.createTextNode(ev.text)); // text, never HTML
-  if (!ev.prefill) chart.push(ev.ms);
-  renderStats();
-}
-
-function stats(events) {
-  const prefill = events.find((e) => e.prefill);
-  const decode = events.filter((e) => !e.prefill).map((e) => e.ms);
-  const total = decode.reduce((a, b) => a + b, 0);
-  const sorted = [...decode].sort((a, b) => a - b);
-  return {
-    ttft: prefill ? prefill.ms : 0,
-    median: percentile(sorted, 50),
-    p90: percentile(sorted, 90),
-    tps: total > 0 ? (decode.length * 1000) / total : 0,
-    decode,
-  };
-}
-
-function renderStats(extra = []) {
-  const s = stats(state.events);
-  const items = [
-    ["time to first token (prefill)", `${s.ttft.toFixed(1)} ms`],
+  if (ev.prefill) $("context-note").textContent = "";
+  else chart.push(ev.ms);
+  const first = state.events[0];
+  renderStats([
+    ["time to first token (prefill)", `${first.ms.toFixed(1)} ms`],
     ["tokens", String(state.events.length)],
-    ["decode ms/token, median", s.median.toFixed(2)],
-    ["decode ms/token, p90", s.p90.toFixed(2)],
-    ["tokens/s (decode)", s.tps.toFixed(1)],
-    ...extra,
-  ];
+    ["last token, ms", ev.ms.toFixed(2)],
+  ]);
+}
+
+// The summary is the engine's own (done.stats, as the CLI prints it): median, p90, tokens/s.
+function renderStats(items) {
   const dl = $("stats");
   dl.replaceChildren();
   for (const [k, v] of items) {
@@ -476,40 +438,44 @@ function liveRowBase(info, build) {
   };
 }
 
-function onDone(msg) {
-  if (state.running === "generate" && state.pendingTurn) {
+function onDone(done) {
+  const s = done.stats ?? { ttft_ms: 0, decode_ms_median: 0, decode_ms_p90: 0, tokens_per_s: 0, new_tokens: 0 };
+  if (state.pendingTurn) {
     const reply = $("output")?.textContent ?? "";
     if ($("chat").checked) {
       state.messages.push(state.pendingTurn, { role: "assistant", content: reply });
-      state.worker.postMessage({ type: "snapshot" }); // then kept with the conversation
+      save(); // the conversation and its cache, kept for a reload
     }
     state.pendingTurn = null;
     $("prompt").value = "";
-    if (msg.reason === "ContextFull") {
-      onContextFull(`The context is full (${msg.cacheTokens} of ${msg.context} tokens): the reply stopped there.`, false);
-    }
-    if (msg.cacheTokens !== undefined) {
-      $("context-note").textContent = `KV cache: ${msg.cacheTokens} of ${msg.context} tokens; this turn's ` +
-        `prefill ran ${msg.fedTokens} new token(s) of the ${msg.promptTokens} in the conversation.`;
+    $("context-note").textContent = `KV cache: ${done.length} of ${done.context} tokens; this turn's ` +
+      `prefill ran ${done.fedTokens ?? 0} new token(s) of the ${done.promptTokens} in the conversation.`;
+    if (done.reason === "ContextFull") {
+      onContextFull(`The context is full (${done.length} of ${done.context} tokens): the reply stopped there.`, false);
     }
   }
-  renderStats([["prompt tokens", String(msg.promptTokens ?? "")],
-    ["prefill tokens (new)", String(msg.fedTokens ?? "")],
-    ["cache tokens", String(msg.cacheTokens ?? "")],
-    ["stopped by", msg.reason ?? ""]]);
-  const s = stats(state.events);
-  if (state.loaded && s.decode.length > 0 && state.running === "generate") {
+  renderStats([
+    ["time to first token (prefill)", `${s.ttft_ms.toFixed(1)} ms`],
+    ["tokens", String(s.new_tokens)],
+    ["decode ms/token, median", s.decode_ms_median.toFixed(2)],
+    ["decode ms/token, p90", s.decode_ms_p90.toFixed(2)],
+    ["tokens/s (decode)", s.tokens_per_s.toFixed(1)],
+    ["prompt tokens", String(done.promptTokens ?? "")],
+    ["prefill tokens (new)", String(done.fedTokens ?? "")],
+    ["cache tokens", String(done.length ?? "")],
+    ["stopped by", done.reason ?? ""],
+  ]);
+  if (state.loaded && s.new_tokens > 1) {
     const round = (x) => Math.round(x * 1000) / 1000;
     const row = {
-      ...liveRowBase(state.loaded.info, state.loaded.build), kind: `last generation, ${s.decode.length} decode steps`,
-      decode_ms_per_token: { median: round(s.median), p90: round(s.p90), runs: 1 },
-      prefill_ms: { median: round(s.ttft), p90: round(s.ttft), runs: 1 },
-      prompt_tokens: msg.promptTokens,
+      ...liveRowBase(state.loaded.info, state.loaded.build), kind: `last generation, ${s.new_tokens - 1} decode steps`,
+      decode_ms_per_token: { median: round(s.decode_ms_median), p90: round(s.decode_ms_p90), runs: 1 },
+      prefill_ms: { median: round(s.ttft_ms), p90: round(s.ttft_ms), runs: 1 },
+      prompt_tokens: done.promptTokens,
     };
     state.live = state.live.filter((r) => !r.kind?.startsWith("last generation")).concat([row]);
     renderTable();
   }
-  if (state.running === "bench") $("bench-status").textContent = "cancelled";
   setRunning(null);
 }
 
@@ -529,12 +495,28 @@ $("bench").onclick = async () => {
   $("bench-download").hidden = true;
   $("bench-profile-table").hidden = true;
   setRunning("bench");
+  state.abort = new AbortController();
   state.peerPending = $("bench-peer").checked;
-  state.worker.postMessage({
-    type: "bench", text: state.benchText, runs: Number($("bench-runs").value) || 5, peer: state.peerPending,
-    profile: $("bench-profile").checked,
-  });
+  try {
+    const r = await state.lm.bench(state.benchText, {
+      runs: Number($("bench-runs").value) || 5, peer: state.peerPending, profile: $("bench-profile").checked,
+      signal: state.abort.signal, onProgress: onBenchProgress, onRow: onBenchDone,
+    });
+    if (r.cancelled) $("bench-status").textContent = "cancelled";
+    else if (r.peer) onPeerDone(r.peer);
+    else if (r.peerError) $("bench-status").textContent += ` — onnxruntime-web: ${r.peerError}`;
+  } catch (err) {
+    $("bench-status").textContent = "";
+    failed("bench", err);
+  }
+  state.peerPending = false;
+  setRunning(null);
 };
+
+function onBenchProgress(p) {
+  $("bench-status").textContent = `${p.backend}: ` + (p.run === 0 ? "warm-up run…"
+    : p.run === "profile" ? "timing each op…" : `run ${p.run} of ${p.of}…`);
+}
 
 function onBenchDone(row) {
   const { info, build } = state.loaded;
@@ -557,7 +539,6 @@ function onBenchDone(row) {
   a.hidden = false;
   state.benchStatus = $("bench-status").textContent;
   if (state.peerPending) $("bench-status").textContent += "; now onnxruntime-web on the same file…";
-  else setRunning(null);
 }
 
 // The per-op profile (engine.benchProfile): the 15 costliest ops of a decode step, then the rest.
@@ -590,8 +571,6 @@ function onPeerDone(row) {
   const d = full.decode_ms_per_token;
   $("bench-status").textContent = `${state.benchStatus}; onnxruntime-web: decode ${d.median} ms/token median, ` +
     `prefill ${full.prefill_ms.median} ms`;
-  state.peerPending = false;
-  setRunning(null);
 }
 
 // ---- start --------------------------------------------------------------------------------
@@ -628,7 +607,7 @@ async function main() {
   }
   await isolate();
   if (self.crossOriginIsolated) sessionStorage.removeItem("wasmlm-isolation-reload");
-  startWorker();
+  engine();
   chart.draw();
   try {
     state.root = modelsRoot();

@@ -94,3 +94,44 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
   t.tBodies[0].querySelectorAll("tr").forEach((tr, i) => { if (all[i].live) tr.className = "live"; });
   container.replaceChildren(t);
 }
+
+// The comparison people come for: bars for the loaded file's rows, this browser's against the
+// native (and Node) rows of the same file. Decode ms/token, then the 32-token prefill (the bench
+// protocol's rows only: a chat reply's prefill read another prompt).
+export function renderComparison(container, data, live, loaded) {
+  container.replaceChildren();
+  if (!loaded) {
+    container.append(el("p", "Load a model: its rows show here.", "note"));
+    return;
+  }
+  const same = (r) => r.model === loaded.model && r.file === loaded.file && r.decode_ms_per_token && !r.error;
+  const rows = live.filter(same).map((r) => ({ ...r, live: true })).concat((data?.rows ?? []).filter(same));
+  if (!rows.some((r) => r.live)) {
+    container.append(el("p", "Send a message or run the benchmark: this browser's bars join the native ones.", "note"));
+  }
+  const label = (r) => `${r.backend}${r.live ? ` (this browser${r.kind ? ", " + r.kind : ""})` : ""}, ` +
+    `${r.threads} thread${r.threads > 1 ? "s" : ""}`;
+  const charts = [
+    ["Decode, ms per token (median; shorter is faster)", (r) => r.decode_ms_per_token?.median],
+    [`Prefill of a ${data?.protocol?.prompt_tokens ?? 32}-token prompt, ms (median)`,
+      (r) => (r.kind?.startsWith("last generation") ? undefined : r.prefill_ms?.median)],
+  ];
+  for (const [title, pick] of charts) {
+    const items = rows.map((r) => ({ r, v: pick(r) })).filter((x) => x.v > 0).sort((a, b) => a.v - b.v);
+    if (!items.length) continue;
+    const max = Math.max(...items.map((x) => x.v));
+    const figure = el("figure", undefined, "bars");
+    figure.append(el("figcaption", `${title}: ${loaded.model}, ${loaded.file}`));
+    for (const { r, v } of items) {
+      const bar = el("div", undefined, r.live ? "bar live" : "bar");
+      bar.style.width = `${Math.max(0.5, (100 * v) / max)}%`;
+      const track = el("div", undefined, "track");
+      track.append(bar);
+      figure.append(el("span", label(r), r.live ? "label live" : "label"), track, el("span", v.toFixed(v < 100 ? 2 : 0), "value"));
+    }
+    container.append(figure);
+  }
+  if (!container.querySelector("figure") && !rows.length) {
+    container.append(el("p", `No measured rows for ${loaded.file} in this site's table.`, "note"));
+  }
+}

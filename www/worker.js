@@ -1,26 +1,11 @@
 // The engine's home: a module Web Worker, so the page never freezes while the model loads,
-// optimizes or decodes. Message protocol (documented in www/PROTOCOL.md):
+// optimizes or decodes. Its messages are defined once, in protocol.js; wasmlm.js is the client
+// that speaks them.
 //
-//   page -> worker                                   worker -> page
-//   {type:"load", source}                            {type:"progress", file, loaded, total, cached}
-//                                                    {type:"status", text}
-//                                                    {type:"notice", text}
-//                                                    {type:"ready", info, build}
-//   {type:"generate", prompt, options}               {type:"token", id, text, ms, prefill, index}*
-//   {type:"chat", messages, options}                 {type:"done", reason, promptTokens, fedTokens,
-//                                                     cacheTokens, context, cancelled}
-//   {type:"cancel"}                                  (the running generate/bench ends early)
-//   {type:"bench", text, runs, peer, profile}        {type:"bench-progress", run, of, backend}*
-//                                                    {type:"bench-done", row}, then with peer:
-//                                                    {type:"peer-done", row} | {type:"peer-error", message}
-//                                                    | {type:"done", cancelled:true}
-//   {type:"reset"}                                   {type:"reset-done"}
-//   {type:"snapshot"}                                {type:"snapshot-done", bytes, cacheTokens}
-//   {type:"restore", bytes}                          {type:"restore-done", cacheTokens}
-//   any failure                                      {type:"error", during, message, fatal, contextFull}
-//
-// `source` is {kind:"bundle", base:"models/<id>/", file:"<onnx file in the manifest>"} or
-// {kind:"user", name, onnx: File, tokenizer: File, config?: File, context}.
+// `source` (load) is {kind:"bundle", base:"models/<id>/", file?: "<onnx file in the manifest>"
+// (default: the manifest's default)} or {kind:"user", name, onnx: Blob, tokenizer: Blob,
+// config?: Blob, context}.
+import { Req, Msg, PREFILL_CHUNK } from "./protocol.js";
 
 const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
   10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
@@ -32,11 +17,13 @@ const CACHE_NAME = "wasmlm-models-v1";
 let wasm = null; // the wasm-bindgen module
 let build = null; // {simd, version, ...}
 let engine = null;
-let session = null;
-let cancelled = false;
+const sessions = new Map(); // id -> the engine's Session (0: made at load)
+let nextSession = 1;
+let current = null; // the request running: {req, type, cancelled}
 let loaded = null; // {base, entry, manifest} of the bundle file loaded (for the peer)
 
-const post = (msg) => self.postMessage(msg);
+// every message about the running request carries its number
+const post = (msg, transfer) => self.postMessage({ req: current?.req, ...msg }, transfer ?? []);
 
 // A macrotask boundary that is not clamped like setTimeout: lets "cancel" in between tokens.
 const channel = new MessageChannel();
@@ -44,7 +31,7 @@ const pending = [];
 channel.port1.onmessage = () => pending.shift()();
 const yieldToEvents = () => new Promise((resolve) => { pending.push(resolve); channel.port2.postMessage(0); });
 
-async function loadWasm() {
+async function loadWasm(request) {
   if (wasm) return;
   if (typeof WebAssembly !== "object") throw new Error("this browser has no WebAssembly");
   let sizes = {};
@@ -61,12 +48,13 @@ async function loadWasm() {
   const simd = WebAssembly.validate(SIMD_PROBE);
   const relaxed = simd && WebAssembly.validate(RELAXED_PROBE);
   const isolated = self.crossOriginIsolated === true && typeof SharedArrayBuffer === "function";
-  const supported = { threads: simd && isolated && "threads" in sizes, relaxed: relaxed && "relaxed" in sizes, simd, nosimd: true };
-  const forced = new URL(self.location.href).searchParams.get("build");
-  if (forced && !(forced in supported)) throw new Error(`?build=${forced}: expected threads, relaxed, simd or nosimd`);
+  const has = (o, k) => Object.hasOwn(o, k); // not `in`: ?build=constructor is no build
+  const supported = { threads: simd && isolated && has(sizes, "threads"), relaxed: relaxed && has(sizes, "relaxed"), simd, nosimd: true };
+  const forced = request.build || new URL(self.location.href).searchParams.get("build");
+  if (forced && !has(supported, forced)) throw new Error(`?build=${forced}: expected threads, relaxed, simd or nosimd`);
   if (forced && !supported[forced]) {
     throw new Error(`?build=${forced}: ` + (forced === "simd" ? "this browser has no WebAssembly SIMD"
-      : !(forced in sizes) ? `this site has no ${forced === "threads" ? "threaded" : "relaxed-SIMD"} build`
+      : !has(sizes, forced) ? `this site has no ${forced === "threads" ? "threaded" : "relaxed-SIMD"} build`
       : !simd ? "this browser has no WebAssembly SIMD"
       : forced === "relaxed" ? "this browser has no WebAssembly relaxed SIMD"
       : "the page is not cross-origin isolated (no SharedArrayBuffer)"));
@@ -76,7 +64,8 @@ async function loadWasm() {
   // 13-15 while the page drew each token (1 thread: 11-12). So the threaded build is picked from
   // 3 cores on, with a thread per core but one; ?build=threads forces it with 2 threads at least.
   const cores = navigator.hardwareConcurrency || 1;
-  const threadCount = Math.min(Math.max(cores - 1, forced === "threads" ? 2 : 1), 8);
+  const threadCount = request.threads > 0 ? Math.min(request.threads, 8)
+    : Math.min(Math.max(cores - 1, forced === "threads" ? 2 : 1), 8);
   let flavour = forced ||
     (supported.threads && threadCount >= 2 ? "threads" : supported.relaxed ? "relaxed" : simd ? "simd" : "nosimd");
   let dir = `./pkg/${flavour}/`;
@@ -93,7 +82,7 @@ async function loadWasm() {
       relaxedCheck = { ok: true, ms: Math.round((performance.now() - t) * 10) / 10 };
     } catch (e) {
       if (forced) throw new Error(`?build=relaxed: this browser's relaxed SIMD gives wrong sums: ${e.message || e}`);
-      post({ type: "notice", text: `This browser's relaxed SIMD gave a wrong sum (${e.message || e}): the SIMD128 build is used.` });
+      post({ type: Msg.NOTICE, text: `This browser's relaxed SIMD gave a wrong sum (${e.message || e}): the SIMD128 build is used.` });
       flavour = "simd";
       dir = `./pkg/${flavour}/`;
       wasm = await import(dir + "wasmlm.js");
@@ -106,11 +95,11 @@ async function loadWasm() {
     // this worker and threadCount - 1 Web Workers sharing the module's memory, which take their
     // share of each product (src/qmatmul/split)
     build.threadCount = threadCount;
-    post({ type: "status", text: `starting ${build.threadCount - 1} WebAssembly worker thread(s)` });
+    post({ type: Msg.STATUS, text: `starting ${build.threadCount - 1} WebAssembly worker thread(s)` });
     await wasm.startThreads(build.threadCount - 1);
   }
   if (!simd) {
-    post({ type: "notice", text: "This browser has no WebAssembly SIMD: the slower build without SIMD is used." });
+    post({ type: Msg.NOTICE, text: "This browser has no WebAssembly SIMD: the slower build without SIMD is used." });
   }
 }
 
@@ -170,10 +159,10 @@ async function fetchFile(base, entry, cache, onBytes) {
     try {
       await cache.put(cacheKey(entry.sha256), new Response(bytes));
     } catch (err) {
-      post({ type: "notice", text: `${entry.name} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
+      post({ type: Msg.NOTICE, text: `${entry.name} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
     }
   } else {
-    post({ type: "notice", text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
+    post({ type: Msg.NOTICE, text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
   }
   return { bytes, sha256: found };
 }
@@ -186,7 +175,7 @@ function progressOf(entry) {
     const now = performance.now();
     if (!last && now - lastPost < 100) return;
     lastPost = now;
-    post({ type: "progress", file: entry.name, loaded, total: entry.bytes, cached });
+    post({ type: Msg.PROGRESS, file: entry.name, loaded, total: entry.bytes, cached });
   };
 }
 
@@ -255,15 +244,17 @@ async function fetchManifest(base, cache) {
   } catch (err) {
     const hit = cache && (await cache.match(url));
     if (!hit) throw err;
-    post({ type: "notice", text: `${base}manifest.json could not be fetched (${err.message}); using the cached copy.` });
+    post({ type: Msg.NOTICE, text: `${base}manifest.json could not be fetched (${err.message}); using the cached copy.` });
     return hit.text();
   }
 }
 
-async function load(source) {
-  post({ type: "status", text: "loading the WebAssembly engine" });
-  await loadWasm();
-  if (session) { session.free(); session = null; }
+async function load(request) {
+  const source = request.source;
+  post({ type: Msg.STATUS, text: "loading the WebAssembly engine" });
+  await loadWasm(request);
+  for (const s of sessions.values()) s.free();
+  sessions.clear();
   if (engine) { engine.free(); engine = null; }
   loaded = null;
   const t0 = performance.now();
@@ -276,77 +267,91 @@ async function load(source) {
       if (!e) throw new Error(`${name} is not in ${manifest.id}'s manifest`);
       return e;
     };
+    const file = source.file || manifest.default?.file;
+    if (!file) throw new Error(`${source.base}manifest.json names no default file: give source.file`);
     const tokenizer = await fetchEntry(source.base, find("tokenizer.json"), cache);
-    let onnx = await fetchEntry(source.base, find(source.file), cache);
-    post({ type: "status", text: `optimizing the graph (${source.file}); large models take seconds` });
+    let onnx = await fetchEntry(source.base, find(file), cache);
+    post({ type: Msg.STATUS, text: `optimizing the graph (${file}); large models take seconds` });
     await yieldToEvents();
     const sha256 = {};
-    if (onnx.sha256) sha256[source.file] = onnx.sha256;
+    if (onnx.sha256) sha256[file] = onnx.sha256;
     if (tokenizer.sha256) sha256["tokenizer.json"] = tokenizer.sha256;
-    engine = wasm.Engine.fromBundle(manifestText, source.file, onnx.bytes, joined(tokenizer.bytes), { sha256, threads: build.threadCount });
+    engine = wasm.Engine.fromBundle(manifestText, file, onnx.bytes, joined(tokenizer.bytes), { sha256, threads: build.threadCount });
     onnx = null;
-    loaded = { base: source.base, entry: find(source.file), manifest };
+    loaded = { base: source.base, entry: find(file), manifest };
   } else {
     const read = async (file) => new Uint8Array(await file.arrayBuffer());
-    post({ type: "status", text: `reading ${source.name}` });
+    post({ type: Msg.STATUS, text: `reading ${source.name}` });
     const onnx = await read(source.onnx);
     const tokenizer = await read(source.tokenizer);
     const config = source.config ? await read(source.config) : undefined;
-    post({ type: "status", text: `optimizing the graph (${source.name})` });
+    post({ type: Msg.STATUS, text: `optimizing the graph (${source.name})` });
     await yieldToEvents();
     engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, { threads: build.threadCount });
   }
-  session = engine.session();
-  post({ type: "ready", info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
+  sessions.set(0, engine.session());
+  nextSession = 1;
+  post({ type: Msg.READY, info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
 }
 
-// One generation, a token per message: `first` starts it (the prefill) and returns the first
-// token event; a "cancel" between tokens stops it. A one-shot prompt (generate) empties the
-// cache first; a chat turn keeps what the cache shares with the conversation.
-async function stream(first) {
-  if (!session) throw new Error("no model loaded");
-  cancelled = false;
-  let index = 0;
-  let ev = first();
-  while (ev) {
-    post({ type: "token", index: index++, ...ev });
+function sessionOf(id = 0) {
+  if (!engine) throw new Error("no model loaded");
+  const s = sessions.get(id);
+  if (!s) throw new Error(`no session ${id} (freed, or from before the last load)`);
+  return s;
+}
+
+// One generation: the prefill in chunks of PREFILL_CHUNK tokens (a message each), then a token
+// per message; a cancel between any two stops it. The cache keeps what was fed.
+async function stream(session, begin) {
+  begin();
+  for (let p = session.prefillStep(PREFILL_CHUNK); p; p = session.prefillStep(PREFILL_CHUNK)) {
+    post({ type: Msg.PREFILL, fed: p.fed, of: p.of });
     await yieldToEvents();
-    if (cancelled) break;
+    if (current.cancelled) break;
+  }
+  let index = 0;
+  let ev = current.cancelled ? undefined : session.next();
+  while (ev) {
+    post({ type: Msg.TOKEN, index: index++, token: ev.id, text: ev.text, ms: ev.ms, prefill: ev.prefill });
+    await yieldToEvents();
+    if (current.cancelled) break;
     ev = session.next();
   }
-  post({ type: "done", reason: cancelled ? "Cancelled" : session.stopReason, promptTokens: session.promptTokens,
-    fedTokens: session.fedTokens, cacheTokens: session.length, context: engine.info.context, cancelled });
+  post({ type: Msg.DONE, reason: current.cancelled ? "Cancelled" : session.stopReason, stats: session.stats,
+    promptTokens: session.promptTokens, fedTokens: session.fedTokens, length: session.length,
+    context: engine.info.context });
 }
 
-async function bench(text, runs, peer, profile) {
+async function bench({ text, runs = 5, peer = false, profile = false }) {
   if (!engine) throw new Error("no model loaded");
   if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
-  cancelled = false;
   const prompt = engine.benchPrompt(text);
   const backend = `tract wasm ${build.simd}${build.threads ? " threads" : ""}`;
   const results = [];
   for (let run = 0; run <= runs; run++) {
-    post({ type: "bench-progress", run, of: runs, backend });
+    post({ type: Msg.BENCH_PROGRESS, run, of: runs, backend });
     await yieldToEvents();
-    if (cancelled) { post({ type: "done", cancelled: true, reason: "Cancelled" }); return; }
+    if (current.cancelled) return { cancelled: true };
     const r = engine.benchRun(prompt);
     if (run > 0) results.push(r); // run 0 is the warm-up
   }
   const row = engine.benchRow(results, prompt.length, backend);
   if (profile) {
     // after the measured runs, so that timing every node does not slow them
-    post({ type: "bench-progress", run: "profile", of: runs, backend });
+    post({ type: Msg.BENCH_PROGRESS, run: "profile", of: runs, backend });
     await yieldToEvents();
     row.profile = engine.benchProfile(prompt);
   }
-  post({ type: "bench-done", row });
-  if (!peer) return;
+  post({ type: Msg.BENCH_DONE, row });
+  if (!peer) return { cancelled: false };
   try {
     const peerRow = await peerBench(Array.from(prompt), runs);
-    if (peerRow) post({ type: "peer-done", row: peerRow });
+    if (peerRow) post({ type: Msg.PEER_DONE, row: peerRow });
   } catch (err) {
-    post({ type: "peer-error", message: err instanceof Error ? err.message : String(err) });
+    post({ type: Msg.PEER_ERROR, message: err instanceof Error ? err.message : String(err) });
   }
+  return { cancelled: current.cancelled };
 }
 
 // The peer: onnxruntime-web (its wasm backend, as many threads as ours, shipped in ort/ by build.sh dist) on
@@ -376,9 +381,9 @@ async function peerBench(prompt, runs) {
     const backend = `onnxruntime-web ${ort.env.versions?.web ?? ""} wasm`.replace("  ", " ");
     const results = [];
     for (let run = 0; run <= runs; run++) {
-      post({ type: "bench-progress", run, of: runs, backend });
+      post({ type: Msg.BENCH_PROGRESS, run, of: runs, backend });
       await yieldToEvents();
-      if (cancelled) { post({ type: "done", cancelled: true, reason: "Cancelled" }); return null; }
+      if (current.cancelled) return null;
       let past = Object.fromEntries(pastNames.map((n) =>
         [n, new ort.Tensor("float32", new Float32Array(0), [1, arch.kv_heads, 0, arch.head_dim])]));
       let ids = prompt;
@@ -411,41 +416,103 @@ async function peerBench(prompt, runs) {
   }
 }
 
-let busy = null;
+// The requests other than load, generate, chat and bench: each answers `ok` with its result.
+const simple = {
+  [Req.SESSION]: () => {
+    if (!engine) throw new Error("no model loaded");
+    const id = nextSession++;
+    sessions.set(id, engine.session());
+    return { session: id, length: 0 };
+  },
+  [Req.FORK]: (m) => {
+    const id = nextSession++;
+    sessions.set(id, sessionOf(m.session).fork());
+    return { session: id, length: sessions.get(id).length };
+  },
+  [Req.APPEND]: (m) => {
+    const s = sessionOf(m.session);
+    const fed = s.append(typeof m.input === "string" ? m.input : Uint32Array.from(m.input));
+    return { fed, length: s.length };
+  },
+  [Req.TRUNCATE]: (m) => {
+    const s = sessionOf(m.session);
+    s.truncate(m.length);
+    return { length: s.length };
+  },
+  [Req.TOKENS]: (m) => {
+    const s = sessionOf(m.session);
+    return { tokens: Array.from(s.tokens), length: s.length };
+  },
+  [Req.RESET]: (m) => {
+    sessionOf(m.session).reset();
+    return { length: 0 };
+  },
+  [Req.RESTORE]: (m) => {
+    const s = sessionOf(m.session);
+    s.restore(m.bytes);
+    return { length: s.length };
+  },
+  [Req.FREE]: (m) => {
+    if (!m.session) throw new Error("session 0 lives as long as the model");
+    sessionOf(m.session).free();
+    sessions.delete(m.session);
+    return {};
+  },
+};
+
+async function run(m) {
+  switch (m.type) {
+    case Req.LOAD:
+      return load(m);
+    case Req.GENERATE: {
+      const s = sessionOf(m.session);
+      return stream(s, () => {
+        if (!m.continue) s.reset();
+        s.begin(m.prompt ?? "", m.options);
+      });
+    }
+    case Req.CHAT: {
+      const s = sessionOf(m.session);
+      return stream(s, () => s.beginChat(m.messages, m.options));
+    }
+    case Req.BENCH:
+      return post({ type: Msg.OK, ...(await bench(m)) });
+    case Req.SNAPSHOT: {
+      const s = sessionOf(m.session);
+      const bytes = s.snapshot();
+      return post({ type: Msg.OK, bytes, length: s.length }, [bytes.buffer]);
+    }
+    default:
+      if (!simple[m.type]) throw new Error(`unknown request ${m.type}`);
+      return post({ type: Msg.OK, ...simple[m.type](m) });
+  }
+}
 
 self.onmessage = async (e) => {
-  const msg = e.data;
-  if (msg.type === "cancel") { cancelled = true; return; }
-  if (busy) {
-    post({ type: "error", during: msg.type, message: `busy with ${busy}: cancel it or wait` });
+  const m = e.data;
+  if (m.type === Req.CANCEL) {
+    if (current && current.req === m.target) current.cancelled = true;
     return;
   }
-  busy = msg.type;
+  if (current) {
+    self.postMessage({ req: m.req, type: Msg.ERROR, message: `busy with ${current.type}: cancel it or wait` });
+    return;
+  }
+  current = { req: m.req, type: m.type, cancelled: false };
   try {
-    if (msg.type === "load") await load(msg.source);
-    else if (msg.type === "generate") await stream(() => session.prefill(msg.prompt, msg.options));
-    else if (msg.type === "chat") await stream(() => session.chat(msg.messages, msg.options));
-    else if (msg.type === "bench") await bench(msg.text, msg.runs ?? 5, !!msg.peer, !!msg.profile);
-    else if (msg.type === "reset") { session?.reset(); post({ type: "reset-done" }); }
-    else if (msg.type === "snapshot") {
-      if (!session) throw new Error("no model loaded");
-      const bytes = session.snapshot();
-      self.postMessage({ type: "snapshot-done", bytes, cacheTokens: session.length }, [bytes.buffer]);
-    } else if (msg.type === "restore") {
-      if (!session) throw new Error("no model loaded");
-      session.restore(msg.bytes);
-      post({ type: "restore-done", cacheTokens: session.length });
-    }
-    else throw new Error(`unknown message ${msg.type}`);
+    await run(m);
   } catch (err) {
-    // A Rust panic surfaces as a WebAssembly.RuntimeError and leaves the instance unusable:
-    // the page then replaces this worker (fatal).
-    const fatal = err instanceof WebAssembly.RuntimeError;
+    // The engine's own errors (JsError: a plain Error) and this worker's leave it usable. A trap
+    // (WebAssembly.RuntimeError: a Rust panic) or another exception during a call into the
+    // engine (a RangeError from its glue, a "recursive use" error) may have left the instance
+    // half-way through a call: the client is closed (fatal). A failed load leaves nothing.
     const message = err instanceof Error ? err.message : String(err);
+    const plain = err instanceof Error && err.constructor === Error;
+    const fatal = err instanceof WebAssembly.RuntimeError || (m.type !== Req.LOAD && !plain);
     // the engine's two context errors (src/error.rs: ContextFull, PromptTooLong); the cache is intact
     const contextFull = /the context is full|tokens and the model's context is/.test(message);
-    post({ type: "error", during: msg.type, fatal, contextFull, message });
+    post({ type: Msg.ERROR, message, fatal, contextFull });
   } finally {
-    busy = null;
+    current = null;
   }
 };

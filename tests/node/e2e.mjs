@@ -264,7 +264,45 @@ async function main() {
     assert.match(peerCells[1], /^onnxruntime-web/);
     assert.ok(Number(peerCells[6].split(" / ")[0]) > 0, "peer decode median is positive");
 
+    // ... and the bars compare this browser's rows with the native ones of the same file
+    const bars = await page.$$eval("#comparison figure", (fs) => fs.map((f) => ({
+      caption: f.querySelector("figcaption").textContent,
+      labels: [...f.querySelectorAll(".label")].map((l) => l.textContent),
+      live: f.querySelectorAll(".bar.live").length,
+    })));
+    log("bars:", JSON.stringify(bars));
+    assert.equal(bars.length, 2, "a decode chart and a prefill chart");
+    assert.ok(bars.every((b) => b.live >= 1 && b.labels.some((l) => /^tract native/.test(l))),
+      "each chart has this browser's bars beside the native ones");
+    assert.ok(!(await page.isVisible("#baselines table")), "the full table is collapsed");
+
     await page.screenshot({ path: screenshot, fullPage: true });
+
+    // 3b. Stop in the middle of a long prefill: the prompt is read in chunks (the page says how
+    //     far), Stop ends it between two chunks, and the page goes on.
+    await page.click("#new-chat");
+    await page.fill("#prompt", "The quick brown fox jumps over the lazy dog. ".repeat(80));
+    await page.fill("#max-new-tokens", "8");
+    await page.click("#generate");
+    await page.waitForFunction(() => /Reading the prompt: \d+ of \d+/.test(document.querySelector("#context-note").textContent),
+      null, { timeout: 120_000 });
+    const reading = await page.textContent("#context-note");
+    await page.click("#stop");
+    await page.waitForSelector('#stats dd[data-key="stopped by"]', { timeout: 120_000 });
+    const stopped = {
+      reading,
+      by: await page.textContent('#stats dd[data-key="stopped by"]'),
+      prompt: Number(await page.textContent('#stats dd[data-key="prompt tokens"]')),
+      cache: Number(await page.textContent('#stats dd[data-key="cache tokens"]')),
+      tokens: Number(await page.textContent('#stats dd[data-key="tokens"]')),
+    };
+    log("stopped mid-prefill:", JSON.stringify(stopped));
+    assert.equal(stopped.by, "Cancelled");
+    assert.ok(stopped.prompt > 600 && stopped.cache > 0 && stopped.cache < stopped.prompt && stopped.tokens === 0,
+      "the prefill stopped part of the way, before any token");
+    assert.match(await page.textContent("#context-note"), new RegExp(`prefill ran ${stopped.cache} new token`),
+      "the page says how much of the prompt was read");
+    assert.ok(!(await page.isDisabled("#generate")), "the page can send again");
 
     // 4. A reload starts from the Cache API: no download of the model files. The other build:
     //    ?build=threads (or ?build=simd where the threaded one was picked) must answer with the

@@ -1,0 +1,91 @@
+// The client <-> worker protocol, defined once: wasmlm.js (the client) and worker.js (the engine's
+// Web Worker) both import these names. Messages are plain objects with `type`; a request also
+// has `req`, a number the client picks, and every message the worker sends about a request
+// carries its `req`.
+//
+// The worker runs one request at a time (the client queues them). Each request ends with exactly
+// one final message: `ready` (load), `done` (generate, chat), `ok` (everything else) or `error`.
+// `cancel` gets no answer: the request it names ends early with its usual final message.
+
+/** Requests, client -> worker. */
+export const Req = Object.freeze({
+  /** {source, build?, threads?} -> progress*, status*, notice*, then ready. */
+  LOAD: "load",
+  /**
+   * {session, prompt, options, continue?} -> prefill*, token*, then done. Without `continue`
+   * the session's cache is emptied first (a one-shot prompt); with it, the prompt is fed after
+   * what the cache holds (empty: the generation continues from the cache).
+   */
+  GENERATE: "generate",
+  /**
+   * {session, messages, options} -> prefill*, token*, then done. The assistant's next turn of
+   * the whole conversation (through the chat template): the cache keeps its longest common
+   * prefix with the conversation's tokens and feeds only the rest (done.fedTokens).
+   */
+  CHAT: "chat",
+  /** {target}: stop request `target` (between tokens, prefill chunks or bench runs). */
+  CANCEL: "cancel",
+  /** {} -> ok {session, length}: a new, empty session. Session 0 exists after load. */
+  SESSION: "session",
+  /** {session} -> ok {session, length}: an independent copy of a session's cache. */
+  FORK: "fork",
+  /** {session, input: string | number[]} -> ok {fed, length}: feed text or token ids. */
+  APPEND: "append",
+  /** {session, length} -> ok {length}: keep the first `length` tokens of the cache. */
+  TRUNCATE: "truncate",
+  /** {session} -> ok {tokens, length}. */
+  TOKENS: "tokens",
+  /** {session} -> ok {length: 0}: empty the cache. */
+  RESET: "reset",
+  /** {session} -> ok {bytes, length}: the cache in the engine's snapshot format (transferred). */
+  SNAPSHOT: "snapshot",
+  /** {session, bytes} -> ok {length}; an error for another model file or damaged bytes. */
+  RESTORE: "restore",
+  /** {session} -> ok {}: free a session (not 0). */
+  FREE: "free",
+  /**
+   * {text, runs, peer, profile} -> benchProgress*, benchDone {row}, then with `peer` more
+   * benchProgress and peerDone {row} | peerError {message}; then ok {cancelled}.
+   */
+  BENCH: "bench",
+});
+
+/** Messages, worker -> client. */
+export const Msg = Object.freeze({
+  /** {file, loaded, total, cached}: a model file's download (or cache read). */
+  PROGRESS: "progress",
+  /** {text}: what the worker is doing. */
+  STATUS: "status",
+  /** {text}: something the user should know that is not an error. */
+  NOTICE: "notice",
+  /** {info, build}: the model is loaded (final for load). */
+  READY: "ready",
+  /** {fed, of}: the prefill's progress, one message per chunk. */
+  PREFILL: "prefill",
+  /** {index, token, text, ms, prefill}: one new token. */
+  TOKEN: "token",
+  /** {reason, stats, promptTokens, fedTokens, length, context}: a generation ended (final). */
+  DONE: "done",
+  /** {...result}: a request other than load, generate and chat succeeded (final). */
+  OK: "ok",
+  /** {run, of, backend}: run 0 is the warm-up, run "profile" the per-op timing. */
+  BENCH_PROGRESS: "bench-progress",
+  /** {row}: this engine's benchmark row, in baselines.json's format. */
+  BENCH_DONE: "bench-done",
+  /** {row}: onnxruntime-web's row on the same file, prompt and protocol. */
+  PEER_DONE: "peer-done",
+  /** {message} */
+  PEER_ERROR: "peer-error",
+  /**
+   * {message, fatal, contextFull} (final). `fatal`: the engine cannot go on (a trap, a panic):
+   * the client is closed and must be loaded again. `contextFull`: the request did not fit in
+   * the context, and the cache is as it was.
+   */
+  ERROR: "error",
+});
+
+/** Why a generation stopped: done.reason. */
+export const StopReason = Object.freeze(["Eos", "StopString", "MaxTokens", "ContextFull", "Cancelled"]);
+
+/** Tokens per prefill chunk: a cancel waits for at most one (~0.3 s at 200 tokens/s). */
+export const PREFILL_CHUNK = 64;
