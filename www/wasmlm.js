@@ -79,6 +79,13 @@ export class WasmLMError extends Error {
 
 const aborted = () => new DOMException("the request was aborted", "AbortError");
 
+// Arguments are checked here, so that a wrong type is a clear error, never a failure inside the
+// engine's glue (which would close the client).
+function check(ok, what) {
+  if (!ok) throw new WasmLMError(what);
+}
+const isIds = (x) => (Array.isArray(x) || ArrayBuffer.isView(x)) && Array.from(x).every((t) => Number.isInteger(t) && t >= 0);
+
 /**
  * A generation's tokens as an async iterator; `done` resolves with its summary (also when the
  * loop that reads it stops early, which cancels it).
@@ -157,6 +164,7 @@ export class Session {
    * @param {GenerateOptions & StreamOptions & {continue?: boolean}} [options]
    */
   generate(prompt, options = {}) {
+    check(typeof prompt === "string", "generate(prompt): the prompt must be a string");
     const { signal, onToken, onPrefill, continue: cont = false, ...opts } = options;
     return this.lm.stream({ type: Req.GENERATE, session: this.id, prompt, options: opts, continue: cont },
       { signal, onToken, onPrefill, session: this });
@@ -169,6 +177,8 @@ export class Session {
    * @param {GenerateOptions & StreamOptions} [options]
    */
   chat(messages, options = {}) {
+    check(Array.isArray(messages) && messages.every((m) => typeof m?.role === "string" && typeof m?.content === "string"),
+      "chat(messages): expected an array of {role, content} strings");
     const { signal, onToken, onPrefill, ...opts } = options;
     return this.lm.stream({ type: Req.CHAT, session: this.id, messages, options: opts },
       { signal, onToken, onPrefill, session: this });
@@ -176,12 +186,14 @@ export class Session {
 
   /** Feed text or token ids after what the cache holds. @returns {Promise<number>} tokens fed */
   async append(input) {
+    check(typeof input === "string" || isIds(input), "append(input): text, or token ids (non-negative integers)");
     const r = await this.call(Req.APPEND, { input: typeof input === "string" ? input : Array.from(input) });
     return r.fed;
   }
 
   /** Keep the first `length` tokens of the cache. */
   async truncate(length) {
+    check(Number.isInteger(length) && length >= 0, "truncate(length): a token count, 0 or more");
     await this.call(Req.TRUNCATE, { length });
   }
 
@@ -207,6 +219,7 @@ export class Session {
 
   /** Load a snapshot; refused (the cache intact) for another model file or damaged bytes. */
   async restore(bytes) {
+    check(bytes instanceof Uint8Array, "restore(bytes): a Uint8Array from snapshot()");
     await this.call(Req.RESTORE, { bytes });
   }
 
