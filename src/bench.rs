@@ -188,53 +188,156 @@ pub const SWEEP_CHUNK: usize = 64;
 /// - `second_turn`: a [`SWEEP_TURN`]-token turn's prefill after a [`SWEEP_HISTORY`]-token
 ///   conversation held in the cache, against the same turn on an empty cache.
 ///
-/// The tokens are the text's, from its start. Medians over the rounds.
+/// The tokens are the text's, from its start. Medians over the rounds. [`Sweep`] runs it one step
+/// at a time (the page: progress and a stop between steps).
 pub fn context_sweep(engine: &Engine, text: &str, rounds: usize) -> Result<Value> {
-    use crate::error::Error;
-    let context = engine.context;
-    let longest = SWEEP_PASTS.iter().chain(&SWEEP_PROMPTS).max().copied().unwrap_or(0) + SWEEP_STEPS;
-    let chars: String = text.chars().take(longest * 8).collect();
-    let ids = engine.text.encode(&chars)?;
-    if ids.len() < longest {
-        return Err(Error::Options(format!("the text gives {} tokens; the sweep needs {longest}", ids.len())));
+    let mut sweep = Sweep::new(engine, text, rounds)?;
+    for i in 0..sweep.steps() {
+        sweep.step(engine, i)?;
     }
-    let fits = |n: usize| n + SWEEP_STEPS <= context;
-    let pasts: Vec<usize> = SWEEP_PASTS.into_iter().filter(|&n| fits(n)).collect();
-    let prompts: Vec<usize> = SWEEP_PROMPTS.into_iter().filter(|&n| fits(n)).collect();
-    let mut decode = vec![vec![]; pasts.len()];
-    let mut prefill = vec![vec![]; prompts.len()];
-    let (mut chunked, mut whole512) = (vec![], vec![]);
-    let (mut after, mut fresh) = (vec![], vec![]);
-    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let t = now_ms();
-        f()?;
-        Ok(now_ms() - t)
-    };
-    let history = fits(SWEEP_HISTORY + SWEEP_TURN).then(|| -> Result<_> {
-        let mut s = engine.session()?;
-        s.prefill(&ids[..SWEEP_HISTORY])?;
-        Ok(s)
-    }).transpose()?;
-    for _ in 0..rounds.max(1) {
-        for (i, &n) in pasts.iter().enumerate() {
-            let mut s = engine.session()?;
-            let mut logits = s.prefill(&ids[..n])?;
-            let mut steps = vec![];
-            for _ in 0..SWEEP_STEPS {
-                let next = argmax(&logits);
-                let t = now_ms();
-                logits = s.step(next)?;
-                steps.push(now_ms() - t);
-            }
-            steps.sort_by(f64::total_cmp);
-            decode[i].push(percentile(&steps, 50.0));
+    Ok(sweep.result(engine))
+}
+
+/// One step of [`Sweep`].
+#[derive(Debug, Clone, Copy)]
+enum Case {
+    /// Untimed: the shared conversation grows to this many tokens (a prefill chunk).
+    Grow(usize),
+    Decode(usize),
+    Prefill(usize),
+    Chunked(usize),
+    Turn,
+}
+
+/// Tokens per [`Case::Grow`] step.
+const GROW_CHUNK: usize = 256;
+
+/// [`context_sweep`] as steps: first the shared conversation (the longest past, fed in chunks,
+/// untimed), then each round's cases. A decode case times 16 steps on a copy of the conversation
+/// cut to its past; the second-turn case feeds its turn to a copy cut to the history.
+pub struct Sweep {
+    ids: Vec<u32>,
+    rounds: usize,
+    setup: Vec<Case>,
+    round: Vec<Case>,
+    /// The shared conversation, grown by the setup steps.
+    long: crate::session::Session,
+    pasts: Vec<usize>,
+    prompts: Vec<usize>,
+    decode: Vec<Vec<f64>>,
+    prefill: Vec<Vec<f64>>,
+    chunked: Vec<f64>,
+    whole512: Vec<f64>,
+    after: Vec<f64>,
+    fresh: Vec<f64>,
+}
+
+impl Sweep {
+    pub fn new(engine: &Engine, text: &str, rounds: usize) -> Result<Sweep> {
+        use crate::error::Error;
+        let context = engine.context;
+        let longest = SWEEP_PASTS.iter().chain(&SWEEP_PROMPTS).max().copied().unwrap_or(0) + SWEEP_STEPS;
+        let chars: String = text.chars().take(longest * 8).collect();
+        let ids = engine.text.encode(&chars)?;
+        if ids.len() < longest {
+            return Err(Error::Options(format!("the text gives {} tokens; the sweep needs {longest}", ids.len())));
         }
-        for (i, &n) in prompts.iter().enumerate() {
-            let mut s = engine.session()?;
-            let ms = timed(&mut || s.prefill(&ids[..n]).map(drop))?;
-            prefill[i].push(n as f64 * 1e3 / ms);
+        let fits = |n: usize| n + SWEEP_STEPS <= context;
+        let pasts: Vec<usize> = SWEEP_PASTS.into_iter().filter(|&n| fits(n)).collect();
+        let prompts: Vec<usize> = SWEEP_PROMPTS.into_iter().filter(|&n| fits(n)).collect();
+        let turn = fits(SWEEP_HISTORY + SWEEP_TURN);
+        let shared = pasts.iter().copied().chain(turn.then_some(SWEEP_HISTORY)).max().unwrap_or(0);
+        let setup = (1..=shared.div_ceil(GROW_CHUNK)).map(|i| Case::Grow((i * GROW_CHUNK).min(shared))).collect();
+        let mut round: Vec<Case> = pasts.iter().map(|&n| Case::Decode(n)).collect();
+        for &n in &prompts {
+            round.push(Case::Prefill(n));
             if n == 512 {
-                whole512.push(n as f64 * 1e3 / ms);
+                round.push(Case::Chunked(n));
+            }
+        }
+        if turn {
+            round.push(Case::Turn);
+        }
+        Ok(Sweep {
+            rounds: rounds.max(1),
+            setup,
+            round,
+            long: engine.session()?,
+            decode: vec![vec![]; pasts.len()],
+            prefill: vec![vec![]; prompts.len()],
+            pasts,
+            prompts,
+            ids,
+            chunked: vec![],
+            whole512: vec![],
+            after: vec![],
+            fresh: vec![],
+        })
+    }
+
+    /// Steps in all: the setup's, then each round's.
+    pub fn steps(&self) -> usize {
+        self.setup.len() + self.rounds * self.round.len()
+    }
+
+    fn case(&self, i: usize) -> Option<Case> {
+        match i.checked_sub(self.setup.len()) {
+            None => self.setup.get(i).copied(),
+            Some(j) => (j < self.rounds * self.round.len()).then(|| self.round[j % self.round.len()]),
+        }
+    }
+
+    /// What step `i` does, for a progress line.
+    pub fn label(&self, i: usize) -> String {
+        match self.case(i) {
+            Some(Case::Grow(n)) => format!("feeding the {n}-token conversation the decode cases share"),
+            Some(Case::Decode(n)) => format!("decode after {n} tokens"),
+            Some(Case::Prefill(n)) => format!("prefill of {n} tokens"),
+            Some(Case::Chunked(n)) => format!("prefill of {n} tokens in chunks of {SWEEP_CHUNK}"),
+            Some(Case::Turn) => format!("a {SWEEP_TURN}-token turn after {SWEEP_HISTORY} tokens, and on an empty cache"),
+            None => String::new(),
+        }
+    }
+
+    /// Runs step `i` (in order: a case reads what the setup fed).
+    pub fn step(&mut self, engine: &Engine, i: usize) -> Result<()> {
+        use crate::error::Error;
+        let ids = &self.ids;
+        let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            let t = now_ms();
+            f()?;
+            Ok(now_ms() - t)
+        };
+        match self.case(i).ok_or_else(|| Error::Options(format!("the sweep has {} steps, not {}", self.steps(), i + 1)))? {
+            Case::Grow(n) => {
+                let at = self.long.len();
+                self.long.prefill(&ids[at..n])?;
+            }
+            Case::Decode(n) => {
+                let mut s = self.long.fork();
+                s.truncate(n - 1)?;
+                let mut logits = s.prefill(&ids[n - 1..n])?;
+                let mut steps = vec![];
+                for _ in 0..SWEEP_STEPS {
+                    let next = argmax(&logits);
+                    let t = now_ms();
+                    logits = s.step(next)?;
+                    steps.push(now_ms() - t);
+                }
+                steps.sort_by(f64::total_cmp);
+                let at = self.pasts.iter().position(|&p| p == n).unwrap_or(0);
+                self.decode[at].push(percentile(&steps, 50.0));
+            }
+            Case::Prefill(n) => {
+                let mut s = engine.session()?;
+                let ms = timed(&mut || s.prefill(&ids[..n]).map(drop))?;
+                let at = self.prompts.iter().position(|&p| p == n).unwrap_or(0);
+                self.prefill[at].push(n as f64 * 1e3 / ms);
+                if n == 512 {
+                    self.whole512.push(n as f64 * 1e3 / ms);
+                }
+            }
+            Case::Chunked(n) => {
                 let mut s = engine.session()?;
                 let ms = timed(&mut || {
                     for c in ids[..n].chunks(SWEEP_CHUNK) {
@@ -242,39 +345,50 @@ pub fn context_sweep(engine: &Engine, text: &str, rounds: usize) -> Result<Value
                     }
                     Ok(())
                 })?;
-                chunked.push(n as f64 * 1e3 / ms);
+                self.chunked.push(n as f64 * 1e3 / ms);
+            }
+            Case::Turn => {
+                let turn = &ids[SWEEP_HISTORY..SWEEP_HISTORY + SWEEP_TURN];
+                let mut s = self.long.fork();
+                s.truncate(SWEEP_HISTORY)?;
+                self.after.push(timed(&mut || s.prefill(turn).map(drop))?);
+                let mut s = engine.session()?;
+                self.fresh.push(timed(&mut || s.prefill(turn).map(drop))?);
             }
         }
-        if let Some(h) = &history {
-            let turn = &ids[SWEEP_HISTORY..SWEEP_HISTORY + SWEEP_TURN];
-            let mut s = h.fork();
-            after.push(timed(&mut || s.prefill(turn).map(drop))?);
-            let mut s = engine.session()?;
-            fresh.push(timed(&mut || s.prefill(turn).map(drop))?);
+        Ok(())
+    }
+
+    /// The medians of what the steps run so far measured.
+    pub fn result(&self, engine: &Engine) -> Value {
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            (percentile(&v, 50.0) * 1000.0).round() / 1000.0
+        };
+        let measured = |v: &Vec<f64>| !v.is_empty();
+        let base = self.decode.first().filter(|v| measured(v)).map(|v| med(v));
+        let decode: Vec<Value> = self.pasts.iter().zip(&self.decode).filter(|(_, v)| measured(v)).map(|(&n, v)| {
+            let ms = med(v);
+            let ratio = base.map(|b| (ms / b * 1000.0).round() / 1000.0);
+            json!({"past": n, "ms_per_token": ms, "ratio_to_32": ratio})
+        }).collect();
+        let prefill: Vec<Value> = self.prompts.iter().zip(&self.prefill).filter(|(_, v)| measured(v))
+            .map(|(&n, v)| json!({"tokens": n, "tokens_per_s": med(v)})).collect();
+        let rounds = self.decode.iter().chain(&self.prefill).map(Vec::len).max().unwrap_or(0);
+        let mut out = json!({"model": engine.info.model, "file": engine.info.file, "threads": engine.graph.threads,
+                             "context": engine.context, "rounds": rounds, "decode": decode, "prefill": prefill});
+        if measured(&self.chunked) {
+            out["prefill_512_chunked"] = json!({"chunk": SWEEP_CHUNK, "tokens_per_s": med(&self.chunked),
+                                                "at_once_tokens_per_s": med(&self.whole512)});
         }
+        if measured(&self.after) {
+            let (a, f) = (med(&self.after), med(&self.fresh));
+            out["second_turn"] = json!({"history": SWEEP_HISTORY, "turn": SWEEP_TURN, "ms_after_history": a,
+                                        "ms_on_empty_cache": f, "ratio": (a / f * 1000.0).round() / 1000.0});
+        }
+        out
     }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (percentile(v, 50.0) * 1000.0).round() / 1000.0
-    };
-    let base = decode.first().map(|v| { let mut v = v.clone(); med(&mut v) }).unwrap_or(0.0);
-    let decode: Vec<Value> = pasts.iter().zip(&mut decode).map(|(&n, v)| {
-        let ms = med(v);
-        json!({"past": n, "ms_per_token": ms, "ratio_to_32": (ms / base * 1000.0).round() / 1000.0})
-    }).collect();
-    let prefill: Vec<Value> = prompts.iter().zip(&mut prefill).map(|(&n, v)| json!({"tokens": n, "tokens_per_s": med(v)})).collect();
-    let mut out = json!({"model": engine.info.model, "file": engine.info.file, "threads": engine.graph.threads,
-                         "context": context, "rounds": rounds.max(1), "decode": decode, "prefill": prefill});
-    if !chunked.is_empty() {
-        out["prefill_512_chunked"] = json!({"chunk": SWEEP_CHUNK, "tokens_per_s": med(&mut chunked),
-                                            "at_once_tokens_per_s": med(&mut whole512)});
-    }
-    if !after.is_empty() {
-        let (a, f) = (med(&mut after), med(&mut fresh));
-        out["second_turn"] = json!({"history": SWEEP_HISTORY, "turn": SWEEP_TURN, "ms_after_history": a,
-                                    "ms_on_empty_cache": f, "ratio": (a / f * 1000.0).round() / 1000.0});
-    }
-    Ok(out)
 }
 
 /// `context_sweep`'s result as Markdown lines.

@@ -239,11 +239,13 @@ impl JsEngine {
     }
 
     /// How decode and prefill hold as the context grows (bench::context_sweep, as `wasmlm
-    /// context` runs it natively): {decode: [{past, ms_per_token, ratio_to_32}], prefill:
-    /// [{tokens, tokens_per_s}], prefill_512_chunked, second_turn}. Tens of seconds per round.
-    #[wasm_bindgen(js_name = benchContext)]
-    pub fn bench_context(&self, text: &str, rounds: Option<usize>) -> Result<JsValue, JsError> {
-        Ok(to_js(&bench::context_sweep(&self.inner, text, rounds.unwrap_or(1)).map_err(err)?))
+    /// context` runs it natively), one step at a time: `steps`, `label(i)`, `step(i)` in order,
+    /// then `result()`: {decode: [{past, ms_per_token, ratio_to_32}], prefill: [{tokens,
+    /// tokens_per_s}], prefill_512_chunked, second_turn}. Tens of seconds per round.
+    #[wasm_bindgen(js_name = contextSweep)]
+    pub fn context_sweep(&self, text: &str, rounds: Option<usize>) -> Result<JsContextSweep, JsError> {
+        let sweep = bench::Sweep::new(&self.inner, text, rounds.unwrap_or(1)).map_err(err)?;
+        Ok(JsContextSweep { engine: self.inner.clone(), sweep })
     }
 
     /// A row in baselines.json's format from the measured runs ([{prefill_ms, steps_ms}], the
@@ -260,6 +262,36 @@ impl JsEngine {
         let mut row = bench::base_row(&self.inner, backend, prompt_tokens, self.inner.graph.threads);
         bench::add_runs(&mut row, &results);
         Ok(to_js(&row))
+    }
+}
+
+/// A context sweep run one step at a time (`Engine.contextSweep`).
+#[wasm_bindgen(js_name = ContextSweep)]
+pub struct JsContextSweep {
+    engine: Rc<Engine>,
+    sweep: bench::Sweep,
+}
+
+#[wasm_bindgen(js_class = ContextSweep)]
+impl JsContextSweep {
+    #[wasm_bindgen(getter)]
+    pub fn steps(&self) -> usize {
+        self.sweep.steps()
+    }
+
+    /// What step `i` measures.
+    pub fn label(&self, i: usize) -> String {
+        self.sweep.label(i)
+    }
+
+    /// Run step `i` (steps run in order).
+    pub fn step(&mut self, i: usize) -> Result<(), JsError> {
+        self.sweep.step(&self.engine, i).map_err(err)
+    }
+
+    /// The medians of the steps run so far.
+    pub fn result(&self) -> JsValue {
+        to_js(&self.sweep.result(&self.engine))
     }
 }
 

@@ -68,9 +68,10 @@ function setRunning(what) {
   const ready = !!state.loaded && !what;
   $("generate").disabled = !ready;
   $("bench").disabled = !ready || !state.loaded.info.has_cache;
+  $("sweep").disabled = $("bench").disabled;
   $("load").disabled = !!what;
   $("new-chat").disabled = !!what;
-  $("stop").disabled = !(what === "generate" || what === "bench");
+  $("stop").disabled = !(what === "generate" || what === "bench" || what === "sweep");
 }
 
 function renderTable() {
@@ -481,17 +482,23 @@ function onDone(done) {
 
 // ---- benchmark mode -----------------------------------------------------------------------
 
-$("bench").onclick = async () => {
+// The benchmark's text (tinyshakespeare), fetched once; an error is shown in `status`.
+async function benchText(status) {
   try {
     if (!state.benchText) {
       const res = await fetch("bench-prompt.txt");
       if (!res.ok) throw new Error(`bench-prompt.txt: HTTP ${res.status}`);
       state.benchText = await res.text();
     }
+    return state.benchText;
   } catch (err) {
-    $("bench-status").textContent = err.message;
-    return;
+    status.textContent = err.message;
+    return null;
   }
+}
+
+$("bench").onclick = async () => {
+  if (!(await benchText($("bench-status")))) return;
   $("bench-download").hidden = true;
   $("bench-profile-table").hidden = true;
   setRunning("bench");
@@ -556,6 +563,45 @@ function renderProfile(p) {
   table.append(tr(["op", "ms/token", "share", "calls/token"], "th"));
   for (const o of shown) table.append(tr([o.op, o.ms_per_token.toFixed(3), `${(100 * o.share).toFixed(1)}%`, String(o.calls_per_token)]));
   if (rest.n) table.append(tr([`${rest.n} other ops`, rest.ms.toFixed(3), `${(100 * rest.share).toFixed(1)}%`, ""]));
+  table.hidden = false;
+}
+
+// The context sweep (lm.sweep): a step at a time, its medians in a table; a stop keeps what was
+// measured.
+$("sweep").onclick = async () => {
+  const status = $("sweep-status");
+  const text = await benchText(status);
+  if (!text) return;
+  setRunning("sweep");
+  state.abort = new AbortController();
+  try {
+    const r = await state.lm.sweep(text, {
+      signal: state.abort.signal,
+      onProgress: (p) => { status.textContent = `step ${p.step + 1} of ${p.of}: ${p.label}…`; },
+    });
+    status.textContent = r.cancelled ? "stopped: the figures below are the steps that ran" : "";
+    renderSweep(r.sweep);
+  } catch (err) {
+    status.textContent = "";
+    failed("context sweep", err);
+  }
+  setRunning(null);
+};
+
+function renderSweep(v) {
+  const { build } = state.loaded;
+  const table = $("sweep-table");
+  const cell = (tag, text) => { const c = document.createElement(tag); c.textContent = text; return c; };
+  const tr = (cells, tag = "td") => { const r = document.createElement("tr"); cells.forEach((t) => r.append(cell(tag, t))); return r; };
+  table.replaceChildren(cell("caption", `Context sweep, ${v.file}, ${browserName()}, ${threadsText(build)}, ` +
+    `${build.simd === "none" ? "build without SIMD" : build.simd + " build"}; median of ${v.rounds} round${v.rounds === 1 ? "" : "s"}`));
+  table.append(tr(["case", "measured", "against the shortest"], "th"));
+  for (const d of v.decode) table.append(tr([`decode after ${d.past} tokens`, `${d.ms_per_token.toFixed(2)} ms/token`, d.ratio_to_32 == null ? "" : `${d.ratio_to_32}x`]));
+  for (const p of v.prefill) table.append(tr([`prefill of ${p.tokens} tokens`, `${p.tokens_per_s.toFixed(1)} tokens/s`, ""]));
+  const c = v.prefill_512_chunked;
+  if (c) table.append(tr([`512 tokens in chunks of ${c.chunk}`, `${c.tokens_per_s.toFixed(1)} tokens/s`, `${(c.tokens_per_s / c.at_once_tokens_per_s).toFixed(2)}x at once`]));
+  const t = v.second_turn;
+  if (t) table.append(tr([`a ${t.turn}-token turn after ${t.history} tokens`, `${t.ms_after_history.toFixed(0)} ms`, `${t.ratio}x on an empty cache (${t.ms_on_empty_cache.toFixed(0)} ms)`]));
   table.hidden = false;
 }
 

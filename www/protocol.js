@@ -48,6 +48,12 @@ export const Req = Object.freeze({
    * benchProgress and peerDone {row} | peerError {message}; then ok {cancelled}.
    */
   BENCH: "bench",
+  /**
+   * {text, rounds} -> sweepProgress*, then ok {cancelled, sweep}: the context sweep (decode after
+   * pasts of 32 to 2,048 tokens, prefill of 128 to 1,024, a turn after a long conversation), a
+   * step at a time; `sweep` holds the medians of the steps run (all of them unless cancelled).
+   */
+  SWEEP: "sweep",
 });
 
 /** Messages, worker -> client. */
@@ -72,6 +78,8 @@ export const Msg = Object.freeze({
   BENCH_PROGRESS: "bench-progress",
   /** {row}: this engine's benchmark row, in baselines.json's format. */
   BENCH_DONE: "bench-done",
+  /** {step, of, label}: the context sweep's step `step` (from 0) of `of` is running. */
+  SWEEP_PROGRESS: "sweep-progress",
   /** {row}: onnxruntime-web's row on the same file, prompt and protocol. */
   PEER_DONE: "peer-done",
   /** {message} */

@@ -354,6 +354,25 @@ async function bench({ text, runs = 5, peer = false, profile = false }) {
   return { cancelled: current.cancelled };
 }
 
+// The context sweep (engine.contextSweep: the same code as `wasmlm context`), a step per
+// message; a cancel between steps ends it with the medians measured so far.
+async function sweep({ text, rounds = 1 }) {
+  if (!engine) throw new Error("no model loaded");
+  if (!engine.info.has_cache) throw new Error("the context sweep needs a graph with a KV cache; pick a with_past file");
+  const sw = engine.contextSweep(text, rounds);
+  try {
+    for (let step = 0; step < sw.steps; step++) {
+      post({ type: Msg.SWEEP_PROGRESS, step, of: sw.steps, label: sw.label(step) });
+      await yieldToEvents();
+      if (current.cancelled) break;
+      sw.step(step);
+    }
+    return { cancelled: current.cancelled, sweep: sw.result() };
+  } finally {
+    sw.free();
+  }
+}
+
 // The peer: onnxruntime-web (its wasm backend, as many threads as ours, shipped in ort/ by build.sh dist) on
 // the very same file and prompt tokens, under the same protocol: one warm-up run, then `runs`
 // runs of the prompt and 63 greedy steps; the times are those of session.run. Its session is
@@ -477,6 +496,8 @@ async function run(m) {
     }
     case Req.BENCH:
       return post({ type: Msg.OK, ...(await bench(m)) });
+    case Req.SWEEP:
+      return post({ type: Msg.OK, ...(await sweep(m)) });
     case Req.SNAPSHOT: {
       const s = sessionOf(m.session);
       const bytes = s.snapshot();

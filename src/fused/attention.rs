@@ -33,8 +33,11 @@ use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_onnx::tract_hir::internal::*;
 
-use super::matmul::{product, ActMatMul};
+use super::matmul::{product, ActMatMul, BLOCKED_ROWS};
 use super::rope::broadcast_strides;
+use super::rows::{mix, scale_and_mask, scores as key_scores, softmax};
+#[cfg(test)]
+use super::rows::exp_le0;
 
 /// The op's name in a plan.
 pub const OP_NAME: &str = "WasmlmAttention";
@@ -467,21 +470,32 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
         let (bi, hi) = (head / h, head % h);
         let kvi = bi * kv + hi / group;
         let (qh, kh, vh) = (&q[head * s * d..][..s * d], k.head(kvi), v.head(kvi));
-        product(qh, &[s, d], kh, &[l, d], true, 1, scores);
+        let mask_row = |r: usize| &mask[bi * st[0] + hi * st[1] + r * st[2]..];
+        let blocked = s >= BLOCKED_ROWS;
+        if blocked {
+            product(qh, &[s, d], kh, &[l, d], true, 1, scores);
+        }
         for (r, row) in scores.chunks_exact_mut(l.max(1)).enumerate() {
-            let m = &mask[bi * st[0] + hi * st[1] + r * st[2]..];
+            if !blocked {
+                key_scores(&qh[r * d..][..d], kh, row);
+            }
             if st[3] == 1 {
-                for (x, &m) in row.iter_mut().zip(m) {
-                    *x = *x * scale + m;
-                }
+                scale_and_mask(row, scale, mask_row(r));
             } else {
+                let m = mask_row(r);
                 for (j, x) in row.iter_mut().enumerate() {
                     *x = *x * scale + m[j * st[3]];
                 }
             }
             softmax(row);
         }
-        product(scores, &[s, l], vh, &[l, dv], false, 1, y);
+        if blocked {
+            product(scores, &[s, l], vh, &[l, dv], false, 1, y);
+        } else if dv > 0 {
+            for (p, y) in scores.chunks_exact(l.max(1)).zip(y.chunks_exact_mut(dv)) {
+                mix(&p[..l], vh, y);
+            }
+        }
     };
     let work = b * h * s * l * (d + dv) * 4;
     crate::qmatmul::split::on_threads(work, || {
@@ -508,57 +522,6 @@ fn take<'a>(slots: &[std::sync::Mutex<Option<&'a mut [f32]>>], i: usize) -> Opti
 /// `x` cut into pieces of `per`, each for one taker.
 fn slots(x: &mut [f32], per: usize) -> Vec<std::sync::Mutex<Option<&mut [f32]>>> {
     x.chunks_mut(per.max(1)).map(|c| std::sync::Mutex::new(Some(c))).collect()
-}
-
-/// `x = exp(x - max) / Σ exp(x - max)` in place, on eight lanes; exp by [`exp_le0`].
-fn softmax(x: &mut [f32]) {
-    const L: usize = 8;
-    let mut m = [f32::NEG_INFINITY; L];
-    let (chunks, tail) = x.as_chunks::<L>();
-    for c in chunks {
-        for i in 0..L {
-            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
-        }
-    }
-    let max = tail.iter().chain(&m).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let mut sum = [0f32; L];
-    let (chunks, tail) = x.as_chunks_mut::<L>();
-    for c in chunks {
-        for i in 0..L {
-            c[i] = exp_le0(c[i] - max);
-            sum[i] += c[i];
-        }
-    }
-    let mut total = ((sum[0] + sum[4]) + (sum[1] + sum[5])) + ((sum[2] + sum[6]) + (sum[3] + sum[7]));
-    for t in tail {
-        *t = exp_le0(*t - max);
-        total += *t;
-    }
-    let r = total.recip();
-    for x in x.iter_mut() {
-        *x *= r;
-    }
-}
-
-/// `exp(x)` for `x <= 0` (softmax's shifted scores), within ~2 ulp: `2ⁿ exp(r)`, with
-/// `n = round(x / ln 2)` (by the 1.5·2²³ trick, which vectorizes where `round` would not),
-/// `r = x - n ln 2` in two parts (Cody and Waite) and Cephes' `expf` polynomial for `exp(r)`.
-/// Below -87 (and at -inf, a masked score) it is 0; NaN stays NaN.
-#[inline(always)]
-fn exp_le0(x: f32) -> f32 {
-    const SHIFT: f32 = 12_582_912.0;
-    let xc = if x < -87.0 { -87.0 } else { x };
-    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
-    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = (p * r) * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
-    if x < -87.0 { 0.0 } else { e * scale }
 }
 
 impl TypedOp for Attention {

@@ -243,7 +243,7 @@ impl TypedOp for ActMatMul {
 /// Rows of A from which a batch goes to `matrixmultiply`'s blocked kernel (packed panels,
 /// register tiles) instead of the loops below, which take one row at a time: a prefill's
 /// attention. Measured on a 680-token prompt (README).
-const BLOCKED_ROWS: usize = 16;
+pub const BLOCKED_ROWS: usize = 16;
 
 /// The batched product into `c` (every element written). Shapes as numpy's `matmul` with both
 /// ranks >= 2: the batch axes, right-aligned, broadcast where one of them is 1.
@@ -304,7 +304,7 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
         } else if trans_b {
             for (a_row, c_row) in a.chunks_exact(k.max(1)).zip(c.chunks_exact_mut(n.max(1))) {
                 for (b_row, c) in b.chunks_exact(k.max(1)).zip(c_row.iter_mut()) {
-                    *c = dot(a_row, b_row);
+                    *c = super::rows::dot(a_row, b_row);
                 }
             }
             if k == 0 {
@@ -330,24 +330,6 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
     }
 }
 
-/// Σ x[i] y[i] over eight running sums (so the compiler keeps them in SIMD lanes), then the
-/// tail.
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let (xt, yt) = (xc.remainder(), yc.remainder());
-    for (x, y) in xc.zip(yc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in xt.iter().zip(yt) {
-        s += x * y;
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

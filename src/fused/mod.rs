@@ -13,6 +13,7 @@ pub mod attention;
 pub mod gelu;
 pub mod matmul;
 pub mod rope;
+pub mod rows;
 
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::{TypedModel, TypedNode};

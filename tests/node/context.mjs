@@ -27,7 +27,12 @@ const digest = async (b) => Buffer.from(await crypto.subtle.digest("SHA-256", b)
 const options = { sha256: { [file]: await digest(onnx), "tokenizer.json": await digest(tokenizer) } };
 const engine = wasm.Engine.fromBundle(manifest, file, onnx, tokenizer, options);
 const text = readFileSync(resolve(repo, "models/data/tinyshakespeare.txt"), "utf8");
-const v = engine.benchContext(text, rounds);
+const sweep = engine.contextSweep(text, rounds);
+for (let i = 0; i < sweep.steps; i++) {
+  if (!json) process.stderr.write(`${i + 1}/${sweep.steps} ${sweep.label(i)}\n`);
+  sweep.step(i);
+}
+const v = sweep.result();
 if (json) {
   console.log(JSON.stringify({ ...v, build: `${pkg} (Node ${process.versions.node})` }, null, 2));
 } else {

@@ -304,6 +304,24 @@ async function main() {
       "the page says how much of the prompt was read");
     assert.ok(!(await page.isDisabled("#generate")), "the page can send again");
 
+    // 3c. The context sweep (one round, ~1 minute here): a step at a time with its progress,
+    //     then every case in its table, the decode ratios against the 32-token past.
+    await page.click("#sweep");
+    await page.waitForFunction(() => /^step \d+ of \d+: /.test(document.querySelector("#sweep-status").textContent),
+      null, { timeout: 60_000 });
+    await page.waitForSelector("#sweep-table:not([hidden])", { timeout: 900_000 });
+    const sweepRows = await page.$$eval("#sweep-table tr", (rows) => rows.slice(1).map((r) => [...r.cells].map((c) => c.textContent)));
+    log("context sweep:", await page.textContent("#sweep-table caption"), JSON.stringify(sweepRows));
+    assert.equal(await page.textContent("#sweep-status"), "", "the sweep ran to its end");
+    assert.deepEqual(sweepRows.map((r) => r[0]), ["decode after 32 tokens", "decode after 256 tokens", "decode after 1024 tokens",
+      "decode after 2048 tokens", "prefill of 128 tokens", "prefill of 512 tokens", "512 tokens in chunks of 64",
+      "prefill of 1024 tokens", "a 20-token turn after 1000 tokens"], "every case of the sweep");
+    const ms32 = parseFloat(sweepRows[0][1]);
+    for (const r of sweepRows.slice(0, 4)) {
+      assert.ok(parseFloat(r[1]) > 0 && Math.abs(parseFloat(r[2]) - parseFloat(r[1]) / ms32) < 0.01, `${r[0]}: ${r[1]}, ${r[2]}`);
+    }
+    assert.ok(!(await page.isDisabled("#generate")), "the page can send again");
+
     // 4. A reload starts from the Cache API: no download of the model files. The other build:
     //    ?build=threads (or ?build=simd where the threaded one was picked) must answer with the
     //    very same greedy text; the threaded one also runs the benchmark mode.

@@ -1,0 +1,343 @@
+//! The attention op's loops for a few query rows against a long cache (decode, and a short turn
+//! after a long conversation): the scores of one query row against every key, the softmax of a
+//! row, and the weighted sum of the values.
+//!
+//! The portable loops are written so the compiler vectorizes them natively (eight running sums
+//! of a dot product). LLVM does not do as well for wasm32's SIMD128 (a decode step after a
+//! 1,024-token past spent ~8.6 of its 24 ms in these loops in Node, `--cpu-prof`), so that build
+//! has its own, written with `core::arch::wasm32`. They compute the same operations in the same
+//! order (the dot product's eight lanes and their sum `((0+4)+(1+5))+((2+6)+(3+7))`; the values'
+//! sums in key order; `exp` as [`exp_le0`]): the same bits, checked by [`check`] in the wasm
+//! tests. No FMA: relaxed SIMD's `madd` may or may not fuse, by machine.
+
+/// `out[j] = q · k[j]` for each row `k[j]` (of `q.len()` values) of `k`.
+pub fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    debug_assert_eq!(k.len(), out.len() * d);
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if d % 8 == 0 && d > 0 {
+        // SAFETY: k holds out.len() rows of d, d a multiple of 8 (checked above).
+        return unsafe { simd::scores(q, k, out) };
+    }
+    scores_portable(q, k, out)
+}
+
+fn scores_portable(q: &[f32], k: &[f32], out: &mut [f32]) {
+    let d = q.len();
+    if d == 0 {
+        return out.fill(0.0);
+    }
+    for (row, o) in k.chunks_exact(d).zip(out) {
+        *o = dot(q, row);
+    }
+}
+
+/// `y = Σ p[j] v[j]` over the rows `v[j]` (of `y.len()` values) of `v`, summed in `j`'s order.
+pub fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(v.len(), p.len() * y.len());
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if y.len() % 4 == 0 {
+        // SAFETY: v holds p.len() rows of y.len(), a multiple of 4 (checked above).
+        return unsafe { simd::mix(p, v, y) };
+    }
+    mix_portable(p, v, y)
+}
+
+fn mix_portable(p: &[f32], v: &[f32], y: &mut [f32]) {
+    y.fill(0.0);
+    if y.is_empty() {
+        return;
+    }
+    for (&x, row) in p.iter().zip(v.chunks_exact(y.len())) {
+        for (y, &v) in y.iter_mut().zip(row) {
+            *y += x * v;
+        }
+    }
+}
+
+/// `x[j] = x[j] * scale + mask[j]` (each rounded to f32, as the graph's `Mul` and `Add`).
+pub fn scale_and_mask(x: &mut [f32], scale: f32, mask: &[f32]) {
+    for (x, &m) in x.iter_mut().zip(mask) {
+        *x = *x * scale + m;
+    }
+}
+
+/// `x = exp(x - max) / Σ exp(x - max)` in place, on eight lanes; exp by [`exp_le0`].
+pub fn softmax(x: &mut [f32]) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    // SAFETY: SIMD128 is enabled in this build.
+    unsafe {
+        simd::softmax(x)
+    }
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    softmax_portable(x)
+}
+
+fn softmax_portable(x: &mut [f32]) {
+    const L: usize = 8;
+    let mut m = [f32::NEG_INFINITY; L];
+    let (chunks, tail) = x.as_chunks::<L>();
+    for c in chunks {
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let max = max_of(tail, &m);
+    let mut sum = [0f32; L];
+    let (chunks, tail) = x.as_chunks_mut::<L>();
+    for c in chunks {
+        for i in 0..L {
+            c[i] = exp_le0(c[i] - max);
+            sum[i] += c[i];
+        }
+    }
+    let mut total = lanes_sum(sum);
+    for t in tail {
+        *t = exp_le0(*t - max);
+        total += *t;
+    }
+    let r = total.recip();
+    for x in x.iter_mut() {
+        *x *= r;
+    }
+}
+
+/// The largest of the tail and the eight lanes' maxima (NaN-blind, as `>`).
+fn max_of(tail: &[f32], lanes: &[f32; 8]) -> f32 {
+    tail.iter().chain(lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Eight lanes' sum, in the order both the dot product and the softmax use.
+#[inline(always)]
+fn lanes_sum(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Σ x[i] y[i] over eight running sums (so the compiler keeps them in SIMD lanes), then the
+/// tail.
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xt, yt) = (xc.remainder(), yc.remainder());
+    for (x, y) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for (x, y) in xt.iter().zip(yt) {
+        s += x * y;
+    }
+    s
+}
+
+const EXP_LO: f32 = -87.0;
+const SHIFT: f32 = 12_582_912.0;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
+
+/// `exp(x)` for `x <= 0` (softmax's shifted scores), within ~2 ulp: `2ⁿ exp(r)`, with
+/// `n = round(x / ln 2)` (by the 1.5·2²³ trick, which vectorizes where `round` would not),
+/// `r = x - n ln 2` in two parts (Cody and Waite) and Cephes' `expf` polynomial for `exp(r)`.
+/// Below -87 (and at -inf, a masked score) it is 0; NaN stays NaN.
+#[inline(always)]
+pub fn exp_le0(x: f32) -> f32 {
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = p * r + c;
+    }
+    let e = (p * r) * r + r + 1.0;
+    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    if x < EXP_LO { 0.0 } else { e * scale }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd {
+    use core::arch::wasm32::*;
+
+    use super::{lanes_sum, max_of, EXP_LO, LN2_HI, LN2_LO, POLY, SHIFT};
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> v128 {
+        v128_load(p as *const v128)
+    }
+
+    /// [`super::scores_portable`] four keys at a time: each key's eight lanes in two vectors,
+    /// then the four keys' lane sums at once (two rounds of shuffles), as [`super::lanes_sum`].
+    /// `d` is a multiple of 8.
+    pub unsafe fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let (d, l) = (q.len(), out.len());
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let mut j = 0;
+        while j + 4 <= l {
+            let kp = k.as_ptr().add(j * d);
+            let mut lo = [f32x4_splat(0.0); 4];
+            let mut hi = [f32x4_splat(0.0); 4];
+            let mut c = 0;
+            while c < d {
+                let (q0, q1) = (load(qp.add(c)), load(qp.add(c + 4)));
+                for r in 0..4 {
+                    let kr = kp.add(r * d + c);
+                    lo[r] = f32x4_add(lo[r], f32x4_mul(q0, load(kr)));
+                    hi[r] = f32x4_add(hi[r], f32x4_mul(q1, load(kr.add(4))));
+                }
+                c += 8;
+            }
+            // u[r] = [a0+a4, a1+a5, a2+a6, a3+a7] of key r; then (u0+u1)+(u2+u3) for the four
+            let u: [v128; 4] = std::array::from_fn(|r| f32x4_add(lo[r], hi[r]));
+            let s01 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[0], u[1]), i32x4_shuffle::<1, 5, 3, 7>(u[0], u[1]));
+            let s23 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[2], u[3]), i32x4_shuffle::<1, 5, 3, 7>(u[2], u[3]));
+            let sum = f32x4_add(i32x4_shuffle::<0, 1, 4, 5>(s01, s23), i32x4_shuffle::<2, 3, 6, 7>(s01, s23));
+            v128_store(op.add(j) as *mut v128, sum);
+            j += 4;
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(j) {
+            *o = super::dot(q, &k[j * d..][..d]);
+        }
+    }
+
+    /// [`super::mix_portable`] on eight vectors (32 values) of `y` at a time, then one; `y.len()`
+    /// is a multiple of 4.
+    pub unsafe fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
+        let dv = y.len();
+        let (vp, yp) = (v.as_ptr(), y.as_mut_ptr());
+        let mut c = 0;
+        while c + 32 <= dv {
+            let mut acc = [f32x4_splat(0.0); 8];
+            for (j, &x) in p.iter().enumerate() {
+                let (x, row) = (f32x4_splat(x), vp.add(j * dv + c));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = f32x4_add(*a, f32x4_mul(x, load(row.add(4 * i))));
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                v128_store(yp.add(c + 4 * i) as *mut v128, *a);
+            }
+            c += 32;
+        }
+        while c < dv {
+            let mut acc = f32x4_splat(0.0);
+            for (j, &x) in p.iter().enumerate() {
+                acc = f32x4_add(acc, f32x4_mul(f32x4_splat(x), load(vp.add(j * dv + c))));
+            }
+            v128_store(yp.add(c) as *mut v128, acc);
+            c += 4;
+        }
+    }
+
+    /// [`super::exp_le0`] on four lanes, the same operations in the same order.
+    #[inline(always)]
+    unsafe fn exp4(x: v128) -> v128 {
+        let lo = f32x4_splat(EXP_LO);
+        let xc = f32x4_pmax(x, lo);
+        let shift = f32x4_splat(SHIFT);
+        let n = f32x4_sub(f32x4_add(f32x4_mul(xc, f32x4_splat(std::f32::consts::LOG2_E)), shift), shift);
+        let r = f32x4_sub(f32x4_sub(xc, f32x4_mul(n, f32x4_splat(LN2_HI))), f32x4_mul(n, f32x4_splat(LN2_LO)));
+        let mut p = f32x4_splat(POLY[0]);
+        for c in &POLY[1..] {
+            p = f32x4_add(f32x4_mul(p, r), f32x4_splat(*c));
+        }
+        let e = f32x4_add(f32x4_add(f32x4_mul(f32x4_mul(p, r), r), r), f32x4_splat(1.0));
+        let scale = i32x4_shl(i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127)), 23);
+        v128_bitselect(f32x4_splat(0.0), f32x4_mul(e, scale), f32x4_lt(x, lo))
+    }
+
+    /// [`super::softmax_portable`]: its eight lanes as two vectors.
+    pub unsafe fn softmax(x: &mut [f32]) {
+        let n8 = x.len() / 8 * 8;
+        let xp = x.as_mut_ptr();
+        let (mut m0, mut m1) = (f32x4_splat(f32::NEG_INFINITY), f32x4_splat(f32::NEG_INFINITY));
+        let mut i = 0;
+        while i < n8 {
+            // pmax(m, c) = if m < c { c } else { m }: the portable `if c > m { c } else { m }`
+            m0 = f32x4_pmax(m0, load(xp.add(i)));
+            m1 = f32x4_pmax(m1, load(xp.add(i + 4)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        v128_store(lanes.as_mut_ptr() as *mut v128, m0);
+        v128_store(lanes.as_mut_ptr().add(4) as *mut v128, m1);
+        let max = max_of(&x[n8..], &lanes);
+        let vmax = f32x4_splat(max);
+        let (mut s0, mut s1) = (f32x4_splat(0.0), f32x4_splat(0.0));
+        i = 0;
+        while i < n8 {
+            let e0 = exp4(f32x4_sub(load(xp.add(i)), vmax));
+            let e1 = exp4(f32x4_sub(load(xp.add(i + 4)), vmax));
+            v128_store(xp.add(i) as *mut v128, e0);
+            v128_store(xp.add(i + 4) as *mut v128, e1);
+            s0 = f32x4_add(s0, e0);
+            s1 = f32x4_add(s1, e1);
+            i += 8;
+        }
+        v128_store(lanes.as_mut_ptr() as *mut v128, s0);
+        v128_store(lanes.as_mut_ptr().add(4) as *mut v128, s1);
+        let mut total = lanes_sum(lanes);
+        for t in &mut x[n8..] {
+            *t = super::exp_le0(*t - max);
+            total += *t;
+        }
+        let r = total.recip();
+        let vr = f32x4_splat(r);
+        let n4 = x.len() / 4 * 4;
+        i = 0;
+        while i < n4 {
+            v128_store(xp.add(i) as *mut v128, f32x4_mul(load(xp.add(i)), vr));
+            i += 4;
+        }
+        for x in &mut x[n4..] {
+            *x *= r;
+        }
+    }
+}
+
+/// This build's loops against the portable ones, bitwise, on random rows (keys of 8 to 72 values,
+/// 1 to 37 of them, masked scores): the names of the loops checked (none natively: there the
+/// portable loops are the only ones), or the first difference. Run by the wasm tests.
+pub fn check() -> Result<Vec<&'static str>, String> {
+    let mut seed = 11u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut checked = vec![];
+    if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+        checked = vec!["simd128 scores", "simd128 mix", "simd128 softmax"];
+    }
+    for d in [8, 16, 24, 64, 72] {
+        for l in [1, 3, 4, 5, 8, 13, 37] {
+            let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
+            let k: Vec<f32> = (0..l * d).map(|_| rnd()).collect();
+            let (mut got, mut want) = (vec![0f32; l], vec![0f32; l]);
+            scores(&q, &k, &mut got);
+            scores_portable(&q, &k, &mut want);
+            if bits(&got) != bits(&want) {
+                return Err(format!("scores of {l} keys of {d}: {got:?} against {want:?}"));
+            }
+            // masked (one key of several: a row of -inf only is NaN), then the softmax
+            if l > 1 {
+                got[l / 2] = f32::NEG_INFINITY;
+                want[l / 2] = f32::NEG_INFINITY;
+            }
+            softmax(&mut got);
+            softmax_portable(&mut want);
+            if bits(&got) != bits(&want) {
+                return Err(format!("softmax of {l}: {got:?} against {want:?}"));
+            }
+            let v: Vec<f32> = (0..l * d).map(|_| rnd()).collect();
+            let (mut y, mut y0) = (vec![f32::NAN; d], vec![f32::NAN; d]);
+            mix(&got, &v, &mut y);
+            mix_portable(&want, &v, &mut y0);
+            if bits(&y) != bits(&y0) {
+                return Err(format!("mix of {l} rows of {d}: {y:?} against {y0:?}"));
+            }
+        }
+    }
+    Ok(checked)
+}
