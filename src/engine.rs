@@ -119,6 +119,7 @@ impl Engine {
     /// A user's own files, without a manifest (the page's drag and drop): the cache layout is read
     /// from the graph's declared input shapes, EOS from the usual special tokens (or the
     /// tokenizer_config.json's eos_token), the chat template from tokenizer_config.json if given.
+    /// `context` (at least 1) is cut to tokenizer_config.json's `model_max_length`, if it has one.
     pub fn from_user_files(
         name: &str,
         onnx: impl OnnxBytes,
@@ -137,6 +138,13 @@ impl Engine {
         let token_text = |v: &serde_json::Value| {
             v.as_str().map(String::from).or_else(|| v.get("content")?.as_str().map(String::from))
         };
+        if context == 0 {
+            return Err(Error::Options("the context must be at least 1 token".into()));
+        }
+        // tokenizer_config.json's model_max_length bounds it (a value of 1e7 or more is
+        // transformers' "no limit" sentinel)
+        let limit = config.get("model_max_length").and_then(|v| v.as_f64()).filter(|&n| (1.0..1e7).contains(&n));
+        let context = limit.map_or(context, |n| context.min(n as usize));
         let template = config.get("chat_template").and_then(|v| v.as_str()).map(String::from);
         let text = Text::from_bytes(tokenizer_json, template)?;
         let mut eos_ids: Vec<u32> = config

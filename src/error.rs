@@ -28,6 +28,8 @@ pub enum Error {
     PromptTooLong { tokens: usize, context: usize },
     #[error("the context is full: {held} tokens held, {more} more asked, {context} at most; truncate the cache (drop old turns) or start over")]
     ContextFull { context: usize, held: usize, more: usize },
+    #[error("token id {id} is outside the model's vocabulary of {vocab} (a tokenizer of another model?)")]
+    TokenId { id: u32, vocab: usize },
     #[error("cache snapshot refused: {0}")]
     Snapshot(String),
     #[error("invalid option: {0}")]

@@ -34,6 +34,8 @@ pub struct Graph {
     pub io: Convention,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The logits' last axis, where the graph says it: token ids fed must be below it.
+    pub vocab: Option<usize>,
     pub nodes: usize,
     /// Milliseconds spent in each load phase, in order (parse, into_typed, declutter, fold,
     /// optimize, fold again, plan): where a slow load goes.
@@ -153,6 +155,39 @@ pub fn decode_proto(buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::Model
     tract_onnx::pb::ModelProto::decode(buf).map_err(|e| Error::Onnx(e.to_string()))
 }
 
+/// The op types this engine's rewrites write into a graph (qmatmul/, fused/) are its own, never
+/// ONNX: a file that names one is refused before they run. Their builders trust what the
+/// rewrites checked (shapes, a K and N above 0, block sizes), which a file could otherwise
+/// bypass. Subgraphs (`If`, `Loop`, `Scan` bodies) and functions are searched too.
+fn refuse_own_ops(proto: &tract_onnx::pb::ModelProto) -> Result<()> {
+    use tract_onnx::pb::{GraphProto, NodeProto};
+    fn check(nodes: &[NodeProto]) -> Result<()> {
+        for n in nodes {
+            if n.op_type.starts_with("Wasmlm") {
+                return Err(Error::UnsupportedGraph(format!(
+                    "node {:?} has op type {}: that name is this engine's own (its rewrites make such nodes), \
+                     not an ONNX operator, and is refused in an input file", n.name, n.op_type)));
+            }
+            for a in &n.attribute {
+                for g in a.g.iter().chain(&a.graphs) {
+                    graph(g)?;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn graph(g: &GraphProto) -> Result<()> {
+        check(&g.node)
+    }
+    if let Some(g) = &proto.graph {
+        graph(g)?;
+    }
+    for f in &proto.functions {
+        check(&f.node)?;
+    }
+    Ok(())
+}
+
 /// Parse, type with symbolic S and P, fold constants, optimize, plan.
 pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
@@ -163,6 +198,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     fused::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = bytes.decode()?;
+    refuse_own_ops(&proto)?;
     pow::cube_powers(&mut proto);
     let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
@@ -205,13 +241,14 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let (plan_ins, plan_outs) = names(&typed)?;
     let io = Convention::discover(&plan_ins, &plan_outs)?;
     let caches = cache_nodes(&typed, &conv, &ins)?;
+    let vocab = typed.output_fact(io.logits).ok().and_then(|f| f.shape.last()?.as_i64().map(|v| v as usize));
     let nodes = typed.nodes.len();
     let kernels = qmatmul::describe(&typed);
     let fused_ops = fused::count(&typed);
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, io, kv_heads, head_dim, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, caches,
+    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, caches,
                threads: prep.threads.max(1) })
 }
 

@@ -235,6 +235,11 @@ impl Session {
 
     /// The graph's inputs for feeding `ids` after what the cache holds.
     fn inputs(&self, ids: &[u32]) -> Result<TVec<TValue>> {
+        if let Some(vocab) = self.graph.vocab {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::TokenId { id, vocab });
+            }
+        }
         let (io, inputs) = (&self.graph.io, self.graph.plan.model().inputs.len());
         // Without a cache, the graph sees the whole sequence every time.
         let fed: Vec<u32> = match self.store {

@@ -50,6 +50,9 @@ impl Text {
             .as_deref()
             .ok_or_else(|| Error::Template("this model has no chat template".into()))?;
         let mut env = minijinja::Environment::new();
+        // a template is code from the model's files: bounded (a few thousand instructions render a
+        // long conversation)
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -69,6 +72,9 @@ impl Text {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }
+
+/// The instructions a chat template may run for one prompt (minijinja's fuel).
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
 
 /// The state of one incremental detokenization (owned, so a generation can keep it).
 #[derive(Debug, Default, Clone)]

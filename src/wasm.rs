@@ -67,6 +67,24 @@ pub fn check_kernels() -> Result<Vec<String>, JsError> {
     Ok(checked.into_iter().map(String::from).collect())
 }
 
+/// The largest ONNX file the wasm engine takes: wasm32's memory is 4 GiB at most, and a load
+/// holds ~2.5x its file (the default model: 348 MiB of memory for 138 MiB).
+const MAX_WASM_FILE: u64 = 3 << 29; // 1.5 GiB
+
+/// An ONNX file's bytes from JS, refused above [`MAX_WASM_FILE`] before anything is read.
+fn onnx_bytes(onnx: JsValue) -> Result<JsBytes, JsError> {
+    use crate::graph::OnnxBytes;
+    let bytes = JsBytes::new(onnx).map_err(err)?;
+    let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
+    if bytes.len() > MAX_WASM_FILE {
+        return Err(JsError::new(&format!(
+            "the ONNX file is {:.2} GiB: the WebAssembly engine takes files up to {:.1} GiB (its memory is at most 4 GiB, \
+             and a load holds ~2.5x the file); run it natively, or use a smaller (quantized) file",
+            gib(bytes.len()), gib(MAX_WASM_FILE))));
+    }
+    Ok(bytes)
+}
+
 fn to_js<T: Serialize + ?Sized>(value: &T) -> JsValue {
     // JSON-compatible: maps become plain objects, not Map.
     let ser = serde_wasm_bindgen::Serializer::json_compatible();
@@ -164,7 +182,7 @@ impl JsEngine {
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
         let manifest = Manifest::from_json(manifest_json).map_err(err)?;
         let digest = |name: &str| opts.sha256.get(name).map(String::as_str);
-        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, JsBytes::new(onnx).map_err(err)?, tokenizer_json, opts.prepare(),
+        let engine = Engine::from_bytes_hashed(&manifest, onnx_name, onnx_bytes(onnx)?, tokenizer_json, opts.prepare(),
                                                digest(onnx_name), digest("tokenizer.json"))
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
@@ -178,11 +196,16 @@ impl JsEngine {
         onnx: JsValue,
         tokenizer_json: &[u8],
         tokenizer_config: Option<Vec<u8>>,
-        context: usize,
+        context: f64,
         load_options: JsValue,
     ) -> Result<JsEngine, JsError> {
+        // a number, not usize: wasm-bindgen would wrap a negative one to ~4.29e9
+        if !(context.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(&context)) {
+            return Err(JsError::new(&format!("the context must be a whole number of tokens from 1, not {context}")));
+        }
+        let context = context as usize;
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
-        let engine = Engine::from_user_files(name, JsBytes::new(onnx).map_err(err)?, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+        let engine = Engine::from_user_files(name, onnx_bytes(onnx)?, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }

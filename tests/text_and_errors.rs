@@ -114,3 +114,68 @@ fn same_seed_same_tokens_through_the_engine() {
     assert_eq!(run(11), run(11));
     assert_ne!(run(11), run(12));
 }
+
+/// What a dropped file cannot do: name the engine's own op types, feed ids past the vocabulary,
+/// ask for a context of 0 or beyond its tokenizer's limit, run a template for ever.
+#[test]
+fn untrusted_files_are_bounded() {
+    use prost::Message as _;
+    let dir = bundle("tiny-llama");
+    let onnx = read(&dir, "model.with_past.onnx");
+    let tok = read(&dir, "tokenizer.json");
+    let user = |onnx: Vec<u8>, config: Option<&[u8]>, context| Engine::from_user_files("user.onnx", onnx, &tok, config, context, Prepare::default());
+    // a node renamed to one of our op types (only our rewrites write them)
+    let mut proto = wasmlm::graph::decode_proto(&onnx[..]).unwrap();
+    let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "MatMul").unwrap();
+    node.op_type = wasmlm::qmatmul::OP_TYPE.into();
+    let e = user(proto.encode_to_vec(), None, 64).err().unwrap();
+    assert!(matches!(e, Error::UnsupportedGraph(_)) && e.to_string().contains("WasmlmDynQMatMul"), "{e}");
+    // ids past the vocabulary: refused before the graph runs, the cache untouched
+    let engine = user(onnx.clone(), None, 64).unwrap();
+    let vocab = engine.graph.vocab.expect("the logits' width");
+    let mut s = engine.session().unwrap();
+    s.prefill(&[1, 2]).unwrap();
+    let e = s.prefill(&[3, vocab as u32]).err().unwrap();
+    assert!(matches!(e, Error::TokenId { id, vocab: v } if id == vocab as u32 && v == vocab), "{e}");
+    assert_eq!(s.len(), 2);
+    // the context: at least 1, and cut to model_max_length
+    let e = user(onnx.clone(), None, 0).err().unwrap();
+    assert!(matches!(e, Error::Options(_)), "{e}");
+    let config = br#"{"model_max_length": 48}"#;
+    assert_eq!(user(onnx.clone(), Some(config), 4096).unwrap().context, 48);
+    let sentinel = br#"{"model_max_length": 1000000000000000019884624838656}"#;
+    assert_eq!(user(onnx.clone(), Some(sentinel), 4096).unwrap().context, 4096);
+    // a template that would run ~10^9 instructions stops on its fuel
+    let text = wasmlm::text::Text::from_bytes(&tok, Some(
+        "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}x{% endfor %}{% endfor %}{% endfor %}".into())).unwrap();
+    let msg = wasmlm::text::Message { role: "user".into(), content: "hi".into() };
+    let e = text.chat_prompt(&[msg]).err().unwrap();
+    assert!(matches!(e, Error::Template(_)) && e.to_string().contains("fuel"), "{e}");
+}
+
+/// The CLI: unknown flags are errors, every command has --help, and `bench --out` refuses to
+/// replace a file that is not a baselines table (before any run), leaving it as it was.
+#[test]
+fn the_cli_refuses_unknown_flags_and_a_table_it_cannot_read() {
+    let cli = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_wasmlm")).args(args).output().unwrap();
+    let o = cli(&["context", "--bundle", "x", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unexpected argument '--bogus'"));
+    for cmd in ["generate", "bench", "bench-row", "profile", "context", "trace", "membw"] {
+        let o = cli(&[cmd, "--help"]);
+        assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Usage: wasmlm"), "{cmd} --help");
+    }
+    let dir = std::env::temp_dir().join(format!("wasmlm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = bundle("tiny-gpt2");
+    for (name, content) in [("garbage.json", "not json {"), ("shape.json", r#"{"rows": 5}"#)] {
+        let out = dir.join(name);
+        std::fs::write(&out, content).unwrap();
+        let o = cli(&["bench", "--bundle", bundle.to_str().unwrap(), "--out", out.to_str().unwrap(), "--runs", "1"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("refusing to replace it") && !err.contains("[bench]"), "{err}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), content);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+use clap::{Args, Parser, Subcommand};
 use wasmlm::{bench, Engine, GenerateOptions, Generation, Prepare, RunStats};
 
 /// The prompt text of `bench` and `profile` unless `--text` names another: the repository's
@@ -12,69 +13,205 @@ const DEFAULT_TEXT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/data/tin
 
 type Res<T> = std::result::Result<T, String>;
 
-struct Args(Vec<String>);
+/// wasmlm's native CLI: generate, benchmark and inspect a bundle's model.
+#[derive(Parser)]
+#[command(name = "wasmlm", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-impl Args {
-    fn flag(&mut self, name: &str) -> bool {
-        let found = self.0.iter().position(|a| a == name);
-        found.map(|i| self.0.remove(i)).is_some()
-    }
-    fn values(&mut self, name: &str) -> Res<Vec<String>> {
-        let mut out = vec![];
-        while let Some(i) = self.0.iter().position(|a| a == name) {
-            if i + 1 >= self.0.len() {
-                return Err(format!("{name} needs a value"));
-            }
-            out.push(self.0.remove(i + 1));
-            self.0.remove(i);
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate from a prompt, streaming the text; timings on stderr
+    Generate(GenerateArgs),
+    /// Benchmark every ONNX file of the bundles (each row in its own process) into a baselines table
+    Bench(BenchArgs),
+    /// One benchmark row as JSON (what `bench` runs for each file)
+    BenchRow(BenchRowArgs),
+    /// Decode time per op over greedy steps after the bench prompt
+    Profile(ProfileArgs),
+    /// How decode and prefill hold as the context grows (Markdown, or JSON)
+    Context(ContextArgs),
+    /// The parity protocol's output as JSON: logits and greedy tokens after a prompt of ids
+    Trace(TraceArgs),
+    /// Memory read bandwidth at 1 thread and at N, alternating rounds
+    Membw(MembwArgs),
+}
+
+/// How the engine prepares the graph; the `--no-*` switches exist to compare against the fast
+/// path.
+#[derive(Args)]
+struct Prep {
+    /// Threads for the matrix products
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+    /// tract's own constant folding only
+    #[arg(long)]
+    no_fold: bool,
+    /// tract's integer matmul for dynamic-quantization files
+    #[arg(long)]
+    no_int8_kernels: bool,
+    /// tract's attention products and GELU nodes
+    #[arg(long)]
+    no_fused_ops: bool,
+}
+
+impl Prep {
+    fn prepare(&self) -> Prepare {
+        Prepare {
+            threads: self.threads as usize,
+            fold_constants: !self.no_fold,
+            int8_kernels: !self.no_int8_kernels,
+            fused_ops: !self.no_fused_ops,
+            ..Prepare::default()
         }
-        Ok(out)
-    }
-    fn value(&mut self, name: &str) -> Res<Option<String>> {
-        Ok(self.values(name)?.pop())
-    }
-    fn parsed<T: std::str::FromStr>(&mut self, name: &str) -> Res<Option<T>> {
-        match self.value(name)? {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| format!("{name}: cannot read {v:?}")),
-        }
-    }
-    fn required(&mut self, name: &str) -> Res<String> {
-        self.value(name)?.ok_or_else(|| format!("{name} is required"))
     }
 }
 
-/// The engine's preparation from `--threads N`, `--no-fold` (tract's own constant folding only),
-/// `--no-int8-kernels` (tract's integer matmul for dynamic-quantization files) and
-/// `--no-fused-ops` (tract's attention products and GELU nodes): the last three exist to
-/// compare against the fast path.
-fn prepare(a: &mut Args) -> Res<Prepare> {
-    Ok(Prepare {
-        threads: a.parsed("--threads")?.unwrap_or(1),
-        fold_constants: !a.flag("--no-fold"),
-        int8_kernels: !a.flag("--no-int8-kernels"),
-        fused_ops: !a.flag("--no-fused-ops"),
-        ..Prepare::default()
-    })
+/// A bundle folder and one of its ONNX files (default: the manifest's).
+#[derive(Args)]
+struct Model {
+    /// The bundle folder (manifest.json, tokenizer.json, ONNX files)
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The ONNX file (default: the manifest's default)
+    #[arg(long)]
+    file: Option<String>,
 }
 
-fn generate(mut a: Args) -> Res<()> {
-    let bundle = PathBuf::from(a.required("--bundle")?);
-    let file = a.value("--file")?;
-    let prep = prepare(&mut a)?;
-    let mut opts = GenerateOptions { chat: a.flag("--chat"), stop: a.values("--stop")?, ..Default::default() };
-    opts.max_new_tokens = a.parsed("--max-new-tokens")?.unwrap_or(opts.max_new_tokens);
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: Model,
+    #[command(flatten)]
+    prep: Prep,
+    /// Through the model's chat template, as a user turn
+    #[arg(long)]
+    chat: bool,
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop at this text (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    prompt: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Bundle folders (repeatable)
+    #[arg(long, required = true)]
+    bundle: Vec<String>,
+    /// The table to merge the rows into (rows with the same key are replaced); refused if it
+    /// exists and is not a table
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// The prompt's text
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    /// Thread counts (repeatable; default 1 and 2)
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Vec<u16>,
+    /// Only these ONNX files (repeatable; default all)
+    #[arg(long)]
+    file: Vec<String>,
+}
+
+#[derive(Args)]
+struct BenchRowArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    file: String,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    #[command(flatten)]
+    prep: Prep,
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    #[command(flatten)]
+    model: Model,
+    #[arg(long, default_value_t = bench::PROFILE_STEPS)]
+    steps: usize,
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    #[command(flatten)]
+    prep: Prep,
+}
+
+#[derive(Args)]
+struct ContextArgs {
+    #[command(flatten)]
+    model: Model,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
+    /// The sweep's JSON rather than Markdown
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = DEFAULT_TEXT)]
+    text: String,
+    #[command(flatten)]
+    prep: Prep,
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    #[command(flatten)]
+    model: Model,
+    /// Decode steps whose logits are written
+    #[arg(long, default_value_t = 3)]
+    decode: usize,
+    /// Greedy tokens generated
+    #[arg(long, default_value_t = 32)]
+    greedy: usize,
+    #[command(flatten)]
+    prep: Prep,
+    /// The prompt's token ids
+    #[arg(required = true)]
+    ids: Vec<u32>,
+}
+
+#[derive(Args)]
+struct MembwArgs {
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    mib: u32,
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..))]
+    threads: u16,
+}
+
+fn load(model: &Model, prep: &Prep) -> Res<Engine> {
+    Engine::from_dir(&model.bundle, model.file.as_deref(), prep.prepare()).map_err(|e| e.to_string())
+}
+
+fn generate(a: GenerateArgs) -> Res<()> {
+    let mut opts = GenerateOptions { chat: a.chat, stop: a.stop, ..Default::default() };
+    opts.max_new_tokens = a.max_new_tokens.unwrap_or(opts.max_new_tokens);
     let s = &mut opts.sampling;
-    s.temperature = a.parsed("--temperature")?.unwrap_or(s.temperature);
-    s.top_k = a.parsed("--top-k")?.unwrap_or(s.top_k);
-    s.top_p = a.parsed("--top-p")?.unwrap_or(s.top_p);
-    s.repetition_penalty = a.parsed("--repetition-penalty")?.unwrap_or(s.repetition_penalty);
-    s.seed = a.parsed("--seed")?.unwrap_or(s.seed);
-    let prompt = match a.0.as_slice() {
-        [p] => p.clone(),
-        _ => return Err(format!("expected one PROMPT, got {:?}", a.0)),
-    };
-    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+    s.temperature = a.temperature.unwrap_or(s.temperature);
+    s.top_k = a.top_k.unwrap_or(s.top_k);
+    s.top_p = a.top_p.unwrap_or(s.top_p);
+    s.repetition_penalty = a.repetition_penalty.unwrap_or(s.repetition_penalty);
+    s.seed = a.seed.unwrap_or(s.seed);
+    let prompt = a.prompt;
+    let engine = load(&a.model, &a.prep)?;
     let phases: Vec<String> = engine.info.load_phases_ms.iter().map(|(n, ms)| format!("{n} {ms:.0}")).collect();
     eprintln!("[{} {} loaded in {:.0} ms: {}]", engine.info.model, engine.info.file, engine.info.load_ms, phases.join(", "));
     let mut session = engine.session().map_err(|e| e.to_string())?;
@@ -103,14 +240,10 @@ fn peak_rss_mib() -> Option<f64> {
     Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
-fn bench_row(mut a: Args) -> Res<()> {
-    let bundle = PathBuf::from(a.required("--bundle")?);
-    let file = a.required("--file")?;
-    let runs: usize = a.parsed("--runs")?.unwrap_or(5);
-    let prep = prepare(&mut a)?;
-    let threads = prep.threads;
-    let text = std::fs::read_to_string(a.required("--text")?).map_err(|e| e.to_string())?;
-    let engine = Engine::from_dir(&bundle, Some(&file), prep).map_err(|e| e.to_string())?;
+fn bench_row(a: BenchRowArgs) -> Res<()> {
+    let (runs, threads) = (a.runs, a.prep.threads as usize);
+    let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
+    let engine = Engine::from_dir(&a.bundle, Some(&a.file), a.prep.prepare()).map_err(|e| e.to_string())?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let mut row = bench::row(&engine, &prompt, runs, threads).map_err(|e| e.to_string())?;
     row["peak_rss_mib"] = serde_json::json!(peak_rss_mib());
@@ -124,14 +257,16 @@ fn onnx_files(bundle: &Path) -> Res<Vec<String>> {
     Ok(m.files.iter().filter(|f| f.kind == "onnx").map(|f| f.name.clone()).collect())
 }
 
-fn bench_all(mut a: Args) -> Res<()> {
-    let out = PathBuf::from(a.required("--out")?);
-    let runs = a.value("--runs")?.unwrap_or_else(|| "5".into());
-    let text = a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into());
-    let bundles = a.values("--bundle")?;
-    let threads = a.values("--threads")?;
-    let threads = if threads.is_empty() { vec!["1".to_string(), "2".into()] } else { threads };
-    let only = a.values("--file")?;
+fn bench_all(a: BenchArgs) -> Res<()> {
+    let out = a.out;
+    // the table the rows merge into, read before minutes of runs: one that does not parse is
+    // refused, never replaced by the new rows alone
+    let table = read_table(&out)?;
+    let runs = a.runs.to_string();
+    let text = a.text;
+    let bundles = a.bundle;
+    let threads: Vec<String> = if a.threads.is_empty() { vec!["1".into(), "2".into()] } else { a.threads.iter().map(|t| t.to_string()).collect() };
+    let only = a.file;
     let mut rows = vec![];
     for (bundle, t) in bundles.iter().flat_map(|b| threads.iter().map(move |t| (b, t))) {
         for file in onnx_files(Path::new(bundle))? {
@@ -155,25 +290,51 @@ fn bench_all(mut a: Args) -> Res<()> {
             rows.push(row);
         }
     }
-    let table = std::fs::read_to_string(&out).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     let merged = bench::merge(table, rows);
-    let tmp = out.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&merged).unwrap()).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    write_atomically(&out, serde_json::to_string_pretty(&merged).unwrap().as_bytes())
+}
+
+/// The baselines table at `path`: an empty one if there is no file; an error if the file cannot
+/// be read or is not a JSON object (its rows, if any, an array).
+fn read_table(path: &Path) -> Res<serde_json::Value> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serde_json::json!({})),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not JSON ({e}); refusing to replace it: move it away or fix it", path.display()))?;
+    if !v.is_object() || v.get("rows").is_some_and(|r| !r.is_array()) {
+        return Err(format!("{}: not a baselines table (an object with a \"rows\" array); refusing to replace it", path.display()));
+    }
+    Ok(v)
+}
+
+/// `bytes` into `path` whole or not at all: a temporary file of a unique name beside it, synced,
+/// then renamed over it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Res<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| format!("{}: not a file name", path.display()))?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        std::fs::remove_file(&tmp).ok();
+        return Err(format!("{}: {e}", path.display()));
+    }
     Ok(())
 }
 
 /// How decode and prefill hold as the context grows (bench::context_sweep): Markdown, and the
 /// JSON with --json.
-fn context(mut a: Args) -> Res<()> {
-    let bundle = PathBuf::from(a.required("--bundle")?);
-    let file = a.value("--file")?;
-    let rounds: usize = a.parsed("--rounds")?.unwrap_or(3);
-    let json = a.flag("--json");
-    let prep = prepare(&mut a)?;
-    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into()))
-        .map_err(|e| e.to_string())?;
-    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+fn context(a: ContextArgs) -> Res<()> {
+    let (rounds, json) = (a.rounds as usize, a.json);
+    let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
+    let engine = load(&a.model, &a.prep)?;
     let v = bench::context_sweep(&engine, &text, rounds).map_err(|e| e.to_string())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
@@ -184,14 +345,10 @@ fn context(mut a: Args) -> Res<()> {
 }
 
 /// Decode time per op over `steps` greedy steps after the bench prompt, largest first.
-fn profile(mut a: Args) -> Res<()> {
-    let bundle = PathBuf::from(a.required("--bundle")?);
-    let file = a.value("--file")?;
-    let steps: usize = a.parsed("--steps")?.unwrap_or(bench::PROFILE_STEPS);
-    let prep = prepare(&mut a)?;
-    let text = std::fs::read_to_string(a.value("--text")?.unwrap_or_else(|| DEFAULT_TEXT.into()))
-        .map_err(|e| e.to_string())?;
-    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+fn profile(a: ProfileArgs) -> Res<()> {
+    let steps = a.steps;
+    let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
+    let engine = load(&a.model, &a.prep)?;
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let p = bench::profile(&engine, &prompt, steps).map_err(|e| e.to_string())?;
     let ops = p["ops"].as_array().unwrap();
@@ -208,13 +365,8 @@ fn profile(mut a: Args) -> Res<()> {
 /// which reads every weight once. A buffer far larger than the last-level cache is split into N
 /// equal parts, each XOR-reduced by its own thread (16 u64 lanes, which the compiler vectorizes
 /// with the baseline SIMD); a round's figure for each thread count is the best of 3 passes.
-fn membw(mut a: Args) -> Res<()> {
-    let mib: usize = a.parsed("--mib")?.unwrap_or(512);
-    let rounds: usize = a.parsed("--rounds")?.unwrap_or(7);
-    let threads: usize = a.parsed("--threads")?.unwrap_or(2);
-    if mib == 0 || rounds == 0 || threads < 2 {
-        return Err("--mib and --rounds must be at least 1, --threads at least 2".into());
-    }
+fn membw(a: MembwArgs) -> Res<()> {
+    let (mib, rounds, threads) = (a.mib as usize, a.rounds as usize, a.threads as usize);
     fn reduce(s: &[u64]) -> u64 {
         let mut acc = [0u64; 16];
         let (chunks, rest) = s.as_chunks::<16>();
@@ -255,36 +407,23 @@ fn membw(mut a: Args) -> Res<()> {
 }
 
 /// The parity protocol's output as JSON, for the wasm build's tests to compare with.
-fn trace(mut a: Args) -> Res<()> {
-    let bundle = PathBuf::from(a.required("--bundle")?);
-    let file = a.value("--file")?;
-    let decode: usize = a.parsed("--decode")?.unwrap_or(3);
-    let greedy: usize = a.parsed("--greedy")?.unwrap_or(32);
-    let prep = prepare(&mut a)?;
-    let prompt: Vec<u32> = a.0.iter().map(|t| t.parse().map_err(|_| format!("not a token id: {t}"))).collect::<Res<_>>()?;
-    let engine = Engine::from_dir(&bundle, file.as_deref(), prep).map_err(|e| e.to_string())?;
+fn trace(a: TraceArgs) -> Res<()> {
+    let (decode, greedy, prompt) = (a.decode, a.greedy, a.ids);
+    let engine = load(&a.model, &a.prep)?;
     let (logits, tokens) = bench::greedy_trace(&engine, &prompt, decode, greedy).map_err(|e| e.to_string())?;
     println!("{}", serde_json::json!({ "prompt": prompt, "logits": logits, "tokens": tokens }));
     Ok(())
 }
 
 pub fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if args.is_empty() {
-        eprintln!("usage: wasmlm generate|bench|bench-row|profile|context|trace|membw … (see src/bin/wasmlm/main.rs)");
-        return ExitCode::from(2);
-    }
-    let cmd = args.remove(0);
-    let a = Args(args);
-    let result = match cmd.as_str() {
-        "generate" => generate(a),
-        "bench" => bench_all(a),
-        "bench-row" => bench_row(a),
-        "profile" => profile(a),
-        "context" => context(a),
-        "trace" => trace(a),
-        "membw" => membw(a),
-        other => Err(format!("unknown command {other:?}: generate, bench, bench-row, profile, context, trace, membw")),
+    let result = match Cli::parse().command {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Bench(a) => bench_all(a),
+        Cmd::BenchRow(a) => bench_row(a),
+        Cmd::Profile(a) => profile(a),
+        Cmd::Context(a) => context(a),
+        Cmd::Trace(a) => trace(a),
+        Cmd::Membw(a) => membw(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
