@@ -5,6 +5,7 @@
 import { presentRows, renderBaselines, renderBundles, renderComparison } from "./tables.js";
 import { TokenChart } from "./chart.js";
 import { WasmLM } from "./wasmlm.js";
+import { checkManifest } from "./protocol.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -623,12 +624,20 @@ function onPeerDone(row) {
 
 // The threaded build needs a cross-origin isolated page: `./build.sh serve` sends the headers; on
 // a static host coi-sw.js adds them, which takes one reload after it first installs. Only where
-// that build would run (worker.js: from 3 cores on, or ?build=threads); ?isolate=0 skips it (the
-// single-threaded build then runs).
+// that build would run (worker.js: from 3 cores on, or ?build=threads); ?isolate=0 skips it and
+// unregisters it if it was there (the single-threaded build then runs).
 async function isolate() {
-  if (self.crossOriginIsolated || !("serviceWorker" in navigator) || !window.isSecureContext) return;
+  if (!("serviceWorker" in navigator) || !window.isSecureContext) return;
   const query = new URLSearchParams(location.search);
-  if (query.get("isolate") === "0") return;
+  if (query.get("isolate") === "0") {
+    // remove it: the page is then served as the host sends it, from the next load on
+    const ours = (await navigator.serviceWorker.getRegistrations())
+      .filter((r) => (r.active ?? r.waiting ?? r.installing)?.scriptURL === new URL("coi-sw.js", location.href).href);
+    await Promise.all(ours.map((r) => r.unregister()));
+    if (ours.length) notice("The isolation service worker was removed (?isolate=0): the single-threaded build runs from the next load on.");
+    return;
+  }
+  if (self.crossOriginIsolated) return;
   const forced = query.get("build");
   if (forced ? forced !== "threads" : (navigator.hardwareConcurrency || 1) < 3) return;
   if (sessionStorage.getItem("wasmlm-isolation-reload")) {
@@ -636,7 +645,7 @@ async function isolate() {
     return;
   }
   try {
-    await navigator.serviceWorker.register("coi-sw.js");
+    await navigator.serviceWorker.register("coi-sw.js", { scope: "./" });
     await navigator.serviceWorker.ready;
     sessionStorage.setItem("wasmlm-isolation-reload", "1");
     location.reload();
@@ -644,6 +653,15 @@ async function isolate() {
   } catch (err) {
     notice(`No cross-origin isolation (${err.message}): the single-threaded build runs.`);
   }
+}
+
+// baselines.json as the tables read it: {rows: [{model, backend, ...}], machine?}.
+function checkBaselines(b) {
+  const row = (r) => r && typeof r === "object" && typeof r.model === "string" && typeof r.backend === "string";
+  if (!b || typeof b !== "object" || !Array.isArray(b.rows) || !b.rows.every(row)) {
+    throw new Error("baselines.json is not a table of rows ({rows: [{model, backend, …}]})");
+  }
+  return b;
 }
 
 async function main() {
@@ -673,7 +691,8 @@ async function main() {
   }
   for (const id of ids) {
     try {
-      state.manifests.push(await fetchJson(`${state.root}${id}/manifest.json`));
+      const url = `${state.root}${id}/manifest.json`;
+      state.manifests.push(checkManifest(await fetchJson(url), url));
     } catch (err) {
       state.manifests.push({ id, error: err.message });
     }
@@ -682,11 +701,13 @@ async function main() {
   fillPicker();
   setRunning(null);
   try {
-    state.baselines = await fetchJson("baselines.json");
+    state.baselines = checkBaselines(await fetchJson("baselines.json"));
     $("baselines-present").textContent = presentRows(state.baselines);
     fillTableFilter();
     renderTable();
   } catch (err) {
+    // without a table the page goes on: the chat, the benchmark mode and its bars still work
+    state.baselines = null;
     $("baselines").textContent = `${err.message} (run ./build.sh baselines)`;
     $("baselines").className = "error";
   }

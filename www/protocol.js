@@ -97,3 +97,29 @@ export const StopReason = Object.freeze(["Eos", "StopString", "MaxTokens", "Cont
 
 /** Tokens per prefill chunk: a cancel waits for at most one (~0.3 s at 200 tokens/s). */
 export const PREFILL_CHUNK = 64;
+
+/**
+ * A bundle's manifest.json, checked for the fields the page and the worker read (src/manifest.rs
+ * has the full format): returns it, or throws an Error that names what is missing.
+ */
+export function checkManifest(m, where = "manifest.json") {
+  const bad = (what) => { throw new Error(`${where}: ${what}`); };
+  if (!m || typeof m !== "object" || Array.isArray(m)) bad("not a JSON object");
+  if (typeof m.id !== "string") bad("no id");
+  if (!Array.isArray(m.files)) bad("no files list");
+  const entry = (f, what) => {
+    if (!f || typeof f.name !== "string" || !Number.isSafeInteger(f.bytes) || f.bytes < 0 || !/^[0-9a-f]{64}$/.test(f.sha256 ?? "")) {
+      bad(`${what}: each needs a name, a size in bytes and a sha256`);
+    }
+  };
+  for (const f of m.files) {
+    entry(f, "files");
+    if (f.parts !== undefined) {
+      if (!Array.isArray(f.parts)) bad(`${f.name}: parts is not a list`);
+      f.parts.forEach((p) => entry(p, `${f.name}'s parts`));
+      if (f.parts.reduce((n, p) => n + p.bytes, 0) !== f.bytes) bad(`${f.name}: its parts' sizes do not add up to ${f.bytes}`);
+    }
+  }
+  if (typeof m.default?.file !== "string" || !m.files.some((f) => f.name === m.default.file)) bad("no default file among its files");
+  return m;
+}

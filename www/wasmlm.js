@@ -31,6 +31,10 @@ import { Req, Msg } from "./protocol.js";
  * @property {"threads"|"relaxed"|"simd"|"nosimd"} [build]  Force a wasm build (default: the best this browser runs).
  * @property {number} [threads]  Threads for the threaded build (default: the cores but one, at most 8).
  * @property {string|URL} [workerUrl]  Where worker.js is (default: beside this module).
+ * @property {number} [watchdogMs]  A generation or chat whose worker sends nothing for this long
+ *   (default 60,000: a prompt chunk or a token takes far less) is taken for a hung engine (e.g. a
+ *   thread of the threaded build that crashed): the worker is stopped and the request fails with a
+ *   fatal WasmLMError.
  *
  * @typedef {object} GenerateOptions  The engine's (snake_case, as in Rust).
  * @property {number} [max_new_tokens]  Default 64.
@@ -78,6 +82,11 @@ export class WasmLMError extends Error {
 }
 
 const aborted = () => new DOMException("the request was aborted", "AbortError");
+
+/** The default of LoadOptions.watchdogMs. */
+const WATCHDOG_MS = 60_000;
+/** The requests the watchdog bounds: their worker sends a message per prompt chunk or token. */
+const WATCHED = new Set([Req.GENERATE, Req.CHAT]);
 
 // Arguments are checked here, so that a wrong type is a clear error, never a failure inside the
 // engine's glue (which would close the client).
@@ -256,6 +265,8 @@ export class WasmLM {
 
   /** @param {LoadOptions} options */
   constructor(options = {}) {
+    const watchdogMs = options.watchdogMs ?? WATCHDOG_MS;
+    check(watchdogMs > 0, `watchdogMs: a positive number of milliseconds, not ${options.watchdogMs}`);
     const url = new URL(options.workerUrl ?? "./worker.js", import.meta.url);
     this.worker = new Worker(url, { type: "module" });
     this.next = 1;
@@ -265,6 +276,10 @@ export class WasmLM {
     this.onNotice = options.onNotice;
     /** Called once when the engine fails for good (`fatal`); load a new WasmLM then. */
     this.onFatal = null;
+    this.watchdogMs = watchdogMs;
+    /** The request the worker runs: {req, type, last} (last: when it last heard of it). */
+    this.active = null;
+    this.watchdog = null;
     this.worker.onmessage = (e) => this.receive(e.data);
     this.worker.onerror = (e) => {
       this.close(new WasmLMError(`the engine's worker failed: ${e.message || "could not start (module workers need a recent browser)"}`, { fatal: true }));
@@ -347,6 +362,7 @@ export class WasmLM {
   close(err) {
     if (this.closed) return;
     this.closed = err;
+    clearInterval(this.watchdog);
     this.worker.terminate();
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
@@ -364,8 +380,14 @@ export class WasmLM {
       if (signal?.aborted) return reject(aborted());
       const onAbort = () => this.worker.postMessage({ type: Req.CANCEL, target: req });
       signal?.addEventListener("abort", onAbort, { once: true });
-      const settle = (fn) => (v) => { signal?.removeEventListener("abort", onAbort); this.pending.delete(req); fn(v); };
+      const settle = (fn) => (v) => {
+        signal?.removeEventListener("abort", onAbort);
+        this.pending.delete(req);
+        this.watch(null);
+        fn(v);
+      };
       this.pending.set(req, { on, resolve: settle(resolve), reject: settle(reject), type: message.type });
+      this.watch(WATCHED.has(message.type) ? { req, type: message.type, last: performance.now() } : null);
       this.worker.postMessage({ ...message, req }); // bytes are copied: the caller keeps its own
     });
     const result = this.queue.then(run, run);
@@ -394,8 +416,26 @@ export class WasmLM {
     return tokens;
   }
 
+  /** Watch `active` (a request whose worker must keep talking), or nothing. */
+  watch(active) {
+    this.active = active;
+    if (!active) {
+      clearInterval(this.watchdog);
+      this.watchdog = null;
+      return;
+    }
+    this.watchdog ??= setInterval(() => {
+      const a = this.active;
+      if (a && performance.now() - a.last > this.watchdogMs) {
+        this.close(new WasmLMError(`the engine sent nothing for ${this.watchdogMs} ms during a ${a.type} ` +
+          "(a crashed worker thread?): it was stopped", { fatal: true, during: a.type }));
+      }
+    }, Math.min(1000, this.watchdogMs));
+  }
+
   receive(m) {
     if (m.type === Msg.NOTICE) this.onNotice?.(m.text);
+    if (this.active?.req === m.req) this.active.last = performance.now();
     const p = this.pending.get(m.req);
     if (!p) return;
     if (m.type === Msg.ERROR) {

@@ -5,7 +5,7 @@
 // `source` (load) is {kind:"bundle", base:"models/<id>/", file?: "<onnx file in the manifest>"
 // (default: the manifest's default)} or {kind:"user", name, onnx: Blob, tokenizer: Blob,
 // config?: Blob, context}.
-import { Req, Msg, PREFILL_CHUNK } from "./protocol.js";
+import { Req, Msg, PREFILL_CHUNK, checkManifest } from "./protocol.js";
 
 const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
   10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
@@ -118,22 +118,27 @@ function hex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-// Bytes of one file (or part) of the manifest: from the Cache API when there, else downloaded,
-// checked (size, sha256) and then cached under its sha256. A failed check never reaches the
-// cache. `onBytes(loaded, cached)` follows the download.
+// Bytes of one file (or part) of the manifest: from the Cache API when there and intact, else
+// downloaded, checked (size, sha256) and then cached under its sha256. A failed check never
+// reaches the cache; a cached copy that fails it (a damaged disk cache, a stored entry cut short)
+// is deleted and downloaded again. `onBytes(loaded, cached)` follows the download.
 async function fetchFile(base, entry, cache, onBytes) {
   if (cache) {
     const hit = await cache.match(cacheKey(entry.sha256));
     if (hit) {
       const bytes = new Uint8Array(await hit.arrayBuffer());
-      if (bytes.length === entry.bytes) {
+      const found = bytes.length === entry.bytes ? await sha256(bytes) : undefined;
+      if (found === entry.sha256) {
         onBytes(bytes.length, true);
-        return { bytes, sha256: await sha256(bytes) };
+        return { bytes, sha256: found };
       }
       await cache.delete(cacheKey(entry.sha256));
+      post({ type: Msg.NOTICE, text: `The browser's cached copy of ${entry.name} was damaged; it was deleted and is downloaded again.` });
     }
   }
-  const res = await fetch(base + entry.name);
+  // never from the HTTP cache: a rebuilt file under the same name must not come back stale (the
+  // Cache API above is keyed by content)
+  const res = await fetch(base + entry.name, { cache: "no-store" });
   if (!res.ok) throw new Error(`${base}${entry.name}: HTTP ${res.status} ${res.statusText}`);
   const bytes = new Uint8Array(entry.bytes);
   let loaded = 0;
@@ -165,6 +170,24 @@ async function fetchFile(base, entry, cache, onBytes) {
     post({ type: Msg.NOTICE, text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
   }
   return { bytes, sha256: found };
+}
+
+// Deletes the cached model files (keys under cacheKey) that no cached manifest lists, e.g. the
+// files of a bundle since rebuilt; returns how many.
+async function prune(cache) {
+  const keys = await cache.keys();
+  const listed = new Set();
+  for (const req of keys) {
+    if (!req.url.endsWith("/manifest.json")) continue;
+    try {
+      const m = JSON.parse(await (await cache.match(req)).text());
+      for (const f of m.files ?? []) for (const x of [f, ...(f.parts ?? [])]) listed.add(x.sha256);
+    } catch { /* not a manifest: lists nothing */ }
+  }
+  const prefix = cacheKey("");
+  const stale = keys.filter((req) => req.url.startsWith(prefix) && !listed.has(req.url.slice(prefix.length)));
+  await Promise.all(stale.map((req) => cache.delete(req)));
+  return stale.length;
 }
 
 // A progress bar for one manifest entry, whatever its parts: at most one message per 100 ms,
@@ -238,7 +261,7 @@ async function fetchManifest(base, cache) {
     const res = await fetch(url, { cache: "no-cache" });
     if (!res.ok) throw new Error(`${base}manifest.json: HTTP ${res.status} (is the model built?)`);
     const text = await res.text();
-    JSON.parse(text); // not JSON: an error here, before anything is cached
+    checkManifest(JSON.parse(text), url); // not a manifest: an error here, before anything is cached
     if (cache) await cache.put(url, new Response(text)).catch(() => {});
     return text;
   } catch (err) {
@@ -261,7 +284,7 @@ async function load(request) {
   if (source.kind === "bundle") {
     const cache = await openCache();
     const manifestText = await fetchManifest(source.base, cache);
-    const manifest = JSON.parse(manifestText);
+    const manifest = checkManifest(JSON.parse(manifestText), `${source.base}manifest.json`);
     const find = (name) => {
       const e = manifest.files.find((f) => f.name === name);
       if (!e) throw new Error(`${name} is not in ${manifest.id}'s manifest`);
@@ -279,6 +302,10 @@ async function load(request) {
     engine = wasm.Engine.fromBundle(manifestText, file, onnx.bytes, joined(tokenizer.bytes), { sha256, threads: build.threadCount });
     onnx = null;
     loaded = { base: source.base, entry: find(file), manifest };
+    if (cache) {
+      const pruned = await prune(cache).catch(() => 0);
+      if (pruned) post({ type: Msg.NOTICE, text: `Deleted ${pruned} cached model file(s) that no model's manifest lists any more.` });
+    }
   } else {
     const read = async (file) => new Uint8Array(await file.arrayBuffer());
     post({ type: Msg.STATUS, text: `reading ${source.name}` });

@@ -304,7 +304,28 @@ async function main() {
       "the page says how much of the prompt was read");
     assert.ok(!(await page.isDisabled("#generate")), "the page can send again");
 
-    // 3c. The context sweep (one round, ~1 minute here): a step at a time with its progress,
+    // 3c. The client module as the README embeds it, in this page: a watchdog bound shorter than
+    //     any step takes a generation for a hung engine, stops its worker and fails fatally
+    //     (what a crashed worker thread of the threaded build would otherwise make: a page
+    //     waiting for ever).
+    const watchdog = await page.evaluate(async () => {
+      const { WasmLM } = await import("./wasmlm.js");
+      const lm = await WasmLM.load("models/smollm2-135m/", { watchdogMs: 1 });
+      try {
+        for await (const t of lm.generate("Once upon a time", { max_new_tokens: 8 })) { /* none expected */ }
+        return { error: null };
+      } catch (err) {
+        let after;
+        try { await lm.session.tokens(); } catch (e) { after = e.message; }
+        return { error: err.message, fatal: err.fatal, after };
+      }
+    });
+    log("watchdog:", JSON.stringify(watchdog));
+    assert.match(watchdog.error ?? "", /the engine sent nothing for 1 ms during a generate/);
+    assert.equal(watchdog.fatal, true);
+    assert.equal(watchdog.after, watchdog.error, "the stopped client refuses later requests with the same error");
+
+    // 3d. The context sweep (one round, ~1 minute here): a step at a time with its progress,
     //     then every case in its table, the decode ratios against the 32-token past.
     await page.click("#sweep");
     await page.waitForFunction(() => /^step \d+ of \d+: /.test(document.querySelector("#sweep-status").textContent),
@@ -314,8 +335,8 @@ async function main() {
     log("context sweep:", await page.textContent("#sweep-table caption"), JSON.stringify(sweepRows));
     assert.equal(await page.textContent("#sweep-status"), "", "the sweep ran to its end");
     assert.deepEqual(sweepRows.map((r) => r[0]), ["decode after 32 tokens", "decode after 256 tokens", "decode after 1024 tokens",
-      "decode after 2048 tokens", "prefill of 128 tokens", "prefill of 512 tokens", "512 tokens in chunks of 64",
-      "prefill of 1024 tokens", "a 20-token turn after 1000 tokens"], "every case of the sweep");
+      "decode after 2048 tokens", "prefill of 128 tokens", "prefill of 512 tokens", "prefill of 1024 tokens",
+      "512 tokens in chunks of 64", "a 20-token turn after 1000 tokens"], "every case of the sweep");
     const ms32 = parseFloat(sweepRows[0][1]);
     for (const r of sweepRows.slice(0, 4)) {
       assert.ok(parseFloat(r[1]) > 0 && Math.abs(parseFloat(r[2]) - parseFloat(r[1]) / ms32) < 0.01, `${r[0]}: ${r[1]}, ${r[2]}`);
@@ -325,9 +346,34 @@ async function main() {
     // 4. A reload starts from the Cache API: no download of the model files. The other build:
     //    ?build=threads (or ?build=simd where the threaded one was picked) must answer with the
     //    very same greedy text; the threaded one also runs the benchmark mode.
+    //    Before it, the cached tokenizer is damaged and a file no manifest lists is put in the
+    //    cache: the load must heal the first (deleted, downloaded again) and delete the second.
+    const tampered = await page.evaluate(async () => {
+      const manifest = await (await fetch("models/smollm2-135m/manifest.json")).json();
+      const sha = manifest.files.find((f) => f.name === "tokenizer.json").sha256;
+      const cache = await caches.open("wasmlm-models-v1");
+      const key = new URL(`wasmlm-cache/sha256/${sha}`, location.href).href;
+      const bytes = new Uint8Array(await (await cache.match(key)).arrayBuffer());
+      bytes[bytes.length >> 1] ^= 1;
+      await cache.put(key, new Response(bytes));
+      const orphan = new URL(`wasmlm-cache/sha256/${"0".repeat(64)}`, location.href).href;
+      await cache.put(orphan, new Response("a file of a bundle since rebuilt"));
+      return { key, sha, orphan };
+    });
     const other = cores >= 3 ? "simd" : "threads";
     await open(page, `${url}?build=${other}`, true);
     await loadModel(page);
+    const healed = await page.evaluate(async ({ key, orphan }) => {
+      const cache = await caches.open("wasmlm-models-v1");
+      const bytes = await (await cache.match(key)).arrayBuffer();
+      const hex = Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)), (b) => b.toString(16).padStart(2, "0")).join("");
+      return { hex, orphan: !!(await cache.match(orphan)), notices: document.querySelector("#notices").textContent };
+    }, tampered);
+    log("cache healed:", JSON.stringify({ ...healed, notices: healed.notices.slice(0, 300) }));
+    assert.equal(healed.hex, tampered.sha, "the damaged tokenizer was downloaded again and cached intact");
+    assert.equal(healed.orphan, false, "the file no manifest lists was deleted");
+    assert.match(healed.notices, /cached copy of tokenizer.json was damaged/);
+    assert.match(healed.notices, /Deleted 1 cached model file/);
     const otherInfo = await page.textContent("#model-info");
     assert.match(otherInfo, other === "threads" ? /WebAssembly build: simd128, [2-8] threads \(threaded build\)/
       : /WebAssembly build: simd128, 1 thread\b/);
@@ -409,7 +455,13 @@ async function main() {
     } finally {
       cdn.close();
     }
-    assert.deepEqual(errors, [], "no page errors");
+    // 5c. ?isolate=0 removes the isolation service worker the threaded build's steps installed.
+    assert.ok(await page.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length) > 0);
+    await open(page, `${url}?isolate=0`, false);
+    await page.waitForFunction(() => /isolation service worker was removed/.test(document.querySelector("#notices").textContent));
+    assert.equal(await page.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length), 0,
+      "?isolate=0 unregistered the service worker");
+    assert.deepEqual(errors, [], "no page errors (nor Content-Security-Policy violations)");
 
     // 6. Where the threaded build would not run (2 cores, no ?build=threads), a new visitor's
     //    page registers no service worker and reloads nothing; `./build.sh serve` sends the
