@@ -493,6 +493,30 @@ benchmarks() {
   echo "docs/benchmarks.md written"
 }
 
+# docs/context.md: the context sweep natively (1 and 2 threads) and in headless Chromium (each
+# page build) on the default file, the same cases, machine and date.
+context_report() {
+  local rounds=${1:-3}
+  models "$DEFAULT_MODEL"
+  engine
+  wasm "${PAGE_FLAVOURS[@]}" threads
+  chromium_setup
+  node_packages
+  MODELS=("$DEFAULT_MODEL")
+  site build/context-site --table build/baselines.json
+  mkdir -p build/context
+  local t
+  for t in 1 2; do
+    say "context sweep: native, $t thread(s), $rounds round(s)"
+    ./target/release/wasmlm context --bundle "build/models/$DEFAULT_MODEL" --threads "$t" --rounds "$rounds" --json \
+      > build/context/native-$t.json
+  done
+  say "context sweep: headless Chromium, builds ${PAGE_FLAVOURS[*]} threads"
+  node tests/node/context-report.mjs build/context-site --rounds "$rounds" \
+    --native build/context/native-1.json build/context/native-2.json --builds "${PAGE_FLAVOURS[@]}" threads \
+    --out docs/context.md --command "./build.sh context $rounds"
+}
+
 usage() {
   cat <<'USAGE'
 usage: ./build.sh [COMMAND]
@@ -509,6 +533,7 @@ usage: ./build.sh [COMMAND]
   native-rows      only the default file's ONNX Runtime and tract native rows (1, 2 threads)
   benchmarks       baselines, then docs/benchmarks.md
   compare [N]      tract native vs ONNX Runtime in N alternating rounds (build/compare.md)
+  context [N]      docs/context.md: the context sweep natively and in headless Chromium, N rounds
   site [DIR] [--files default|int8|all] [--table FILE]
                    the static site (default dist/): every file <= 25 MiB, models in parts;
                    each bundle's default file, or every INT8 file with a cache, or all
@@ -531,6 +556,7 @@ case "$cmd" in
   benchmarks) setup; models; engine; wasm simd; benchmarks ;;
   bench-wasm) setup; bench_wasm ;;
   compare) setup; engine; compare "$@" ;;
+  context) setup; context_report "$@" ;;
   site) setup; site "$@" ;;
   serve) serve "$@" ;;
   test) setup; run_tests "$@" ;;
