@@ -188,6 +188,53 @@ fn refuse_own_ops(proto: &tract_onnx::pb::ModelProto) -> Result<()> {
     Ok(())
 }
 
+/// The most elements a tensor whose shape the file gives as a constant may have (8 GiB of f32):
+/// a decoder's masks and caches are far smaller, and its weights are initializers, whose size is
+/// the file's own.
+pub const MAX_CONSTANT_SHAPE: u64 = 1 << 31;
+
+/// `ConstantOfShape` and `Expand` nodes whose shape is a constant of the file (an initializer or
+/// a `Constant` node) are refused when that shape holds more than [`MAX_CONSTANT_SHAPE`]
+/// elements or overflows: a constant subgraph is evaluated while the plan is prepared (tract's
+/// declutter, our constant folding), so such a tensor would be allocated before any check on
+/// the typed graph. Shapes computed from the inputs are bounded by the context.
+fn bound_constant_shapes(proto: &tract_onnx::pb::ModelProto) -> Result<()> {
+    use std::collections::HashMap;
+    use tract_onnx::pb::TensorProto;
+    let Some(g) = &proto.graph else { return Ok(()) };
+    // int64 tensors' values, by name (ONNX's int64 is data_type 7; raw_data little-endian)
+    let ints = |t: &TensorProto| -> Option<Vec<i64>> {
+        (t.data_type == 7).then(|| {
+            if t.raw_data.is_empty() {
+                t.int64_data.clone()
+            } else {
+                t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+            }
+        })
+    };
+    let mut consts: HashMap<&str, Vec<i64>> = g.initializer.iter().filter_map(|t| Some((t.name.as_str(), ints(t)?))).collect();
+    for n in g.node.iter().filter(|n| n.op_type == "Constant") {
+        if let (Some(out), Some(v)) = (n.output.first(), n.attribute.iter().find(|a| a.name == "value").and_then(|a| ints(a.t.as_ref()?))) {
+            consts.insert(out.as_str(), v);
+        }
+    }
+    for n in &g.node {
+        let shape = match n.op_type.as_str() {
+            "ConstantOfShape" => n.input.first(),
+            "Expand" => n.input.get(1),
+            _ => None,
+        };
+        let Some(dims) = shape.and_then(|i| consts.get(i.as_str())) else { continue };
+        let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::try_from(d).ok()?));
+        if elements.is_none_or(|e| e > MAX_CONSTANT_SHAPE) {
+            return Err(Error::UnsupportedGraph(format!(
+                "node {:?} ({}) makes a tensor of shape {dims:?}: more than {MAX_CONSTANT_SHAPE} elements, refused",
+                n.name, n.op_type)));
+        }
+    }
+    Ok(())
+}
+
 /// Parse, type with symbolic S and P, fold constants, optimize, plan.
 pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepare) -> Result<Graph> {
     // INT8 files from quantize_dynamic carry value_info with their own symbols that clash with
@@ -199,6 +246,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = bytes.decode()?;
     refuse_own_ops(&proto)?;
+    bound_constant_shapes(&proto)?;
     pow::cube_powers(&mut proto);
     let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))

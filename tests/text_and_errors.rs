@@ -130,6 +130,15 @@ fn untrusted_files_are_bounded() {
     node.op_type = wasmlm::qmatmul::OP_TYPE.into();
     let e = user(proto.encode_to_vec(), None, 64).err().unwrap();
     assert!(matches!(e, Error::UnsupportedGraph(_)) && e.to_string().contains("WasmlmDynQMatMul"), "{e}");
+    // a constant shape of 2^40 elements (evaluated, so allocated, while the plan is prepared)
+    let mut proto = wasmlm::graph::decode_proto(&onnx[..]).unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    g.initializer.push(tract_onnx::pb::TensorProto { name: "huge_shape".into(), data_type: 7, dims: vec![2],
+                                                     int64_data: vec![1 << 20, 1 << 20], ..Default::default() });
+    g.node.push(tract_onnx::pb::NodeProto { name: "huge".into(), op_type: "ConstantOfShape".into(),
+                                            input: vec!["huge_shape".into()], output: vec!["huge_out".into()], ..Default::default() });
+    let e = user(proto.encode_to_vec(), None, 64).err().unwrap();
+    assert!(matches!(e, Error::UnsupportedGraph(_)) && e.to_string().contains("ConstantOfShape") && e.to_string().contains("2147483648"), "{e}");
     // ids past the vocabulary: refused before the graph runs, the cache untouched
     let engine = user(onnx.clone(), None, 64).unwrap();
     let vocab = engine.graph.vocab.expect("the logits' width");
