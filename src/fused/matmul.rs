@@ -301,23 +301,15 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
             unsafe {
                 matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), rsb, csb, 0.0, c.as_mut_ptr(), n as isize, 1)
             }
-        } else if trans_b {
-            for (a_row, c_row) in a.chunks_exact(k.max(1)).zip(c.chunks_exact_mut(n.max(1))) {
-                for (b_row, c) in b.chunks_exact(k.max(1)).zip(c_row.iter_mut()) {
-                    *c = super::rows::dot(a_row, b_row);
-                }
-            }
-            if k == 0 {
-                c.fill(0.0);
-            }
+        } else if k == 0 {
+            c.fill(0.0);
         } else {
-            for (i, c_row) in c.chunks_exact_mut(n.max(1)).enumerate() {
-                c_row.fill(0.0);
-                for (&x, b_row) in a[i * k..(i + 1) * k].iter().zip(b.chunks_exact(n.max(1))) {
-                    for (c, &y) in c_row.iter_mut().zip(b_row) {
-                        *c += x * y;
-                    }
-                }
+            // a row at a time: the attention op's loops (SIMD128 in the wasm builds)
+            let rows = a.chunks_exact(k).zip(c.chunks_exact_mut(n.max(1)));
+            if trans_b {
+                rows.for_each(|(a_row, c_row)| super::rows::scores(a_row, b, c_row));
+            } else {
+                rows.for_each(|(a_row, c_row)| super::rows::mix(a_row, b, c_row));
             }
         }
         for d in (0..index.len()).rev() {

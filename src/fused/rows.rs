@@ -1,6 +1,7 @@
 //! The attention op's loops for a few query rows against a long cache (decode, and a short turn
 //! after a long conversation): the scores of one query row against every key, the softmax of a
-//! row, and the weighted sum of the values.
+//! row, and the weighted sum of the values. [`super::matmul::product`] takes its products of
+//! fewer than 16 rows a row at a time with the same two loops.
 //!
 //! The portable loops are written so the compiler vectorizes them natively (eight running sums
 //! of a dot product). LLVM does not do as well for wasm32's SIMD128 (a decode step after a
@@ -11,6 +12,7 @@
 //! tests. No FMA: relaxed SIMD's `madd` may or may not fuse, by machine.
 
 /// `out[j] = q · k[j]` for each row `k[j]` (of `q.len()` values) of `k`.
+#[inline(always)]
 pub fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = q.len();
     debug_assert_eq!(k.len(), out.len() * d);
@@ -22,6 +24,7 @@ pub fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
     scores_portable(q, k, out)
 }
 
+#[inline(always)]
 fn scores_portable(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = q.len();
     if d == 0 {
@@ -33,6 +36,7 @@ fn scores_portable(q: &[f32], k: &[f32], out: &mut [f32]) {
 }
 
 /// `y = Σ p[j] v[j]` over the rows `v[j]` (of `y.len()` values) of `v`, summed in `j`'s order.
+#[inline(always)]
 pub fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
     debug_assert_eq!(v.len(), p.len() * y.len());
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -43,6 +47,7 @@ pub fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
     mix_portable(p, v, y)
 }
 
+#[inline(always)]
 fn mix_portable(p: &[f32], v: &[f32], y: &mut [f32]) {
     y.fill(0.0);
     if y.is_empty() {
@@ -116,7 +121,7 @@ fn lanes_sum(a: [f32; 8]) -> f32 {
 /// Σ x[i] y[i] over eight running sums (so the compiler keeps them in SIMD lanes), then the
 /// tail.
 #[inline(always)]
-pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
     let (xt, yt) = (xc.remainder(), yc.remainder());
