@@ -52,6 +52,8 @@ pub struct Graph {
     pub kernels: Option<String>,
     /// Nodes on our ops (fused/).
     pub fused_ops: fused::Counts,
+    /// The plan computes the logits of the last position only (last_row.rs).
+    pub last_logits_only: bool,
     /// Per layer, the plan node whose attention op keeps that layer's key/value cache in its
     /// state, grown in place (fused/attention.rs); empty when the cache goes through the graph's
     /// past inputs and present outputs.
@@ -81,11 +83,14 @@ pub struct Prepare {
     /// Attention's products and GPT-2's GELU on ops of our own (fused/) rather than tract's
     /// packed matmuls and element-wise nodes.
     pub fused_ops: bool,
+    /// The LM head on the last position only, where its rows are independent (last_row.rs);
+    /// false: the logits of every position fed, as the file says.
+    pub last_logits_only: bool,
 }
 
 impl Default for Prepare {
     fn default() -> Self {
-        Prepare { fold_constants: true, optimize: true, threads: 1, int8_kernels: true, fused_ops: true }
+        Prepare { fold_constants: true, optimize: true, threads: 1, int8_kernels: true, fused_ops: true, last_logits_only: true }
     }
 }
 
@@ -285,7 +290,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
             set(&mut model, ix, f32::fact(shape).into())?;
         }
     }
-    let typed = prepare(model, prep, &mut phases)?;
+    let (typed, last_logits_only) = prepare(model, prep, &mut phases)?;
     let (plan_ins, plan_outs) = names(&typed)?;
     let io = Convention::discover(&plan_ins, &plan_outs)?;
     let caches = cache_nodes(&typed, &conv, &ins)?;
@@ -296,7 +301,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, caches,
+    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, last_logits_only, caches,
                threads: prep.threads.max(1) })
 }
 
@@ -360,7 +365,8 @@ impl Phases {
     }
 }
 
-fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<TypedModel> {
+/// The typed model, and whether its logits were cut to the last position.
+fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<(TypedModel, bool)> {
     let opt = |e: TractError| Error::Optimize(format!("{e:?}"));
     let mut typed = model.into_typed().map_err(opt)?;
     phases.mark("into_typed");
@@ -369,6 +375,12 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
         fused::matmul::absorb_kv_repeats(&mut typed).map_err(opt)?;
         fused::rope::fuse(&mut typed).map_err(opt)?;
         fused::attention::fuse(&mut typed).map_err(opt)?;
+    }
+    let mut cut = false;
+    if prep.last_logits_only {
+        let (ins, outs) = names(&typed)?;
+        let logits = typed.output_outlets().map_err(Error::run)?[Convention::discover(&ins, &outs)?.logits];
+        cut = crate::last_row::cut(&mut typed, logits).map_err(opt)?;
     }
     phases.mark("declutter");
     if prep.fold_constants {
@@ -384,5 +396,5 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
             phases.mark("fold again");
         }
     }
-    Ok(typed)
+    Ok((typed, cut))
 }

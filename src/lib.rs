@@ -14,6 +14,7 @@ pub mod generate;
 pub mod graph;
 #[cfg(target_arch = "wasm32")]
 pub mod js_bytes;
+pub mod last_row;
 pub mod manifest;
 pub mod pow;
 pub mod prefold;

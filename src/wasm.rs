@@ -154,6 +154,7 @@ impl LoadOptions {
             int8_kernels: self.int8_kernels,
             fused_ops: self.fused_ops,
             threads: self.threads.max(1),
+            ..Prepare::default()
         }
     }
 }

@@ -282,3 +282,40 @@ fn sibling_block_products_are_joined() {
     let want = 4 * engine.graph.conv.layers() + 1;
     assert!(kernels.starts_with(&format!("{want} x q8 blocks")), "{kernels}: {want} products expected");
 }
+
+/// The LM head cut to the last position (src/last_row.rs) gives the logits the whole head gives:
+/// bit for bit on the products whose rows are computed alone, for a prefill of 7 and of 40
+/// tokens (a prefill's blocked kernels) and the steps after. Where the head's rows are not
+/// independent (`quantize_dynamic`'s one scale for the whole input) the plan keeps every position.
+#[test]
+fn the_lm_head_on_the_last_position_gives_the_same_logits() {
+    let cases = [
+        ("tiny-gpt2", "model.with_past.onnx", true),
+        ("tiny-gpt2", "model.onnx", true),
+        ("tiny-gpt2", "model.with_past.int8.onnx", true),
+        ("tiny-gpt2", "model.with_past.ort-dynamic-qint8.onnx", false),
+        ("tiny-llama", "model.with_past.onnx", true),
+        ("tiny-llama", "model.int8.onnx", true),
+        ("tiny-llama", "model.with_past.int8.onnx", true),
+        ("tiny-llama", "model.with_past.ort-dynamic-qint8.onnx", false),
+    ];
+    let long: Vec<u32> = (0..40).map(|i| PROMPT[i % PROMPT.len()] + 97 * i as u32).collect();
+    for (model, file, cut) in cases {
+        let dir = bundle(model);
+        let last = load(&dir, file);
+        let all = Engine::from_dir(&dir, Some(file), Prepare { last_logits_only: false, ..Prepare::default() }).unwrap();
+        let rows = |e: &Engine| {
+            let model = e.graph.plan.model();
+            let fact = model.output_fact(e.graph.io.logits).unwrap();
+            fact.shape[fact.rank() - 2].to_string()
+        };
+        assert_eq!((last.graph.last_logits_only, all.graph.last_logits_only), (cut, false), "{model} {file}");
+        assert_eq!((rows(&last), rows(&all)), (if cut { "1" } else { "S" }.to_string(), "S".to_string()), "{model} {file}");
+        for prompt in [&PROMPT[..], &long] {
+            let (a, ta) = engine_run(&last, prompt, 3, 16);
+            let (b, tb) = engine_run(&all, prompt, 3, 16);
+            assert_eq!(a, b, "{model} {file} {} tokens", prompt.len());
+            assert_eq!(ta, tb, "{model} {file} {} tokens", prompt.len());
+        }
+    }
+}

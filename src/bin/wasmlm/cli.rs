@@ -55,6 +55,9 @@ struct Prep {
     /// tract's attention products and GELU nodes
     #[arg(long)]
     no_fused_ops: bool,
+    /// The LM head on every position fed, as the file says (default: the last one only)
+    #[arg(long)]
+    all_logits: bool,
 }
 
 impl Prep {
@@ -64,6 +67,7 @@ impl Prep {
             fold_constants: !self.no_fold,
             int8_kernels: !self.no_int8_kernels,
             fused_ops: !self.no_fused_ops,
+            last_logits_only: !self.all_logits,
             ..Prepare::default()
         }
     }
