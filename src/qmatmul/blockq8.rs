@@ -279,7 +279,7 @@ impl BlockKernel {
                     y[i * n + c + j] = out[j] * sx[r];
                 }
             };
-            #[allow(unused_mut)] // advanced two by two on SIMD128
+            #[allow(unused_mut)] // advanced several at a time on SIMD128 and AVX-512 VNNI
             let mut rows = part.rows.clone().enumerate();
             // SIMD128: rows two by two, the weights' loads and widenings shared (a prefill's)
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -291,6 +291,19 @@ impl BlockKernel {
                     unsafe { simd128::dot4x2(x, x1, panel, ps, &mut out, &mut out1) };
                     store(i, r, &out);
                     store(i + 1, r1, &out1);
+                }
+            }
+            // AVX-512 VNNI: rows four by four, each weight block widened once for the four
+            #[cfg(target_arch = "x86_64")]
+            if self == BlockKernel::Avx512Vnni {
+                while rows.len() >= 4 {
+                    let rs: [(usize, usize); 4] = std::array::from_fn(|_| rows.next().unwrap());
+                    let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
+                    let mut out = [[0f32; PANEL]; 4];
+                    unsafe { x86::dot4x4_vnni(x, panel, ps, &mut out) };
+                    for ((i, r), out) in rs.iter().zip(&out) {
+                        store(*i, *r, out);
+                    }
                 }
             }
             for (i, r) in rows {
@@ -506,12 +519,44 @@ mod x86 {
             out[j] = _mm512_reduce_add_ps(acc[j]);
         }
     }
+
+    /// Four rows, each computed in [`dot4_vnni`]'s order (the same bits), each block of
+    /// weights widened and each scale broadcast once for the four (a prefill's).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4x4_vnni(x: [&[i16]; 4], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 4]) {
+        let kp = x[0].len();
+        let xp = x.map(|x| x.as_ptr());
+        let mut wp = panel.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); PANEL]; 4];
+        let mut k = 0;
+        while k < kp {
+            for h in 0..K_ALIGN / BLOCK {
+                let o = k + h * BLOCK;
+                let a = xp.map(|p| _mm512_loadu_si512(p.add(o) as *const _));
+                for j in 0..PANEL {
+                    let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wp.add(j * K_ALIGN + h * BLOCK) as *const __m256i));
+                    let s = _mm512_set1_ps(*ps.as_ptr().add((o / BLOCK) * PANEL + j));
+                    for r in 0..4 {
+                        let d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), a[r], w);
+                        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[r][j]);
+                    }
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..4 {
+            for j in 0..PANEL {
+                out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+            }
+        }
+    }
 }
 
 /// Every block kernel this process can run (the wasm builds run it on theirs: tests/wasm.rs)
 /// against an f64 reference of the same integer-and-scale arithmetic, and the whole (quantized
 /// x) product against the f32 product of the dequantized weights; cut in parts, and each row of
-/// a product of several rows (SIMD128 takes them two by two) against that row alone, bit for
+/// a product of several rows (SIMD128 takes them two by two, AVX-512 VNNI four by four) against that row alone, bit for
 /// bit. Returns the names of the kernels checked, or the first difference.
 #[doc(hidden)]
 pub fn check_block_kernels() -> Result<Vec<&'static str>, String> {
@@ -521,7 +566,7 @@ pub fn check_block_kernels() -> Result<Vec<&'static str>, String> {
     }
     let mut seed = 3;
     let mut checked = vec![];
-    for &(rows, kb, n) in &[(1, 2, 4), (1, 24, 1536), (3, 18, 7), (2, 3, 5), (5, 4, 9)] {
+    for &(rows, kb, n) in &[(1, 2, 4), (1, 24, 1536), (3, 18, 7), (2, 3, 5), (5, 4, 9), (9, 18, 13)] {
         let k = kb * BLOCK;
         let q: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 255) as i32 as i8).collect(); // (K, N)
         let s: Vec<f32> = (0..kb * n).map(|_| (lcg(&mut seed) % 1000 + 1) as f32 * 1e-5).collect(); // (kb, N)
