@@ -43,7 +43,7 @@ pub struct Graph {
     /// Block-quantized weights dequantized before tract (prefold.rs).
     pub prefolded: usize,
     /// Weight products moved onto our int8 kernels (qmatmul/): the distilgpt2 study's dynamic
-    /// quantization and q8b32's blocks.
+    /// quantization, q8b32's blocks and ONNX Runtime's `MatMulNBits`.
     pub fused: usize,
     /// Embedding lookups on q8b32's blocks (qmatmul/gather.rs), where the table was dequantized
     /// to FP32 at load before.
@@ -253,10 +253,10 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     refuse_own_ops(&proto)?;
     bound_constant_shapes(&proto)?;
     pow::cube_powers(&mut proto);
-    let (dynamic, (blocks, block_lookups)) = if prep.int8_kernels {
-        (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto))
+    let (dynamic, (blocks, block_lookups), nbits) = if prep.int8_kernels {
+        (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto), qmatmul::nbits::fuse(&mut proto).map_err(Error::UnsupportedGraph)?)
     } else {
-        (0, (0, 0))
+        (0, (0, 0), 0)
     };
     let prefolded = if prep.fold_constants { prefold::dequantize_block_weights(&mut proto) } else { 0 };
     if prep.fused_ops {
@@ -301,7 +301,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let options = run_options(prep)?;
     let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks, block_lookups, kernels, fused_ops, last_logits_only, caches,
+    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks + nbits, block_lookups, kernels, fused_ops, last_logits_only, caches,
                threads: prep.threads.max(1) })
 }
 

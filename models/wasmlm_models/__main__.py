@@ -71,6 +71,14 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--docs", type=Path, help="also write this page (docs/benchmarks.md): the table "
                                              "with the machine, the date and --command")
     m.add_argument("--command", default="./build.sh benchmarks", help="the command named on that page")
+    n = sub.add_parser("nbits", help="ONNX Runtime's MatMulNBits forms of a bundle's FP32 with-past "
+                                     "file, as a bundle of their own")
+    n.add_argument("bundle", type=Path)
+    n.add_argument("--out", type=Path, required=True)
+    n.add_argument("--form", nargs="+", default=["8:32", "4:32"],
+                   help="bits:block, :asym for zero points (e.g. 4:128:asym)")
+    n.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="ONNX Runtime's compute type for the products (4: int8; default: none, float)")
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
     r.add_argument("spec")
     return ap
@@ -102,6 +110,21 @@ def main(argv: list[str] | None = None) -> int:
                 got = fidelity.compare(args.bundle / "model.onnx", args.bundle / f["name"], ids, window)
                 print(json.dumps({"preset": f["preset"], "file": f["name"], "mib": round(f["bytes"] / 2**20, 1),
                                   "text": args.text.name, **got}))
+        return 0
+    if args.cmd == "nbits":
+        from . import nbits
+        try:
+            forms = []
+            for form in args.form:
+                bits, block, *rest = form.split(":")
+                if int(bits) not in (4, 8) or rest not in ([], ["asym"]):
+                    raise ValueError(f"--form {form}: bits:block with bits 4 or 8, then :asym or nothing")
+                forms.append((int(bits), int(block), not rest))
+            for name in nbits.build(args.bundle, args.out, forms, args.accuracy_level):
+                print(name)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.cmd == "compare":
         from . import compare

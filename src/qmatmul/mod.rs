@@ -1,6 +1,6 @@
 //! INT8 weight products on our own integer kernels, in place of tract's.
 //!
-//! Two kinds, both found in the ONNX protobuf before tract sees it ([`rewrite`]):
+//! Three kinds, all found in the ONNX protobuf before tract sees it ([`rewrite`], [`nbits`]):
 //!
 //! - This module: the dynamic-quantization product of `quantize_dynamic` files. ONNX Runtime
 //!   writes each weight product as
@@ -13,12 +13,14 @@
 //!   product exact in i32 ([`kernel`]), then `float(acc) * (xs * Ws)` in the graph's order.
 //! - [`blockq8`]: `q8b32`'s block weights, kept as INT8 ([`rewrite::fuse_blocks`]); and
 //!   [`gather`], the embedding lookup on the same blocks.
+//! - [`nbits`]: ONNX Runtime's `MatMulNBits` (4 and 8 bits), on `blockq8`'s kernels.
 //!
 //! The weights are packed once, at load, in panels ([`kernel::PackedI8`]).
 
 pub mod blockq8;
 pub mod gather;
 pub mod kernel;
+pub mod nbits;
 pub mod rewrite;
 pub mod split;
 

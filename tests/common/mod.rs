@@ -45,6 +45,26 @@ pub fn bundle(reference: &str) -> PathBuf {
     out
 }
 
+/// build/test/nbits/<reference>: ONNX Runtime's MatMulNBits forms of the bundle's FP32 with-past
+/// file (its own quantizer, `python -m wasmlm_models nbits`), as a bundle of their own, made once
+/// a process. `forms`: bits:block[:asym].
+pub fn nbits_bundle(reference: &str, forms: &[&str]) -> PathBuf {
+    let src = bundle(reference);
+    let out = repo().join("build/test/nbits").join(reference);
+    let key = format!("nbits {reference} {forms:?}");
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(&key) {
+        let lock = std::fs::File::create(repo().join("build/models/.test-lock")).unwrap();
+        lock.lock().unwrap();
+        let mut args = vec!["nbits", src.to_str().unwrap(), "--out", out.to_str().unwrap(), "--form"];
+        args.extend(forms);
+        python(&args);
+        lock.unlock().unwrap();
+        checked.push(key);
+    }
+    out
+}
+
 /// ONNX Runtime's last-position logits (prefill, then `decode` steps) and `greedy` tokens.
 pub fn reference(bundle: &Path, file: &str, prompt: &[u32], decode: usize, greedy: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
     let mut args = vec!["reference".to_string(), bundle.display().to_string(), "--file".into(), file.into(),

@@ -1,0 +1,173 @@
+//! ONNX Runtime's `MatMulNBits` (com.microsoft: weights of 4 or 8 bits in blocks along K, one
+//! scale per block, zero points optional) on the `q8b32` block kernels.
+//!
+//! `Y = A @ Wᵀ` with `W[n][k] = (q[n][k] - zp[n][b]) * scale[n][b]`, `b = k / block_size`. Each
+//! weight minus its zero point is an integer that fits INT8 for every 4-bit file (|q - zp| <= 15)
+//! and for 8-bit files whose zero points leave it in [-128, 127] (symmetric ones: the default
+//! zero point 128 is what ORT's quantizer writes); a block of 64 or 128 is 2 or 4 blocks of 32
+//! with one scale. So the node becomes `WasmlmBlockQ8MatMul(A, q, scales)`, layout `nk`: the
+//! same products as the file's, on the kernels `q8b32` runs (4-bit weights are widened to
+//! 8 bits in memory). Anything else stays as the file writes it, for tract's own `MatMulNBits`
+//! (4 and 2 bits) to run: float16 activations, `g_idx`, zero points stored as floats, a K that
+//! is not a multiple of 32, weights not in the file's raw bytes. Such an 8-bit product (or one
+//! whose zero points put a weight outside INT8) is refused with the reason.
+
+use std::collections::HashMap;
+
+use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto};
+
+use super::blockq8::{self, BLOCK};
+use crate::proto::{drop_unread, replace_nodes};
+
+pub const OP_TYPE: &str = "MatMulNBits";
+
+/// Rewrites in place; returns how many products moved onto the block kernels. An 8-bit product
+/// it cannot move is an error that says why: tract runs 4 and 2 bits only.
+pub fn fuse(model: &mut ModelProto) -> Result<usize, String> {
+    let Some(graph) = model.graph.as_mut() else { return Ok(0) };
+    let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut added: Vec<TensorProto> = vec![];
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type != OP_TYPE || node.domain != "com.microsoft" {
+            continue;
+        }
+        match rewrite(graph, node) {
+            Ok((nodes, tensors)) => {
+                replace.insert(i, nodes);
+                added.extend(tensors);
+            }
+            Err(why) if node.attribute.iter().any(|a| a.name == "bits" && a.i == 8) => {
+                return Err(format!("{OP_TYPE} node {:?} (8 bits) runs only on the INT8 block kernels, and {why}", node.name));
+            }
+            Err(_) => {}
+        }
+    }
+    let count = replace.len();
+    if count > 0 {
+        replace_nodes(graph, replace);
+        graph.initializer.extend(added);
+        drop_unread(graph);
+    }
+    Ok(count)
+}
+
+/// One node's block product (and the bias's `Add`) with its two new initializers, or why not.
+fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<TensorProto>), String> {
+    let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i).ok_or(format!("it has no {name}"));
+    let (k, n, bits, block) = (attr("K")? as usize, attr("N")? as usize, attr("bits")?, attr("block_size")? as usize);
+    if !(bits == 4 || bits == 8) {
+        return Err(format!("{bits} bits are not 4 or 8"));
+    }
+    if k == 0 || n == 0 || k % BLOCK != 0 || block < BLOCK || block % BLOCK != 0 {
+        return Err(format!("K = {k} and block_size = {block} must be multiples of {BLOCK}"));
+    }
+    let input = |ix: usize| node.input.get(ix).filter(|s| !s.is_empty());
+    if input(4).is_some() || node.output.len() != 1 {
+        return Err("it has a g_idx (columns in an order of their own)".into());
+    }
+    let init = |ix: usize, what: &str| {
+        let name = input(ix).ok_or(format!("it has no {what}"))?;
+        graph.initializer.iter().find(|t| t.name == *name).ok_or(format!("its {what} are not in the file's initializers"))
+    };
+    let b = init(1, "weights")?;
+    let scales = init(2, "scales")?;
+    let k_blocks = k.div_ceil(block);
+    let blob = block * bits as usize / 8;
+    if b.data_type != DataType::Uint8 as i32 || b.raw_data.len() != n * k_blocks * blob {
+        return Err("its weights are not N x blocks x blob bytes in the file (external data?)".into());
+    }
+    // float scales: float16 ones mean float16 activations, which the block kernels do not take
+    if scales.data_type != DataType::Float as i32 {
+        return Err("its scales and activations are not float32".into());
+    }
+    let s: Vec<f32> = if !scales.raw_data.is_empty() {
+        scales.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    } else {
+        scales.float_data.clone()
+    };
+    if s.len() != n * k_blocks {
+        return Err(format!("it has {} scales for {n} x {k_blocks} blocks", s.len()));
+    }
+    // zero points: uint8, packed as the weights are (per column, ceil(k_blocks * bits / 8) bytes)
+    let default_zp = 1i32 << (bits - 1);
+    let zp_row = (k_blocks * bits as usize).div_ceil(8);
+    let zp: Option<&[u8]> = match input(3) {
+        None => None,
+        Some(_) => {
+            let t = init(3, "zero points")?;
+            if t.data_type != DataType::Uint8 as i32 || t.raw_data.len() != n * zp_row {
+                return Err("its zero points are not packed uint8".into());
+            }
+            Some(&t.raw_data)
+        }
+    };
+    let zero = |c: usize, blk: usize| -> i32 {
+        match zp {
+            None => default_zp,
+            Some(z) if bits == 8 => z[c * zp_row + blk] as i32,
+            Some(z) => (z[c * zp_row + blk / 2] >> (4 * (blk % 2)) & 15) as i32,
+        }
+    };
+    let raw = &b.raw_data;
+    let mut q = vec![0u8; n * k];
+    for c in 0..n {
+        for kk in 0..k {
+            let (blk, at) = (kk / block, kk % block);
+            let byte = raw[(c * k_blocks + blk) * blob + at * bits as usize / 8];
+            let v = if bits == 8 { byte as i32 } else { (byte >> (4 * (at % 2)) & 15) as i32 };
+            let w = v - zero(c, blk);
+            if !(-128..=127).contains(&w) {
+                return Err(format!("its zero points put weight ({c}, {kk}) at {w}, outside INT8 (asymmetric 8 bits)"));
+            }
+            q[c * k + kk] = w as i8 as u8;
+        }
+    }
+    let kb = k / BLOCK;
+    let mut sc = Vec::with_capacity(n * kb * 4);
+    for c in 0..n {
+        for b32 in 0..kb {
+            sc.extend_from_slice(&s[c * k_blocks + b32 * BLOCK / block].to_le_bytes());
+        }
+    }
+    let name = &node.output[0];
+    let q = TensorProto {
+        name: format!("{name}.q8"),
+        dims: vec![n as i64, kb as i64, BLOCK as i64],
+        data_type: DataType::Int8 as i32,
+        raw_data: q,
+        ..Default::default()
+    };
+    let sc = TensorProto {
+        name: format!("{name}.scales"),
+        dims: vec![n as i64, kb as i64, 1],
+        data_type: DataType::Float as i32,
+        raw_data: sc,
+        ..Default::default()
+    };
+    let bias = input(5);
+    let y = if bias.is_some() { format!("{name}.unbiased") } else { name.clone() };
+    let product = NodeProto {
+        name: format!("{}.blocks", node.name),
+        op_type: blockq8::OP_TYPE.into(),
+        input: vec![node.input[0].clone(), q.name.clone(), sc.name.clone()],
+        output: vec![y.clone()],
+        attribute: vec![AttributeProto {
+            name: "layout".into(),
+            r#type: tract_onnx::pb::attribute_proto::AttributeType::String as i32,
+            s: b"nk".to_vec(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut nodes = vec![product];
+    if let Some(bias) = bias {
+        nodes.push(NodeProto {
+            name: format!("{}.bias", node.name),
+            op_type: "Add".into(),
+            input: vec![y, bias.clone()],
+            output: vec![name.clone()],
+            ..Default::default()
+        });
+    }
+    Ok((nodes, vec![q, sc]))
+}
