@@ -179,6 +179,16 @@ pub fn panel_scales(k: usize, n: usize, scale: impl Fn(usize, usize) -> f32) -> 
 
 /// Symmetric int16 quantization of one row: returns the scale (0 for an all-zero row).
 pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some(scale) = simd128::quantize_row(x, out) {
+        return scale;
+    }
+    quantize_row_portable(x, out)
+}
+
+/// [`quantize_row`] in scalar code: what the SIMD128 one computes, and its path for a row with a
+/// NaN or an infinity.
+pub fn quantize_row_portable(x: &[f32], out: &mut [i16]) -> f32 {
     let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if max == 0.0 || !max.is_finite() {
         out.iter_mut().for_each(|o| *o = 0);
@@ -385,6 +395,54 @@ mod simd128 {
         }
     }
 
+    /// [`super::quantize_row_portable`]'s result, four lanes at a time (the max is exact in any
+    /// order; the rounding is the same operations per value); None for a row with a NaN or an
+    /// infinity, which the portable code handles.
+    pub fn quantize_row(x: &[f32], out: &mut [i16]) -> Option<f32> {
+        let n8 = x.len() / 8 * 8;
+        let mut max = f32x4_splat(0.0);
+        let mut bad = i32x4_splat(0);
+        let inf = f32x4_splat(f32::INFINITY);
+        for c in x[..n8].chunks_exact(4) {
+            let v = f32x4_abs(unsafe { v128_load(c.as_ptr() as *const v128) });
+            bad = v128_or(bad, v128_not(f32x4_lt(v, inf))); // NaN or infinity
+            max = f32x4_max(max, v);
+        }
+        if v128_any_true(bad) {
+            return None;
+        }
+        let mut m = f32x4_extract_lane::<0>(max)
+            .max(f32x4_extract_lane::<1>(max))
+            .max(f32x4_extract_lane::<2>(max))
+            .max(f32x4_extract_lane::<3>(max));
+        for v in &x[n8..] {
+            if !v.is_finite() {
+                return None;
+            }
+            m = m.max(v.abs());
+        }
+        if m == 0.0 {
+            return None;
+        }
+        let scale = m / 32767.0;
+        let inv = 32767.0 / m;
+        const ROUND: f32 = 12_582_912.0;
+        let (vinv, lo, hi, round) = (f32x4_splat(inv), f32x4_splat(-32767.0), f32x4_splat(32767.0), f32x4_splat(ROUND));
+        let q = |p: *const f32| unsafe {
+            let v = f32x4_mul(v128_load(p as *const v128), vinv);
+            let v = f32x4_min(f32x4_max(v, lo), hi);
+            i32x4_trunc_sat_f32x4(f32x4_sub(f32x4_add(v, round), round))
+        };
+        for (c, o) in x[..n8].chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+            let w = i16x8_narrow_i32x4(q(c.as_ptr()), q(c[4..].as_ptr()));
+            unsafe { v128_store(o.as_mut_ptr() as *mut v128, w) };
+        }
+        for (o, &v) in out[n8..].iter_mut().zip(&x[n8..]) {
+            *o = (((v * inv).clamp(-32767.0, 32767.0) + ROUND) - ROUND) as i16;
+        }
+        Some(scale)
+    }
+
     /// Lane j of `s` (column j's block scale) in every lane, for each column of the panel.
     #[inline]
     fn column_scales(s: v128) -> [v128; PANEL] {
@@ -553,8 +611,8 @@ mod x86 {
     }
 }
 
-/// Every block kernel this process can run (the wasm builds run it on theirs: tests/wasm.rs)
-/// against an f64 reference of the same integer-and-scale arithmetic, and the whole (quantized
+/// The row quantization against its portable code, then every block kernel this process can
+/// run (the wasm builds run it on theirs: tests/wasm.rs) against an f64 reference of the same integer-and-scale arithmetic, and the whole (quantized
 /// x) product against the f32 product of the dequantized weights; cut in parts, and each row of
 /// a product of several rows (SIMD128 takes them two by two, AVX-512 VNNI four by four) against that row alone, bit for
 /// bit. Returns the names of the kernels checked, or the first difference.
@@ -565,6 +623,25 @@ pub fn check_block_kernels() -> Result<Vec<&'static str>, String> {
         *seed >> 33
     }
     let mut seed = 3;
+    // the row quantization (SIMD128's own in wasm) against the portable one: lengths around the
+    // vectors' 8, halves to round, a NaN, an infinity, an all-zero row
+    for len in [1, 7, 8, 9, 33, 576] {
+        for case in 0..5 {
+            let mut x: Vec<f32> = (0..len).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+            match case {
+                1 => x.iter_mut().for_each(|v| *v = (*v * 8.0).round() / 2.0 + 0.5), // ties after scaling
+                2 => x[len / 2] = f32::NAN,
+                3 => x[len - 1] = f32::NEG_INFINITY,
+                4 => x.iter_mut().for_each(|v| *v = 0.0),
+                _ => {}
+            }
+            let (mut a, mut b) = (vec![0i16; len], vec![0i16; len]);
+            let (sa, sb) = (quantize_row(&x, &mut a), quantize_row_portable(&x, &mut b));
+            if a != b || sa.to_bits() != sb.to_bits() {
+                return Err(format!("quantize_row, {len} values, case {case}: {sa} {a:?} against {sb} {b:?}"));
+            }
+        }
+    }
     let mut checked = vec![];
     for &(rows, kb, n) in &[(1, 2, 4), (1, 24, 1536), (3, 18, 7), (2, 3, 5), (5, 4, 9), (9, 18, 13)] {
         let k = kb * BLOCK;
