@@ -471,14 +471,7 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
         let kvi = bi * kv + hi / group;
         let (qh, kh, vh) = (&q[head * s * d..][..s * d], k.head(kvi), v.head(kvi));
         let mask_row = |r: usize| &mask[bi * st[0] + hi * st[1] + r * st[2]..];
-        let blocked = s >= BLOCKED_ROWS;
-        if blocked {
-            product(qh, &[s, d], kh, &[l, d], true, 1, scores);
-        }
-        for (r, row) in scores.chunks_exact_mut(l.max(1)).enumerate() {
-            if !blocked {
-                key_scores(&qh[r * d..][..d], kh, row);
-            }
+        let scale_mask_softmax = |r: usize, row: &mut [f32]| {
             if st[3] == 1 {
                 scale_and_mask(row, scale, mask_row(r));
             } else {
@@ -488,18 +481,36 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
                 }
             }
             softmax(row);
-        }
-        if blocked {
-            product(scores, &[s, l], vh, &[l, dv], false, 1, y);
-        } else if dv > 0 {
-            for (p, y) in scores.chunks_exact(l.max(1)).zip(y.chunks_exact_mut(dv)) {
-                mix(&p[..l], vh, y);
+        };
+        if s < BLOCKED_ROWS {
+            for (r, row) in scores[..s * l].chunks_exact_mut(l.max(1)).enumerate() {
+                key_scores(&qh[r * d..][..d], kh, row);
+                scale_mask_softmax(r, row);
             }
+            if dv > 0 {
+                for (p, y) in scores[..s * l].chunks_exact(l.max(1)).zip(y.chunks_exact_mut(dv)) {
+                    mix(&p[..l], vh, y);
+                }
+            }
+            return;
+        }
+        // a prefill: rows a chunk at a time, each against the keys its mask leaves live
+        let mut r0 = 0;
+        while r0 < s {
+            let r1 = if s - r0 < CHUNK_ROWS + BLOCKED_ROWS { s } else { r0 + CHUNK_ROWS };
+            let w = live_keys(r0..r1, l, |r, j| mask_row(r)[j * st[3]]);
+            let chunk = &mut scores[..(r1 - r0) * w];
+            product(&qh[r0 * d..r1 * d], &[r1 - r0, d], &kh[..w * d], &[w, d], true, 1, chunk);
+            for (i, row) in chunk.chunks_exact_mut(w.max(1)).enumerate() {
+                scale_mask_softmax(r0 + i, row);
+            }
+            product(chunk, &[r1 - r0, w], &vh[..w * dv], &[w, dv], false, 1, &mut y[r0 * dv..r1 * dv]);
+            r0 = r1;
         }
     };
     let work = b * h * s * l * (d + dv) * 4;
     crate::qmatmul::split::on_threads(work, || {
-        let mut scores = vec![0f32; s * l];
+        let mut scores = vec![0f32; s.min(CHUNK_ROWS + BLOCKED_ROWS) * l];
         loop {
             let i = next.fetch_add(1, Relaxed);
             if i >= ys.len() {
@@ -512,6 +523,27 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     });
     drop(ys);
     Ok(y)
+}
+
+/// A prefill's query rows per blocked product (a last piece of fewer than [`BLOCKED_ROWS`] goes
+/// with the one before).
+const CHUNK_ROWS: usize = 64;
+
+/// How many of the `l` keys rows `rows` compute against: the keys after the last one any of the
+/// rows can see (a causal mask's future, at -3.4e38 or -inf) are left out, rounded up to a
+/// multiple of 8 (or all `l`) so that each row's softmax sums its lanes as over the whole row
+/// (rows.rs): a left-out key's weight is exactly 0 there (its `exp` is below -87), so the rows
+/// get the same bits as against every key. A row that sees no key takes every key, as the
+/// softmax of an all-masked row is uniform. `mask(r, j)`: row r's mask at key j.
+fn live_keys(rows: std::ops::Range<usize>, l: usize, mask: impl Fn(usize, usize) -> f32) -> usize {
+    const DEAD: f32 = -1e30;
+    let mut live = 0;
+    for r in rows {
+        let Some(last) = (0..l).rev().find(|&j| !(mask(r, j) <= DEAD)) else { return l }; // NaN: live
+        live = live.max(last + 1);
+    }
+    let w = live.div_ceil(8) * 8;
+    if w <= l / 8 * 8 { w } else { l }
 }
 
 /// Piece `i` of [`slots`], if nobody took it.
@@ -550,6 +582,38 @@ mod tests {
     fn rows(r: &Rows) -> Vec<f32> {
         let k = r.keys();
         (0..k.shape[0] * k.shape[1]).flat_map(|i| k.head(i).to_vec()).collect()
+    }
+
+    /// A prefill against only the keys its causal mask leaves live gives the bits it gets against
+    /// every key: the same mask at -1e29 (below the softmax's exp range, so every left-out weight
+    /// is 0 either way, but not taken as dead) computes against all of them. 150 new rows after
+    /// a past of 37, two query heads per key head, rows of 8 and of 20 (a softmax tail).
+    #[test]
+    fn a_prefill_against_its_live_keys_equals_one_against_all() {
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n).map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+            }).collect()
+        };
+        for d in [8, 20] {
+            let (p, s, kv, group) = (37, 150, 2, 2);
+            let l = p + s;
+            let tensor = |shape: &[usize], v: Vec<f32>| tract_ndarray::ArrayD::from_shape_vec(shape, v).unwrap().into_tensor();
+            let q = tensor(&[1, kv * group, s, d], rnd(kv * group * s * d));
+            let k = tensor(&[1, kv, l, d], rnd(kv * l * d));
+            let v = tensor(&[1, kv, l, d], rnd(kv * l * d));
+            let mask = |dead: f32| tensor(&[1, 1, s, l], (0..s * l).map(|i| if i % l > p + i / l { dead } else { 0.0 }).collect());
+            let (causal, kept) = (mask(f32::MIN), mask(-1e29));
+            let m = causal.try_as_plain_ram().unwrap();
+            let m = m.as_slice::<f32>().unwrap();
+            assert!(live_keys(0..CHUNK_ROWS, l, |r, j| m[r * l + j]) < l, "the first rows leave keys out");
+            let (k, v) = (Keys::whole(&k).unwrap(), Keys::whole(&v).unwrap());
+            let cut = attend(&q, &k, &v, &causal, 0.125, group).unwrap();
+            let all = attend(&q, &k, &v, &kept, 0.125, group).unwrap();
+            assert_eq!(flat(&cut), flat(&all), "head size {d}");
+        }
     }
 
     /// The cache grown in place holds what the graph's Concat made: appended to, cut to a
