@@ -66,21 +66,38 @@ models() {
 }
 
 baselines() {
-  local dirs=() flags=()
+  local dirs=() flags=() nbits=() ref
   for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); flags+=(--bundle "build/models/$ref"); done
   say "native baselines: PyTorch, bitsandbytes, ONNX Runtime (each row in its own process; minutes)"
   setup_torch
   (cd models && ../"$PYT" -m wasmlm_models baselines "${dirs[@]}" --out ../build/baselines.json \
       --cache-dir ../build/hf)
+  # ONNX Runtime's own best weight-only form of the Llama-shaped models (its quantizer takes
+  # MatMul, not GPT-2's Gemm): MatMulNBits, 8 and 4 bits, blocks of 32, accuracy_level 4 (int8
+  # compute), the LM head included; measured by ONNX Runtime and by this engine alike.
+  for ref in "${MODELS[@]}"; do
+    grep -q '"arch": "llama"' "build/models/$ref/manifest.json" || continue
+    say "ONNX Runtime's MatMulNBits forms of $ref: build/models/$ref-nbits"
+    (cd models && ../"$PY" -m wasmlm_models nbits "../build/models/$ref" --out "../build/models/$ref-nbits" \
+        --form 8:32 4:32 --accuracy-level 4)
+    nbits+=("build/models/$ref-nbits")
+  done
+  if ((${#nbits[@]})); then
+    (cd models && ../"$PYT" -m wasmlm_models baselines "${nbits[@]/#/../}" --out ../build/baselines.json \
+        --backends onnxruntime)
+    for ref in "${nbits[@]}"; do flags+=(--bundle "$ref"); done
+  fi
   say "native baselines: tract native (this engine), same protocol, same machine, same run"
   ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text $TEXT
+  NBITS=(${nbits[@]+"${nbits[@]}"})
   bench_wasm
 }
 
 # The same protocol in Node's V8: this engine's wasm build and onnxruntime-web on the same files.
 bench_wasm() {
-  local flags=()
+  local flags=() ref
   for ref in "${MODELS[@]}"; do flags+=(--bundle "build/models/$ref"); done
+  for ref in ${NBITS[@]+"${NBITS[@]}"}; do flags+=(--bundle "$ref"); done
   [[ -d build/pkg ]] || wasm
   say "wasm baselines in Node: tract wasm (SIMD128) and onnxruntime-web, same files, 1 thread"
   node_packages

@@ -2,7 +2,7 @@
 `onnxruntime.quantization.matmul_nbits_quantizer` from the bundle's FP32 with-past file.
 
 `build` writes a bundle folder beside the source one: its tokenizer files, a manifest listing the
-MatMulNBits files (and the FP32 file they come from), and the files, one per form, e.g.
+MatMulNBits files only, and the files, one per form, e.g.
 `model.with_past.nbits8-b32.onnx`. A tied LM head (`MatMul(x, Transpose(embedding))`) is given
 a weight of its own first, as Optimum's exports have it, so that the quantizer takes it too: the
 head quantized, the embedding's table FP32, as ONNX Runtime's own best weight-only form. The engine runs those products on its block kernels
@@ -59,6 +59,9 @@ def quantize(src: Path, dst: Path, bits: int, block: int, symmetric: bool, accur
     q = mnb.MatMulNBitsQuantizer(model, block_size=block, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, algo_config=config)
     q.process()
+    if not any(n.op_type == "MatMulNBits" for n in q.model.model.graph.node):
+        raise ValueError(f"{src.name}: ONNX Runtime's quantizer found no MatMul with a constant weight "
+                         "(it does not take Gemm, which GPT-2's exports use)")
     with atomic_path(dst) as tmp:
         onnx.save(q.model.model, str(tmp))
 
@@ -66,26 +69,27 @@ def quantize(src: Path, dst: Path, bits: int, block: int, symmetric: bool, accur
 def build(bundle: Path, out: Path, forms: list[tuple[int, int, bool]], accuracy_level: int | None) -> list[str]:
     """The MatMulNBits bundle of `bundle` in `out`; returns the files written."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    source = next((f for f in manifest["files"] if f["name"] == SOURCE), None)
-    if source is None:
+    if not any(f["name"] == SOURCE for f in manifest["files"]):
         raise FileNotFoundError(f"{bundle / 'manifest.json'} lists no {SOURCE}")
     out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.onnx"):  # another run's forms
+        f.unlink()
     for f in bundle.iterdir():
         if f.is_file() and f.suffix != ".onnx" and f.name != "manifest.json":
             shutil.copyfile(f, out / f.name)
-    shutil.copyfile(bundle / SOURCE, out / SOURCE)
-    entries = [dict(f) for f in manifest["files"] if f["kind"] != "onnx"] + [dict(source)]
+    entries = [dict(f) for f in manifest["files"] if f["kind"] != "onnx"]
     names = []
     for bits, block, symmetric in forms:
         name = f"model.with_past.{form_name(bits, block, symmetric)}.onnx"
         quantize(bundle / SOURCE, out / name, bits, block, symmetric, accuracy_level)
         entries.append({**file_entry(out / name), "kind": "onnx", "precision": f"int{bits}",
-                        "cache": "with_past", "preset": f"ort-matmulnbits-{form_name(bits, block, symmetric)}",
+                        "cache": "with_past", "preset": f"ort-matmul{form_name(bits, block, symmetric)}",
                         "accuracy_level": accuracy_level})
         names.append(name)
     manifest = {**manifest, "files": entries,
                 "default": {**manifest["default"], "file": names[0], "preset": entries[-len(names)]["preset"],
                             "precision": entries[-len(names)]["precision"]}}
-    manifest.pop("fidelity", None)
+    manifest.pop("fidelity", None)  # both measured the source bundle's files
+    manifest.pop("parity", None)
     write_json(out / "manifest.json", manifest)
     return names
