@@ -1,6 +1,7 @@
 // The context sweep (bench::context_sweep) in headless Chromium, one page per wasm build, through
 // the client module as an embedding page would call it (lm.sweep), with the native runs' JSON
-// (`wasmlm context --json`) beside it: docs/context.md, with the machine and the date.
+// (`wasmlm context --json`) beside it, and live chat answers against the benchmark mode in the
+// same page: docs/context.md, with the machine and the date.
 // `./build.sh context` runs it. A measurement, not a test.
 //
 //   node tests/node/context-report.mjs SITE --rounds N --native FILE… --builds B… --out FILE --command TEXT
@@ -50,14 +51,24 @@ try {
       const index = await (await fetch("models/index.json")).json();
       const lm = await WasmLM.load(`models/${index.models[0]}/`, { build });
       try {
+        // what a user sees: two 64-token chat answers right after the load, the page's own
+        // stats; then the benchmark mode's decode in the same page
+        const live = [];
+        for (const content of ["Tell me a long story about a lighthouse keeper.", "Explain how a bicycle works, in detail."]) {
+          const reply = lm.chat([{ role: "user", content }], { max_new_tokens: 64, ignore_eos: true });
+          for await (const _ of reply) { /* streamed as the page streams it */ }
+          live.push((await reply.done).stats);
+        }
+        const bench = (await lm.bench(text, { runs: 5 })).row.decode_ms_per_token;
         const { sweep } = await lm.sweep(text, { rounds });
-        return { sweep, build: lm.build };
+        return { sweep, build: lm.build, live, bench };
       } finally {
         lm.terminate();
       }
     }, { build, rounds });
     const threads = r.build.threadCount ?? 1;
-    results.push({ where: `${browserName}, ${r.build.simd === "none" ? "no SIMD" : r.build.simd} build, ${threads} thread${threads > 1 ? "s" : ""}`, ...r.sweep });
+    results.push({ where: `${browserName}, ${r.build.simd === "none" ? "no SIMD" : r.build.simd} build, ${threads} thread${threads > 1 ? "s" : ""}`,
+      live: r.live, bench: r.bench, ...r.sweep });
     log(`${build}: done`);
     await page.close();
   }
@@ -93,6 +104,19 @@ const lines = [
   ...results.map((r) => `| ${r.where} | ${r.prefill.map((p) => p.tokens_per_s.toFixed(1)).join(" | ")} | ` +
     `${cell(r.prefill_512_chunked?.tokens_per_s.toFixed(1))} | ${cell(r.second_turn?.ms_after_history.toFixed(0))} ms | ` +
     `${cell(r.second_turn?.ms_on_empty_cache.toFixed(0))} ms | ${cell(r.second_turn?.ratio)}x |`),
+  "",
+  "Live chat answers against the benchmark mode, in the same page: two 64-token answers right after the load (`lm.chat`, " +
+    "EOS ignored; decode ms/token median / p90 from the reply's own stats), then the benchmark mode's decode (`lm.bench`, 5 runs, median):",
+  "",
+  "| where | first answer | second answer | benchmark mode | first / benchmark | second / benchmark |",
+  "|---|---|---|---|---|---|",
+  ...results.filter((r) => r.live).map((r) => {
+    const [a, b] = r.live;
+    const ratio = (x) => (x / r.bench.median).toFixed(3);
+    return `| ${r.where} | ${a.decode_ms_median.toFixed(2)} / ${a.decode_ms_p90.toFixed(2)} | ${b.decode_ms_median.toFixed(2)} / ` +
+      `${b.decode_ms_p90.toFixed(2)} | ${r.bench.median.toFixed(2)} | ${ratio(a.decode_ms_median)} (p90 ${ratio(a.decode_ms_p90)}) | ` +
+      `${ratio(b.decode_ms_median)} (p90 ${ratio(b.decode_ms_p90)}) |`;
+  }),
   "",
 ];
 writeFileSync(out + ".partial", lines.join("\n"));
