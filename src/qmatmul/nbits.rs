@@ -4,13 +4,15 @@
 //! `Y = A @ Wᵀ` with `W[n][k] = (q[n][k] - zp[n][b]) * scale[n][b]`, `b = k / block_size`. Each
 //! weight minus its zero point is an integer that fits INT8 for every 4-bit file (|q - zp| <= 15)
 //! and for 8-bit files whose zero points leave it in [-128, 127] (symmetric ones: the default
-//! zero point 128 is what ORT's quantizer writes); a block of 64 or 128 is 2 or 4 blocks of 32
-//! with one scale. So the node becomes `WasmlmBlockQ8MatMul(A, q, scales)`, layout `nk`: the
+//! zero point 128 is what ORT's quantizer writes). Other 8-bit files keep `q - 128` and subtract
+//! the rest of each zero point after the product: `(zp - 128) * scale` times the block's sum of
+//! x, two small float products and a `Sub`. A block of 64 or 128 is 2 or 4 blocks of 32 with
+//! one scale. So the node becomes `WasmlmBlockQ8MatMul(A, q, scales)`, layout `nk`: the
 //! same products as the file's, on the kernels `q8b32` runs (4-bit weights are widened to
 //! 8 bits in memory). Anything else stays as the file writes it, for tract's own `MatMulNBits`
 //! (4 and 2 bits) to run: float16 activations, `g_idx`, zero points stored as floats, a K that
-//! is not a multiple of 32, weights not in the file's raw bytes. Such an 8-bit product (or one
-//! whose zero points put a weight outside INT8) is refused with the reason.
+//! is not a multiple of 32, weights not in the file's raw bytes. Such an 8-bit product is
+//! refused with the reason.
 
 use std::collections::HashMap;
 
@@ -109,16 +111,20 @@ fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<
         }
     };
     let raw = &b.raw_data;
+    let weight = |c: usize, kk: usize| -> i32 {
+        let (blk, at) = (kk / block, kk % block);
+        let byte = raw[(c * k_blocks + blk) * blob + at * bits as usize / 8];
+        if bits == 8 { byte as i32 } else { (byte >> (4 * (at % 2)) & 15) as i32 }
+    };
+    // Each weight less its zero point, when all fit INT8 (always at 4 bits); otherwise (8 bits
+    // with zero points far from 128) each weight less 128, and the rest of each zero point,
+    // `(zp - 128) * scale * Σ x` over the block, subtracted after the product (`shifted`).
+    let fits = (0..n).all(|c| (0..k).all(|kk| (-128..=127).contains(&(weight(c, kk) - zero(c, kk / block)))));
+    let shifted = !fits;
     let mut q = vec![0u8; n * k];
     for c in 0..n {
         for kk in 0..k {
-            let (blk, at) = (kk / block, kk % block);
-            let byte = raw[(c * k_blocks + blk) * blob + at * bits as usize / 8];
-            let v = if bits == 8 { byte as i32 } else { (byte >> (4 * (at % 2)) & 15) as i32 };
-            let w = v - zero(c, blk);
-            if !(-128..=127).contains(&w) {
-                return Err(format!("its zero points put weight ({c}, {kk}) at {w}, outside INT8 (asymmetric 8 bits)"));
-            }
+            let w = weight(c, kk) - if shifted { 128 } else { zero(c, kk / block) };
             q[c * k + kk] = w as i8 as u8;
         }
     }
@@ -160,6 +166,45 @@ fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<
         ..Default::default()
     };
     let mut nodes = vec![product];
+    let mut tensors = vec![q, sc];
+    if shifted {
+        // Σ x over each block of 32: x (…, K) @ E (K, K/32) of ones; then @ C (K/32, N), C[b][c]
+        // = (zp - 128) * scale of column c's block b
+        let product_out = std::mem::replace(&mut nodes[0].output[0], format!("{name}.shifted"));
+        let f32_tensor = |name: String, dims: Vec<i64>, v: Vec<f32>| TensorProto {
+            name,
+            dims,
+            data_type: DataType::Float as i32,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        let mut ones = vec![0f32; k * kb];
+        for kk in 0..k {
+            ones[kk * kb + kk / BLOCK] = 1.0;
+        }
+        let mut rest = vec![0f32; kb * n];
+        for b32 in 0..kb {
+            let blk = b32 * BLOCK / block;
+            for c in 0..n {
+                rest[b32 * n + c] = (zero(c, blk) - 128) as f32 * s[c * k_blocks + blk];
+            }
+        }
+        let e = f32_tensor(format!("{name}.block_ones"), vec![k as i64, kb as i64], ones);
+        let r = f32_tensor(format!("{name}.zero_point_rest"), vec![kb as i64, n as i64], rest);
+        let make = |suffix: &str, op: &str, input: Vec<String>, output: String| NodeProto {
+            name: format!("{}.{suffix}", node.name),
+            op_type: op.into(),
+            input,
+            output: vec![output],
+            ..Default::default()
+        };
+        let sums = format!("{name}.block_sums");
+        let correction = format!("{name}.zero_point_correction");
+        nodes.push(make("block_sums", "MatMul", vec![node.input[0].clone(), e.name.clone()], sums.clone()));
+        nodes.push(make("correction", "MatMul", vec![sums, r.name.clone()], correction.clone()));
+        nodes.push(make("zero_points", "Sub", vec![format!("{name}.shifted"), correction], product_out));
+        tensors.extend([e, r]);
+    }
     if let Some(bias) = bias {
         nodes.push(NodeProto {
             name: format!("{}.bias", node.name),
@@ -169,5 +214,5 @@ fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<
             ..Default::default()
         });
     }
-    Ok((nodes, vec![q, sc]))
+    Ok((nodes, tensors))
 }
