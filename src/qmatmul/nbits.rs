@@ -56,11 +56,16 @@ pub fn fuse(model: &mut ModelProto) -> Result<usize, String> {
 /// One node's block product (and the bias's `Add`) with its two new initializers, or why not.
 fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<TensorProto>), String> {
     let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i).ok_or(format!("it has no {name}"));
-    let (k, n, bits, block) = (attr("K")? as usize, attr("N")? as usize, attr("bits")?, attr("block_size")? as usize);
+    // sizes from the file: bounded before any arithmetic on them (2^24 each: no product overflows)
+    let size = |name: &str| -> Result<usize, String> {
+        let v = attr(name)?;
+        (1..=1 << 24).contains(&v).then_some(v as usize).ok_or(format!("its {name} = {v} is not between 1 and 2^24"))
+    };
+    let (k, n, bits, block) = (size("K")?, size("N")?, attr("bits")?, size("block_size")?);
     if !(bits == 4 || bits == 8) {
         return Err(format!("{bits} bits are not 4 or 8"));
     }
-    if k == 0 || n == 0 || k % BLOCK != 0 || block < BLOCK || block % BLOCK != 0 {
+    if k % BLOCK != 0 || block < BLOCK || block % BLOCK != 0 {
         return Err(format!("K = {k} and block_size = {block} must be multiples of {BLOCK}"));
     }
     let input = |ix: usize| node.input.get(ix).filter(|s| !s.is_empty());
@@ -215,4 +220,41 @@ fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<
         });
     }
     Ok((nodes, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node whose sizes or bytes do not add up is left alone (or refused at 8 bits) with the
+    /// reason, never indexed past its bytes.
+    #[test]
+    fn a_hostile_node_is_refused_not_read_past_its_bytes() {
+        let int = |name: &str, i: i64| AttributeProto { name: name.into(), i, ..Default::default() };
+        let node = |k: i64, n: i64, bits: i64| NodeProto {
+            name: "mm".into(),
+            op_type: OP_TYPE.into(),
+            domain: "com.microsoft".into(),
+            input: vec!["x".into(), "b".into(), "s".into()],
+            output: vec!["y".into()],
+            attribute: vec![int("K", k), int("N", n), int("bits", bits), int("block_size", 32)],
+            ..Default::default()
+        };
+        let graph = |raw: usize, scales: usize| GraphProto {
+            initializer: vec![
+                TensorProto { name: "b".into(), data_type: DataType::Uint8 as i32, raw_data: vec![0; raw], ..Default::default() },
+                TensorProto { name: "s".into(), data_type: DataType::Float as i32, raw_data: vec![0; scales * 4], ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let g = graph(64, 2);
+        assert!(rewrite(&g, &node(32, 2, 8)).is_ok());
+        for (k, n, why) in [(1 << 40, 2, "between 1 and 2^24"), (-32, 2, "between 1 and 2^24"), (32, 0, "between 1 and 2^24"),
+                            (64, 2, "N x blocks x blob"), (33, 2, "multiples of 32")] {
+            let e = rewrite(&g, &node(k, n, 8)).unwrap_err();
+            assert!(e.contains(why), "K={k} N={n}: {e}");
+        }
+        let mut model = ModelProto { graph: Some(GraphProto { node: vec![node(64, 2, 8)], ..graph(64, 2) }), ..Default::default() };
+        assert!(fuse(&mut model).unwrap_err().contains("N x blocks x blob"));
+    }
 }
