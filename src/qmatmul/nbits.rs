@@ -124,14 +124,23 @@ fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<
     // Each weight less its zero point, when all fit INT8 (always at 4 bits); otherwise (8 bits
     // with zero points far from 128) each weight less 128, and the rest of each zero point,
     // `(zp - 128) * scale * Σ x` over the block, subtracted after the product (`shifted`).
-    let fits = (0..n).all(|c| (0..k).all(|kk| (-128..=127).contains(&(weight(c, kk) - zero(c, kk / block)))));
-    let shifted = !fits;
     let mut q = vec![0u8; n * k];
-    for c in 0..n {
-        for kk in 0..k {
-            let w = weight(c, kk) - if shifted { 128 } else { zero(c, kk / block) };
-            q[c * k + kk] = w as i8 as u8;
+    let mut fill = |shifted: bool| {
+        for c in 0..n {
+            for kk in 0..k {
+                let w = weight(c, kk) - if shifted { 128 } else { zero(c, kk / block) };
+                if !(-128..=127).contains(&w) {
+                    return false;
+                }
+                q[c * k + kk] = w as i8 as u8;
+            }
         }
+        true
+    };
+    // one pass in the common case; a second, shifted, only when a weight left INT8
+    let shifted = !fill(false);
+    if shifted {
+        fill(true);
     }
     let kb = k / BLOCK;
     let mut sc = Vec::with_capacity(n * kb * 4);
