@@ -307,10 +307,14 @@ async function resume() {
 
 // After a chat turn: the conversation and its cache, for a reload to resume.
 async function save() {
+  // data-saved: the cache length of the last conversation stored ("" while a save runs), which
+  // tells a script (the e2e test) when a reload will find the turn
+  $("transcript").dataset.saved = "";
   try {
     const snapshot = await state.lm.session.snapshot();
     await conversation.put({ model: state.loaded?.info.model, file: state.loaded?.info.file, messages: state.messages,
       snapshot, cacheTokens: state.lm.session.length, saved: new Date().toISOString() });
+    $("transcript").dataset.saved = String(state.lm.session.length);
   } catch (err) {
     notice(`The conversation could not be saved in this browser: ${err.message}`);
   }

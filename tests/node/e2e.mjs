@@ -218,7 +218,10 @@ async function main() {
     assert.match(await page.textContent("#context-note"), new RegExp(`ran ${italy.fed} new token`), "the page shows the count");
 
     // 1c. A reload resumes the conversation from its saved KV cache (IndexedDB): the transcript
-    //     is back, nothing is run again, and a third turn runs only its own tokens.
+    //     is back, nothing is run again, and a third turn runs only its own tokens. The reload
+    //     waits for the turn's save (the page stores it after the reply).
+    await page.waitForFunction((n) => document.querySelector("#transcript").dataset.saved === String(n), italy.cache,
+      { timeout: 30_000 });
     await open(page, url, cores >= 3);
     await loadModel(page);
     await page.waitForFunction(() => /Resumed|not restored/.test(document.querySelector("#context-note").textContent),
