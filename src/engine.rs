@@ -30,6 +30,29 @@ pub struct LoadedInfo {
     /// "N attention products, A attention cores, M GELUs, R rotary embeddings" on our own ops
     /// (fused/), if any.
     pub fused_ops: Option<String>,
+    /// The graph's I/O as found: whose names, layers, key/value heads, which extra inputs are
+    /// fed, and whether the attention ops keep the cache in place.
+    pub layout: String,
+}
+
+fn layout(graph: &Graph) -> String {
+    use crate::convention::Style;
+    let c = &graph.conv;
+    let names = match c.style {
+        Style::PastKeyIndexed => "this engine's names (past_key_<i>)",
+        Style::Optimum => "Optimum's names (past_key_values.<i>.key)",
+        Style::NoCache => return "no KV cache (input_ids -> logits): every step reads the whole text again".into(),
+    };
+    let extra: Vec<&str> = [(c.attention_mask.is_some(), "attention_mask"), (c.position_ids.is_some(), "position_ids")]
+        .iter().filter(|(has, _)| *has).map(|(_, n)| *n).collect();
+    let fed = if extra.is_empty() { String::new() } else { format!(", {} fed", extra.join(" and ")) };
+    let kept = if graph.cache_in_ops() {
+        "kept in place by the attention ops"
+    } else {
+        "passed through the graph's inputs and outputs at each step"
+    };
+    format!("KV cache with {names}: {} layers, {} key/value heads of {}{fed}; the cache is {kept}",
+            c.layers(), graph.kv_heads, graph.head_dim)
 }
 
 fn fused_ops(graph: &Graph) -> Option<String> {
@@ -111,6 +134,7 @@ impl Engine {
             nodes: graph.nodes,
             int8_kernels: graph.kernels.clone(),
             fused_ops: fused_ops(&graph),
+            layout: layout(&graph),
         };
         Ok(Engine { graph: Arc::new(graph), sha256: entry.sha256.as_str().into(), text, eos_ids: manifest.tokens.eos_ids.clone(),
                     context: arch.context, info })
@@ -180,6 +204,7 @@ impl Engine {
             nodes: graph.nodes,
             int8_kernels: graph.kernels.clone(),
             fused_ops: fused_ops(&graph),
+            layout: layout(&graph),
         };
         Ok(Engine { graph: Arc::new(graph), sha256: sha256.into(), text, eos_ids, context, info })
     }

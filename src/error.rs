@@ -32,6 +32,8 @@ pub enum Error {
     TokenId { id: u32, vocab: usize },
     #[error("cache snapshot refused: {0}")]
     Snapshot(String),
+    #[error("Hugging Face hub: {0}")]
+    Hub(String),
     #[error("invalid option: {0}")]
     Options(String),
     #[error("{0}")]

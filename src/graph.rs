@@ -250,6 +250,8 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     fused::register(&mut onnx);
     let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
     let mut proto = bytes.decode()?;
+    // external data not read in by the caller (external.rs): refused with the side files' names
+    crate::external::inline(&mut proto, &vec![])?;
     refuse_own_ops(&proto)?;
     bound_constant_shapes(&proto)?;
     pow::cube_powers(&mut proto);

@@ -8,10 +8,13 @@ pub mod clock;
 pub mod convention;
 pub mod engine;
 pub mod error;
+pub mod external;
 pub mod fold;
 pub mod fused;
 pub mod generate;
 pub mod graph;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod hub;
 #[cfg(target_arch = "wasm32")]
 pub mod js_bytes;
 pub mod last_row;

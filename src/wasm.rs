@@ -16,9 +16,11 @@ use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 
 use crate::bench;
 use crate::engine::Engine;
+use crate::external::{SideFile, SideFiles, WithExternal};
 use crate::generate::{GenerateOptions, Generation};
 use crate::graph::Prepare;
 use crate::js_bytes::JsBytes;
@@ -72,6 +74,37 @@ pub fn check_kernels() -> Result<Vec<String>, JsError> {
 const MAX_WASM_FILE: u64 = 3 << 29; // 1.5 GiB
 
 /// An ONNX file's bytes from JS, refused above [`MAX_WASM_FILE`] before anything is read.
+/// A side file of external data in a JS `Uint8Array`: read a tensor at a time.
+struct JsSideFile(js_sys::Uint8Array);
+
+impl SideFile for JsSideFile {
+    fn len(&self) -> u64 {
+        self.0.length() as u64
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.0.subarray(offset as u32, (offset + len) as u32).to_vec()
+    }
+}
+
+/// `undefined`, or an array of `{name, bytes: Uint8Array}`: the side files an ONNX file's
+/// external data names (src/external.rs).
+fn side_files(external: JsValue) -> Result<SideFiles, JsError> {
+    if external.is_undefined() || external.is_null() {
+        return Ok(vec![]);
+    }
+    let bad = || JsError::new("external data: expected an array of {name: string, bytes: Uint8Array}");
+    let list: js_sys::Array = external.dyn_into().map_err(|_| bad())?;
+    let mut out: SideFiles = vec![];
+    for item in list.iter() {
+        let get = |k: &str| js_sys::Reflect::get(&item, &JsValue::from_str(k)).map_err(|_| bad());
+        let name = get("name")?.as_string().ok_or_else(bad)?;
+        let bytes: js_sys::Uint8Array = get("bytes")?.dyn_into().map_err(|_| bad())?;
+        out.push((name, Box::new(JsSideFile(bytes))));
+    }
+    Ok(out)
+}
+
 fn onnx_bytes(onnx: JsValue) -> Result<JsBytes, JsError> {
     use crate::graph::OnnxBytes;
     let bytes = JsBytes::new(onnx).map_err(err)?;
@@ -190,7 +223,9 @@ impl JsEngine {
     }
 
     /// A user's own ONNX file and tokenizer.json (tokenizer_config.json optional: chat template
-    /// and EOS), without a manifest; `context` bounds prompt + generated tokens.
+    /// and EOS), without a manifest; `context` bounds prompt + generated tokens. `external`: the
+    /// side files of its external data, if it has any (`[{name, bytes}]`, names as the file
+    /// gives them, e.g. "model.onnx_data").
     #[wasm_bindgen(js_name = fromUserFiles)]
     pub fn from_user_files(
         name: &str,
@@ -199,6 +234,7 @@ impl JsEngine {
         tokenizer_config: Option<Vec<u8>>,
         context: f64,
         load_options: JsValue,
+        external: JsValue,
     ) -> Result<JsEngine, JsError> {
         // a number, not usize: wasm-bindgen would wrap a negative one to ~4.29e9
         if !(context.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(&context)) {
@@ -206,12 +242,19 @@ impl JsEngine {
         }
         let context = context as usize;
         let opts: LoadOptions = options(load_options, "load", LOAD_KEYS)?;
-        let engine = Engine::from_user_files(name, onnx_bytes(onnx)?, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+        let onnx = WithExternal { onnx: onnx_bytes(onnx)?, files: side_files(external)? };
+        if crate::graph::OnnxBytes::len(&onnx) > MAX_WASM_FILE {
+            return Err(JsError::new(&format!(
+                "the ONNX file and its external data are {:.2} GiB: the WebAssembly engine takes up to {:.1} GiB; \
+                 run it natively, or use a smaller (quantized) file",
+                crate::graph::OnnxBytes::len(&onnx) as f64 / (1u64 << 30) as f64, MAX_WASM_FILE as f64 / (1u64 << 30) as f64)));
+        }
+        let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }
 
-    /// What was loaded: model, file, bytes, precision, preset, cache, load_ms, nodes, plus
+    /// What was loaded: model, file, bytes, precision, preset, cache, load_ms, nodes, layout, plus
     /// has_chat_template, eos_ids and context.
     #[wasm_bindgen(getter)]
     pub fn info(&self) -> JsValue {

@@ -123,9 +123,10 @@ function showProgress(p) {
   bar.value = p.loaded;
   const pct = ((100 * p.loaded) / p.total).toFixed(0);
   const mb = (b) => (b / 1e6).toFixed(1);
+  if (!p.total) bar.removeAttribute("value"); // size unknown (no Content-Length): an indeterminate bar
   $("progress-text").textContent = p.cached
     ? `${p.file}: ${mb(p.total)} MB from the browser's cache`
-    : `${p.file}: ${mb(p.loaded)} / ${mb(p.total)} MB (${pct}%)`;
+    : p.total ? `${p.file}: ${mb(p.loaded)} / ${mb(p.total)} MB (${pct}%)` : `${p.file}: ${mb(p.loaded)} MB`;
 }
 
 function onReady({ info: i, build }) {
@@ -135,8 +136,10 @@ function onReady({ info: i, build }) {
   $("model-info").textContent = `${i.model}${i.real_weights ? "" : " (random weights)"}: ${i.file}, ` +
     `${(i.file_bytes / 1e6).toFixed(1)} MB, ${i.precision ?? "?"}${i.preset ? " " + i.preset : ""}, ` +
     `${i.cache}, ${i.nodes} nodes, context ${i.context}` +
-    (i.int8_kernels ? `, int8 kernels: ${i.int8_kernels}` : "") +
-    (i.fused_ops ? `, fused ops: ${i.fused_ops}` : "") + `. Engine: wasmlm ${build.version}, ` +
+    (i.hub ? `, from ${i.hub.repo} (${i.hub.dtype}, ${i.hub.revision})` : "") +
+    (i.family ? `, family ${i.family}` : "") + `. ${i.layout}. Fast paths: ` +
+    ([i.int8_kernels && `int8 kernels: ${i.int8_kernels}`, i.fused_ops && `fused ops: ${i.fused_ops}`].filter(Boolean).join(", ") ||
+      "none (tract's own ops throughout)") + `. Engine: wasmlm ${build.version}, ` +
     `tract ${build.tract}, WebAssembly build: ${build.simd === "none" ? "without SIMD" : build.simd}` +
     (build.relaxedCheck ? ` (kernels checked against the scalar one in ${build.relaxedCheck.ms} ms)` : "") +
     `, ${threadsText(build)}` +
@@ -206,6 +209,8 @@ function userFiles(files) {
   const onnx = list.filter((f) => f.name.toLowerCase().endsWith(".onnx"));
   const tokenizer = list.find((f) => f.name === "tokenizer.json");
   const config = list.find((f) => f.name === "tokenizer_config.json");
+  const modelConfig = list.find((f) => f.name === "config.json");
+  const external = list.filter((f) => /\.onnx_data(_\d+)?$/.test(f.name) || f.name.endsWith(".onnx.data"));
   const problems = [];
   if (onnx.length !== 1) problems.push(onnx.length ? "only one .onnx file at a time" : "an .onnx file");
   if (!tokenizer) problems.push("its tokenizer.json");
@@ -214,8 +219,20 @@ function userFiles(files) {
     return;
   }
   const context = Number($("user-context").value) || 2048;
-  load({ kind: "user", name: onnx[0].name, onnx: onnx[0], tokenizer, config, context });
+  load({ kind: "user", name: onnx[0].name, onnx: onnx[0], tokenizer, config, modelConfig, external, context });
 }
+
+// A Hugging Face repository (hub.js): the fields, or ?hub=owner/name&dtype=q4 (loaded at once;
+// ?hub_endpoint=URL for a mirror with the hub's URL layout)
+function loadHub() {
+  const params = new URLSearchParams(location.search);
+  const repo = $("hub-repo").value.trim();
+  if (!repo) return setStatus("type a repository id, e.g. onnx-community/SmolLM2-135M-Instruct", true);
+  load({ kind: "hub", repo, dtype: $("hub-dtype").value, endpoint: params.get("hub_endpoint") || undefined,
+    revision: params.get("hub_revision") || undefined });
+}
+$("hub-load").onclick = loadHub;
+$("hub-repo").addEventListener("keydown", (e) => { if (e.key === "Enter") loadHub(); });
 
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -704,6 +721,13 @@ async function main() {
   renderBundles($("bundles"), state.manifests);
   fillPicker();
   setRunning(null);
+  const params = new URLSearchParams(location.search);
+  if (params.get("hub")) {
+    $("hub-repo").value = params.get("hub");
+    if (params.get("dtype")) $("hub-dtype").value = params.get("dtype");
+    if ($("hub-dtype").value !== (params.get("dtype") ?? "q8")) setStatus(`?dtype=${params.get("dtype")}: not a dtype this page knows`, true);
+    else loadHub();
+  }
   try {
     state.baselines = checkBaselines(await fetchJson("baselines.json"));
     $("baselines-present").textContent = presentRows(state.baselines);

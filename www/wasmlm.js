@@ -9,6 +9,7 @@
 //
 // The protocol with the worker is protocol.js's; requests are queued and run one at a time.
 import { Req, Msg } from "./protocol.js";
+import { hubSource } from "./hub.js";
 
 /**
  * @typedef {object} BundleSource  A bundle made by `./build.sh` (a folder with manifest.json).
@@ -16,12 +17,25 @@ import { Req, Msg } from "./protocol.js";
  * @property {string} base  The folder's URL, ending in "/"; another origin must allow CORS.
  * @property {string} [file]  The ONNX file to run (default: the manifest's default).
  *
+ * @typedef {object} HubSource  A Hugging Face repository laid out as transformers.js's are
+ *   (config.json, tokenizer.json, tokenizer_config.json, onnx/model<suffix>.onnx; hub.js).
+ *   Fetched once per revision with progress, checked by sha256 and kept in the browser's cache;
+ *   a later load reads the cache, also offline.
+ * @property {"hub"} kind
+ * @property {string} repo  e.g. "onnx-community/SmolLM2-135M-Instruct"
+ * @property {"fp32"|"fp16"|"q8"|"int8"|"uint8"|"q4"|"q4f16"|"bnb4"} [dtype]  Which onnx/ file (default "q8").
+ * @property {string} [revision]  Branch, tag or commit (default "main").
+ * @property {string} [endpoint]  Default "https://huggingface.co" (a mirror with the same URL layout works too).
+ * @property {number} [context]  At most config.json's max_position_embeddings (the default).
+ *
  * @typedef {object} UserSource  A decoder's own files (e.g. from a file picker).
  * @property {"user"} kind
  * @property {string} name
  * @property {Blob} onnx
  * @property {Blob} tokenizer  tokenizer.json
  * @property {Blob} [config]  tokenizer_config.json (chat template, EOS)
+ * @property {Blob} [modelConfig]  config.json (the model's family, shown in `info.family`)
+ * @property {File[]} [external]  The ONNX file's external data (e.g. model.onnx_data), by file name
  * @property {number} context  The context length to allow, in tokens.
  *
  * @typedef {object} LoadOptions
@@ -248,7 +262,7 @@ export class Session {
 export class WasmLM {
   /**
    * Start a worker and load a model into it.
-   * @param {string | BundleSource | UserSource} source  A bundle folder's URL, or a source.
+   * @param {string | BundleSource | HubSource | UserSource} source  A bundle folder's URL, or a source.
    * @param {LoadOptions} [options]
    * @returns {Promise<WasmLM>}
    */
@@ -284,7 +298,12 @@ export class WasmLM {
     this.worker.onerror = (e) => {
       this.close(new WasmLMError(`the engine's worker failed: ${e.message || "could not start (module workers need a recent browser)"}`, { fatal: true }));
     };
-    /** The loaded model: file, precision, context, eos_ids, has_chat_template, ... */
+    /**
+     * The loaded model: model, file, file_bytes, precision, context, eos_ids, has_chat_template,
+     * layout (the cache's names and shape, and whether it is kept in place), int8_kernels and
+     * fused_ops (the fast paths in use), family (config.json's model_type, where known), hub
+     * ({repo, revision, dtype, file} for a repository), ...
+     */
     this.info = null;
     /** The wasm build running: simd, threads, threadCount, version, tract, ... */
     this.build = null;
@@ -295,6 +314,13 @@ export class WasmLM {
   /** Load (another) model in this worker; earlier sessions are gone. */
   async loadModel(source, options = {}) {
     if (typeof source === "string") source = { kind: "bundle", base: source.endsWith("/") ? source : source + "/" };
+    if (source?.kind === "hub") {
+      try {
+        source = hubSource(source);
+      } catch (err) {
+        throw new WasmLMError(err.message);
+      }
+    }
     const ready = await this.request({ type: Req.LOAD, source, build: options.build, threads: options.threads }, {
       [Msg.PROGRESS]: (m) => options.onProgress?.(m),
       [Msg.STATUS]: (m) => options.onStatus?.(m.text),

@@ -3,9 +3,11 @@
 // that speaks them.
 //
 // `source` (load) is {kind:"bundle", base:"models/<id>/", file?: "<onnx file in the manifest>"
-// (default: the manifest's default)} or {kind:"user", name, onnx: Blob, tokenizer: Blob,
-// config?: Blob, context}.
+// (default: the manifest's default)}, {kind:"hub", repo, dtype?, revision?, endpoint?, context?}
+// (hub.js) or {kind:"user", name, onnx: Blob, tokenizer: Blob, config?: Blob, modelConfig?: Blob,
+// external?: Blob[] (named by their .name), context}.
 import { Req, Msg, PREFILL_CHUNK, checkManifest } from "./protocol.js";
+import { hubSource, resolveBase, onnxPath, externalDataPaths, configContext } from "./hub.js";
 
 const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
   10, 1, 8, 0, 65, 0, 253, 15, 253, 98, 11]);
@@ -281,6 +283,7 @@ async function load(request) {
   if (engine) { engine.free(); engine = null; }
   loaded = null;
   const t0 = performance.now();
+  let found = {}; // what the page shows besides the engine's info: family, hub
   if (source.kind === "bundle") {
     const cache = await openCache();
     const manifestText = await fetchManifest(source.base, cache);
@@ -306,19 +309,157 @@ async function load(request) {
       const pruned = await prune(cache).catch(() => 0);
       if (pruned) post({ type: Msg.NOTICE, text: `Deleted ${pruned} cached model file(s) that no model's manifest lists any more.` });
     }
-  } else {
+  } else if (source.kind === "hub") {
+    found = await loadHub(hubSource(source));
+  } else if (source.kind === "user") {
     const read = async (file) => new Uint8Array(await file.arrayBuffer());
     post({ type: Msg.STATUS, text: `reading ${source.name}` });
     const onnx = await read(source.onnx);
     const tokenizer = await read(source.tokenizer);
     const config = source.config ? await read(source.config) : undefined;
+    const modelConfig = source.modelConfig ? JSON.parse(await source.modelConfig.text()) : undefined;
+    const external = [];
+    for (const f of source.external ?? []) external.push({ name: f.name, bytes: await read(f) });
     post({ type: Msg.STATUS, text: `optimizing the graph (${source.name})` });
     await yieldToEvents();
-    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, { threads: build.threadCount });
+    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, { threads: build.threadCount }, external);
+    found = { family: modelConfig?.model_type };
+  } else {
+    throw new Error(`source.kind "${source.kind}": expected bundle, hub or user`);
   }
   sessions.set(0, engine.session());
   nextSession = 1;
-  post({ type: Msg.READY, info: { ...engine.info, click_to_ready_ms: performance.now() - t0 }, build });
+  post({ type: Msg.READY, info: { ...engine.info, ...found, click_to_ready_ms: performance.now() - t0 }, build });
+}
+
+// ---- a Hugging Face repository (hub.js) ----------------------------------------------------
+
+// Where a repository's file list is kept once all its files are cached: a manifest in the
+// bundles' format (so `prune` keeps the files it lists), under a URL of this site that nothing
+// serves.
+const hubIndexUrl = (s) => new URL(`./wasmlm-cache/hub/${new URL(s.endpoint).host}/${s.repo}/${encodeURIComponent(s.revision)}/${s.dtype}/manifest.json`,
+  self.location.href).href;
+
+// A file of the repository whose size and sha256 are not known beforehand: downloaded with
+// progress (against Content-Length, when the server sends it), hashed, then cached under its
+// sha256. `optional`: a 404 gives null.
+async function fetchHubFile(s, path, cache, { optional = false, first = false } = {}) {
+  const url = resolveBase(s) + path;
+  let res;
+  try {
+    res = await fetch(url, first ? { signal: AbortSignal.timeout(20_000) } : {});
+  } catch (err) {
+    const why = err.name === "TimeoutError" ? "no answer in 20 s" : err.message;
+    throw new Error(`cannot reach ${s.endpoint} to fetch ${s.repo} (${why}): is this browser offline? A repository's ` +
+      "files are kept in the browser after its first load; this one has not been loaded here yet.");
+  }
+  if (res.status === 404 && optional) return null;
+  if (!res.ok) {
+    const hint = res.status === 401 || res.status === 403 ? " (a gated or private repository: this page cannot sign in)"
+      : res.status === 404 ? await missingHint(s, path) : "";
+    throw new Error(`${s.repo}: ${path}: HTTP ${res.status}${hint}`);
+  }
+  // Content-Length, when sent and not of a compressed body, sizes the buffer once
+  const total = res.headers.get("content-encoding") ? 0 : Number(res.headers.get("content-length")) || 0;
+  const chunks = [];
+  const whole = total ? new Uint8Array(total) : null;
+  let loaded = 0;
+  let last = 0;
+  const reader = res.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (whole) {
+      if (loaded + value.length > total) throw new Error(`${path}: the server sent more than the ${total} bytes it announced`);
+      whole.set(value, loaded);
+    } else {
+      chunks.push(value);
+    }
+    loaded += value.length;
+    if (performance.now() - last > 100) {
+      last = performance.now();
+      post({ type: Msg.PROGRESS, file: path, loaded, total, cached: false });
+    }
+  }
+  if (total && loaded !== total) throw new Error(`${path}: ${loaded} bytes arrived, the server announced ${total} (interrupted download?)`);
+  post({ type: Msg.PROGRESS, file: path, loaded, total: loaded, cached: false });
+  const bytes = whole ?? joined(chunks);
+  const digest = await sha256(bytes);
+  if (cache && digest) {
+    try {
+      await cache.put(cacheKey(digest), new Response(bytes));
+    } catch (err) {
+      post({ type: Msg.NOTICE, text: `${path} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
+    }
+  }
+  return { name: path, bytes, entry: digest && { name: path, bytes: bytes.length, sha256: digest } };
+}
+
+// For a missing file: which ONNX files the repository has, if the hub's API says (best effort).
+async function missingHint(s, path) {
+  if (!path.startsWith("onnx/")) return ` (no such file in the repository${path === "config.json" ? ", or no such repository" : ""})`;
+  try {
+    const res = await fetch(`${s.endpoint}/api/models/${s.repo}/tree/${encodeURIComponent(s.revision)}/onnx`, { signal: AbortSignal.timeout(10_000) });
+    const names = (await res.json()).map((f) => f.path).filter((p) => p.endsWith(".onnx"));
+    if (names.length) return `: no ${s.dtype} file; the repository has ${names.join(", ")}`;
+  } catch { /* no API there (a mirror, a static copy): say what was looked for */ }
+  return `: the repository has no ${s.dtype} file (transformers.js's name for it)`;
+}
+
+async function loadHub(s) {
+  const cache = await openCache();
+  const indexUrl = hubIndexUrl(s);
+  const hit = cache && (await cache.match(indexUrl));
+  let files = {};
+  if (hit) {
+    // every file was cached at the first load: read and check them (no network)
+    try {
+      const index = checkManifest(await hit.json(), indexUrl);
+      for (const entry of index.files) {
+        const got = await fetchEntry(resolveBase(s), entry, cache);
+        files[entry.name] = { name: entry.name, bytes: joined(got.bytes), entry };
+      }
+    } catch (err) {
+      // a file the browser evicted, then changed in the repository: start again from the hub
+      await cache.delete(indexUrl);
+      post({ type: Msg.NOTICE, text: `The cached copy of ${s.repo} could not be used (${err.message}); it is fetched again.` });
+      files = null;
+    }
+  }
+  if (!files || !hit) {
+    files = {};
+    post({ type: Msg.STATUS, text: `fetching ${s.repo} (${s.dtype}) from ${s.endpoint}` });
+    files["config.json"] = await fetchHubFile(s, "config.json", cache, { first: true });
+    files["tokenizer.json"] = await fetchHubFile(s, "tokenizer.json", cache);
+    const tc = await fetchHubFile(s, "tokenizer_config.json", cache, { optional: true });
+    if (tc) files["tokenizer_config.json"] = tc;
+    const config = JSON.parse(new TextDecoder().decode(files["config.json"].bytes));
+    const path = onnxPath(s.dtype);
+    files[path] = await fetchHubFile(s, path, cache);
+    for (const p of externalDataPaths(config, path)) files[p] = await fetchHubFile(s, p, cache);
+    const entries = Object.values(files).map((f) => f.entry);
+    if (cache && entries.every(Boolean)) {
+      // written last: an index names only files that are all in the cache
+      const index = { id: s.repo, files: entries, default: { file: path }, hub: { repo: s.repo, revision: s.revision, dtype: s.dtype, endpoint: s.endpoint } };
+      await cache.put(indexUrl, new Response(JSON.stringify(index))).catch(() => {});
+    }
+  }
+  let config;
+  try {
+    config = JSON.parse(new TextDecoder().decode(files["config.json"].bytes));
+  } catch (err) {
+    throw new Error(`${s.repo}: config.json is not JSON (${err.message})`);
+  }
+  const path = onnxPath(s.dtype);
+  const fromConfig = configContext(config);
+  const context = Math.min(s.context ?? fromConfig ?? 2048, fromConfig ?? Infinity);
+  const external = externalDataPaths(config, path).map((p) => ({ name: p.split("/").pop(), bytes: files[p].bytes }));
+  post({ type: Msg.STATUS, text: `optimizing the graph (${s.repo}, ${path}); large models take seconds` });
+  await yieldToEvents();
+  engine = wasm.Engine.fromUserFiles(`${s.repo}/${path}`, files[path].bytes, files["tokenizer.json"].bytes,
+    files["tokenizer_config.json"]?.bytes, context, { threads: build.threadCount }, external);
+  return { model: s.repo, file: path, precision: s.dtype, family: config.model_type,
+    hub: { repo: s.repo, revision: s.revision, dtype: s.dtype, file: path } };
 }
 
 function sessionOf(id = 0) {

@@ -79,6 +79,14 @@ def parser() -> argparse.ArgumentParser:
                    help="bits:block, :asym for zero points (e.g. 4:128:asym)")
     n.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="ONNX Runtime's compute type for the products (4: int8; default: none, float)")
+    h = sub.add_parser("hub-layout", help="a bundle laid out as a transformers.js repository on the "
+                                          "Hugging Face hub (config.json, onnx/model*.onnx), to load by id")
+    h.add_argument("bundle", type=Path)
+    h.add_argument("--out", type=Path, required=True)
+    h.add_argument("--external", action="store_true",
+                   help="onnx/model.onnx with its weights in onnx/model.onnx_data (external data)")
+    h.add_argument("--dtype", nargs="+", choices=["fp32", "q8"], default=["fp32", "q8"],
+                   help="which files: fp32 (onnx/model.onnx), q8 (onnx/model_quantized.onnx)")
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
     r.add_argument("spec")
     return ap
@@ -123,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             for name in nbits.build(args.bundle, args.out, forms, args.accuracy_level):
                 print(name)
         except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.cmd == "hub-layout":
+        from . import hub_layout
+        try:
+            for name in hub_layout.build(args.bundle, args.out, args.external, args.dtype):
+                print(name)
+        except (FileNotFoundError, KeyError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0

@@ -120,3 +120,27 @@ pub fn engine_forced(engine: &wasmlm::Engine, prompt: &[u32], forced: &[u32]) ->
     }
     out
 }
+
+/// build/test/hub/wasmlm-test/<reference>[-external]: the bundle laid out as a transformers.js
+/// repository (`python -m wasmlm_models hub-layout`), made once a process. Returns (the folder
+/// that plays the hub's root, the repository id).
+pub fn hub_layout(reference: &str, external: bool) -> (PathBuf, String) {
+    let src = bundle(reference);
+    let root = repo().join("build/test/hub");
+    let id = format!("wasmlm-test/{reference}{}", if external { "-external" } else { "" });
+    let key = format!("hub {id}");
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(&key) {
+        let lock = std::fs::File::create(repo().join("build/models/.test-lock")).unwrap();
+        lock.lock().unwrap();
+        let out = root.join(&id);
+        let mut args = vec!["hub-layout", src.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        if external {
+            args.push("--external");
+        }
+        python(&args);
+        lock.unlock().unwrap();
+        checked.push(key);
+    }
+    (root, id)
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use clap::{Args, Parser, Subcommand};
-use wasmlm::{bench, Engine, GenerateOptions, Generation, Prepare, RunStats};
+use wasmlm::{bench, hub, Engine, GenerateOptions, Generation, Prepare, RunStats};
 
 /// The prompt text of `bench` and `profile` unless `--text` names another: the repository's
 /// (models/data/README.md says where it comes from).
@@ -73,15 +73,30 @@ impl Prep {
     }
 }
 
-/// A bundle folder and one of its ONNX files (default: the manifest's).
+/// A bundle folder and one of its ONNX files (default: the manifest's), or a Hugging Face
+/// repository laid out as transformers.js's (src/hub.rs).
 #[derive(Args)]
 struct Model {
     /// The bundle folder (manifest.json, tokenizer.json, ONNX files)
-    #[arg(long)]
-    bundle: PathBuf,
+    #[arg(long, required_unless_present = "hub", conflicts_with = "hub")]
+    bundle: Option<PathBuf>,
     /// The ONNX file (default: the manifest's default)
-    #[arg(long)]
+    #[arg(long, requires = "bundle")]
     file: Option<String>,
+    /// A Hugging Face repository id (e.g. onnx-community/SmolLM2-135M-Instruct): its
+    /// onnx/model_<dtype>.onnx, tokenizer and config, downloaded once into $WASMLM_CACHE
+    /// (default ~/.cache/wasmlm) from $HF_ENDPOINT (default https://huggingface.co)
+    #[arg(long)]
+    hub: Option<String>,
+    /// With --hub: fp32, fp16, q8, int8, uint8, q4, q4f16 (transformers.js's file names)
+    #[arg(long, default_value = "q8", requires = "hub")]
+    dtype: String,
+    /// With --hub: a branch, tag or commit
+    #[arg(long, default_value = "main", requires = "hub")]
+    revision: String,
+    /// With --hub: the context in tokens (default and most: config.json's max_position_embeddings)
+    #[arg(long, requires = "hub", value_parser = clap::value_parser!(u32).range(1..))]
+    context: Option<u32>,
 }
 
 #[derive(Args)]
@@ -202,7 +217,27 @@ struct MembwArgs {
 }
 
 fn load(model: &Model, prep: &Prep) -> Res<Engine> {
-    Engine::from_dir(&model.bundle, model.file.as_deref(), prep.prepare()).map_err(|e| e.to_string())
+    let Some(repo) = &model.hub else {
+        let bundle = model.bundle.as_ref().expect("clap requires --bundle without --hub");
+        return Engine::from_dir(bundle, model.file.as_deref(), prep.prepare()).map_err(|e| e.to_string());
+    };
+    let endpoint = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| hub::DEFAULT_ENDPOINT.into());
+    let source = hub::HubSource::new(repo, &model.dtype, &model.revision, &endpoint).map_err(|e| e.to_string())?;
+    let cache = hub::default_cache().map_err(|e| e.to_string())?;
+    let mut last = (String::new(), 0u64);
+    let mut progress = |path: &str, loaded: u64, total: Option<u64>| {
+        // a line per file and per 10 MB
+        if path != last.0 || loaded >= last.1 + 10_000_000 || Some(loaded) == total {
+            last = (path.to_string(), loaded);
+            let mb = |b: u64| b as f64 / 1e6;
+            match total {
+                Some(t) => eprintln!("[{repo}: {path} {:.1} / {:.1} MB]", mb(loaded), mb(t)),
+                None => eprintln!("[{repo}: {path} {:.1} MB]", mb(loaded)),
+            }
+        }
+    };
+    let fetched = hub::fetch(&source, &cache, &mut progress).map_err(|e| e.to_string())?;
+    hub::load(&fetched, model.context.map(|c| c as usize), prep.prepare()).map_err(|e| e.to_string())
 }
 
 fn generate(a: GenerateArgs) -> Res<()> {
