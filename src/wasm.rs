@@ -73,7 +73,6 @@ pub fn check_kernels() -> Result<Vec<String>, JsError> {
 /// holds ~2.5x its file (the default model: 348 MiB of memory for 138 MiB).
 const MAX_WASM_FILE: u64 = 3 << 29; // 1.5 GiB
 
-/// An ONNX file's bytes from JS, refused above [`MAX_WASM_FILE`] before anything is read.
 /// A side file of external data in a JS `Uint8Array`: read a tensor at a time.
 struct JsSideFile(js_sys::Uint8Array);
 
@@ -105,6 +104,7 @@ fn side_files(external: JsValue) -> Result<SideFiles, JsError> {
     Ok(out)
 }
 
+/// An ONNX file's bytes from JS, refused above [`MAX_WASM_FILE`] before anything is read.
 fn onnx_bytes(onnx: JsValue) -> Result<JsBytes, JsError> {
     use crate::graph::OnnxBytes;
     let bytes = JsBytes::new(onnx).map_err(err)?;
