@@ -389,7 +389,10 @@ test_e2e() {
   # runs on each build's own integer kernel
   site build/test/site --table build/test/baselines.json
   site build/test/site --table build/test/baselines.json --files int8
-  e2e build/test/site
+  # the default model laid out as a Hugging Face repository, for loading by id from a local hub
+  (cd models && ../"$PY" -m wasmlm_models hub-layout "../build/models/$DEFAULT_MODEL" \
+      --out "../build/test/hub/wasmlm-test/$DEFAULT_MODEL" --dtype q8 >/dev/null)
+  WASMLM_HUB_ROOT="$PWD/build/test/hub" e2e build/test/site
 }
 
 # The parity protocol's expectations for the wasm tests (tests/wasm.rs): ONNX Runtime's and the

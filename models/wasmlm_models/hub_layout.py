@@ -54,6 +54,12 @@ def build(bundle: Path, out: Path, external: bool, dtypes: list[str] = tuple(FIL
     for name in TOKENIZER:
         if name in names:
             shutil.copyfile(bundle / name, tmp / name)
+    # the chat template where a hub repository keeps it (a bundle's manifest carries it)
+    template = manifest.get("tokens", {}).get("chat_template")
+    if template and (tmp / "tokenizer_config.json").exists():
+        tc = json.loads((tmp / "tokenizer_config.json").read_text())
+        tc.setdefault("chat_template", template)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     for path, source in (FILES[d] for d in dtypes):
         if path == "onnx/model.onnx" and external:
             model = onnx.load(str(bundle / source))

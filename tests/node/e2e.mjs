@@ -27,6 +27,7 @@ const chromiumPath = process.env.CHROMIUM || "/usr/bin/chromium";
 const screenshot = resolve(process.env.WASMLM_SCREENSHOT || resolve(out, "e2e.png"));
 mkdirSync(out, { recursive: true });
 mkdirSync(dirname(screenshot), { recursive: true });
+const hubRoot = resolve(process.env.WASMLM_HUB_ROOT || resolve(repo, "build/test/hub"));
 const MAX_FILE = 25 * 2 ** 20; // what a free static host accepts (Cloudflare Pages)
 const MAX_SITE = 400e6;
 
@@ -86,6 +87,27 @@ async function corsServer(root) {
   const port = await freePort();
   await new Promise((ok) => server.listen(port, "127.0.0.1", ok));
   return { url: `http://127.0.0.1:${port}/`, seen, close: () => server.close() };
+}
+
+// A Hugging Face hub's URL layout, /<owner>/<name>/resolve/<revision>/<path>, over a folder of
+// repositories (with CORS, on another origin); it records the paths asked for.
+async function hubServer(root) {
+  const seen = [];
+  const server = createHttpServer((req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    seen.push(path);
+    res.setHeader("Access-Control-Allow-Origin", "*");
+    const m = /^\/([^/]+)\/([^/]+)\/resolve\/main\/(.+)$/.exec(path);
+    const file = m && resolve(root, m[1], m[2], m[3]);
+    if (!file || !file.startsWith(root + "/") || !statSync(file, { throwIfNoEntry: false })?.isFile()) {
+      res.writeHead(404).end("Entry not found");
+      return;
+    }
+    res.writeHead(200, { "Content-Length": statSync(file).size }).end(readFileSync(file));
+  });
+  const port = await freePort();
+  await new Promise((ok) => server.listen(port, "127.0.0.1", ok));
+  return { url: `http://127.0.0.1:${port}`, seen, close: () => server.close() };
 }
 
 async function loadModel(page) {
@@ -458,6 +480,57 @@ async function main() {
     } finally {
       cdn.close();
     }
+    // 5d. A Hugging Face repository by id (?hub=…), from a local server with the hub's URL layout
+    //     and CORS (build.sh lays the default bundle out as a transformers.js repository, q8
+    //     only): downloaded with progress, run, and the page says what it found; a reload reads
+    //     the browser's cache, not the server; a missing dtype and an unreachable hub are clear
+    //     errors.
+    const hub = await hubServer(hubRoot);
+    const errorsBefore = errors.length;
+    try {
+      const hubUrl = (repo, dtype, endpoint = hub.url) =>
+        `${url}?hub=${encodeURIComponent(repo)}&dtype=${dtype}&hub_endpoint=${encodeURIComponent(endpoint)}`;
+      const waitLoad = async () => {
+        await page.waitForFunction(() => !document.querySelector("#generate").disabled ||
+          document.querySelector("#status").className === "error", null, { timeout: 600_000 });
+        return page.textContent("#status");
+      };
+      await open(page, hubUrl("wasmlm-test/smollm2-135m", "q8"), true, false);
+      const hubStatus = await waitLoad();
+      assert.doesNotMatch(await page.getAttribute("#status", "class"), /error/, `the repository loaded: ${hubStatus}`);
+      const hubInfo = await page.textContent("#model-info");
+      log("by repository id:", hubInfo);
+      assert.match(hubInfo, /^wasmlm-test\/smollm2-135m: onnx\/model_quantized\.onnx, [\d.]+ MB, q8, with_past, .*from wasmlm-test\/smollm2-135m \(q8, main\), family llama\. KV cache with this engine's names \(past_key_<i>\): 30 layers, 3 key\/value heads of 64; the cache is (kept in place by the attention ops|passed through the graph's inputs and outputs at each step)\. Fast paths: int8 kernels: \d+ x dynamic-quant/,
+        "the page says what it found: family, cache layout, dtype, fast paths");
+      assert.deepEqual(hub.seen.filter((p) => p.endsWith(".onnx")), ["/wasmlm-test/smollm2-135m/resolve/main/onnx/model_quantized.onnx"]);
+      assert.match(await page.textContent("#progress-text"), /onnx\/model_quantized\.onnx: .*MB/, "the download's progress was shown");
+      await page.check("#chat");
+      const fromHub = await generate(page, "What is the capital of France?", 16);
+      log("answer, by repository id:", JSON.stringify(fromHub.text));
+      assert.equal(fromHub.text, ortqAnswers.relaxed.text, "the same answer as the same file from the site's bundle");
+      const requests = hub.seen.length;
+      await open(page, hubUrl("wasmlm-test/smollm2-135m", "q8"), true, false);
+      await waitLoad();
+      assert.equal(hub.seen.length, requests, "a reload reads the browser's cache, not the hub");
+      assert.match(await page.textContent("#progress-text"), /from the browser's cache/);
+      await open(page, hubUrl("wasmlm-test/smollm2-135m", "q4"), true, false);
+      assert.match(await waitLoad(), /HTTP 404: the repository has no q4 file/, "a missing dtype names itself");
+      const closed = `http://127.0.0.1:${await freePort()}`;
+      const t = Date.now();
+      await open(page, hubUrl("wasmlm-test/elsewhere", "q8", closed), true, false);
+      const offline = await waitLoad();
+      log(`unreachable hub, after ${Date.now() - t} ms:`, offline);
+      assert.match(offline, /cannot reach http:\/\/127\.0\.0\.1:\d+ to fetch wasmlm-test\/elsewhere .*offline/, "offline: a clear error");
+      await open(page, `${url}?hub=${encodeURIComponent("../../etc")}`, true, false);
+      assert.match(await waitLoad(), /is not a Hugging Face repository id/);
+    } finally {
+      hub.close();
+    }
+    // the 404 and the refused connection above are the browser's own console errors
+    const expected = (e) => /Failed to load resource|ERR_CONNECTION_REFUSED|404/.test(e);
+    errors.splice(errorsBefore, errors.length - errorsBefore, ...errors.slice(errorsBefore).filter((e) => !expected(e)));
+    assert.deepEqual(errors, [], "no page errors");
+
     // 5c. ?isolate=0 removes the isolation service worker the threaded build's steps installed.
     assert.ok(await page.evaluate(async () => (await navigator.serviceWorker.getRegistrations()).length) > 0);
     await open(page, `${url}?isolate=0`, false);
