@@ -17,6 +17,7 @@ use crate::convention::Convention;
 use crate::error::{Error, Result};
 use crate::fold;
 use crate::fused;
+use crate::normalize;
 use crate::pow;
 use crate::prefold;
 use crate::qmatmul;
@@ -34,6 +35,9 @@ pub struct Graph {
     pub io: Convention,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The cache's element type, as the file declares its past inputs: F32, or F16 in an FP16
+    /// export whose cache is FP16 too (transformers.js's fp16 and q4f16 files).
+    pub cache_dt: DatumType,
     /// The logits' last axis, where the graph says it: token ids fed must be below it.
     pub vocab: Option<usize>,
     pub nodes: usize,
@@ -124,6 +128,18 @@ fn cache_dims(model: &InferenceModel, ix: usize, hint: Option<(usize, usize)>) -
         _ => Err(Error::UnsupportedGraph(format!(
             "cache input {ix} should be (batch, kv_heads, past, head_dim) with numeric kv_heads and \
              head_dim; found {fact:?}"
+        ))),
+    }
+}
+
+/// The element type a past input declares: F32 (or undeclared), or F16.
+fn cache_type(model: &InferenceModel, ix: usize) -> Result<DatumType> {
+    let fact = model.input_fact(ix).map_err(Error::run)?;
+    match fact.datum_type.concretize() {
+        None => Ok(f32::datum_type()),
+        Some(dt) if dt == f32::datum_type() || dt == f16::datum_type() => Ok(dt),
+        Some(dt) => Err(Error::UnsupportedGraph(format!(
+            "cache input {ix} is of type {dt:?}; this engine supports float32 and float16 caches"
         ))),
     }
 }
@@ -248,13 +264,17 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     qmatmul::register(&mut onnx);
     fused::register(&mut onnx);
-    let onnx_err = |e: TractError| Error::Onnx(format!("{e:?}"));
+    // the protobuf decoded: what tract refuses now is an op or a shape (`{:#}`: the chain of
+    // contexts that says which, without a backtrace)
+    let onnx_err = |e: TractError| Error::UnsupportedGraph(format!("{e:#}"));
     let mut proto = bytes.decode()?;
     // external data not read in by the caller (external.rs): refused with the side files' names
     crate::external::inline(&mut proto, &vec![])?;
     refuse_own_ops(&proto)?;
     bound_constant_shapes(&proto)?;
     pow::cube_powers(&mut proto);
+    normalize::unpack_qkv(&mut proto);
+    normalize::half_gemms(&mut proto);
     let (dynamic, (blocks, block_lookups), nbits) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto), qmatmul::nbits::fuse(&mut proto).map_err(Error::UnsupportedGraph)?)
     } else {
@@ -273,7 +293,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let s = model.symbols.sym("S");
     let p = model.symbols.sym("P");
     let set = |m: &mut InferenceModel, ix: usize, fact: InferenceFact| {
-        m.set_input_fact(ix, fact).map_err(|e| Error::UnsupportedGraph(format!("input {ix}: {e:?}")))
+        m.set_input_fact(ix, fact).map_err(|e| Error::UnsupportedGraph(format!("input {ix}: {e:#}")))
     };
     set(&mut model, conv.input_ids, i64::fact([1.to_dim(), s.to_dim()]).into())?;
     if let Some(ix) = conv.attention_mask {
@@ -286,10 +306,14 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
         Some(&(k, _)) => cache_dims(&model, k, kv_hint)?,
         None => kv_hint.unwrap_or((0, 0)),
     };
+    let cache_dt = match conv.past.first() {
+        Some(&(k, _)) => cache_type(&model, k)?,
+        None => f32::datum_type(),
+    };
     for &(k, v) in &conv.past {
         for ix in [k, v] {
             let shape = [1.to_dim(), kv_heads.to_dim(), p.to_dim(), head_dim.to_dim()];
-            set(&mut model, ix, f32::fact(shape).into())?;
+            set(&mut model, ix, InferenceFact::dt_shape(cache_dt, shape))?;
         }
     }
     let (typed, last_logits_only) = prepare(model, prep, &mut phases)?;
@@ -301,9 +325,9 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let kernels = qmatmul::describe(&typed);
     let fused_ops = fused::count(&typed);
     let options = run_options(prep)?;
-    let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:?}")))?;
+    let plan = typed.into_runnable_with_options(&options).map_err(|e| Error::Optimize(format!("{e:#}")))?;
     phases.mark("plan");
-    Ok(Graph { plan, conv, io, kv_heads, head_dim, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks + nbits, block_lookups, kernels, fused_ops, last_logits_only, caches,
+    Ok(Graph { plan, conv, io, kv_heads, head_dim, cache_dt, vocab, nodes, phases: phases.done, prefolded, fused: dynamic + blocks + nbits, block_lookups, kernels, fused_ops, last_logits_only, caches,
                threads: prep.threads.max(1) })
 }
 
@@ -369,7 +393,7 @@ impl Phases {
 
 /// The typed model, and whether its logits were cut to the last position.
 fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<(TypedModel, bool)> {
-    let opt = |e: TractError| Error::Optimize(format!("{e:?}"));
+    let opt = |e: TractError| Error::Optimize(format!("{e:#}"));
     let mut typed = model.into_typed().map_err(opt)?;
     phases.mark("into_typed");
     typed.declutter().map_err(opt)?;

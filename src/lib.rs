@@ -19,6 +19,7 @@ pub mod hub;
 pub mod js_bytes;
 pub mod last_row;
 pub mod manifest;
+pub mod normalize;
 pub mod pow;
 pub mod prefold;
 mod proto;

@@ -304,6 +304,7 @@ impl Session {
             Store::Tensors(past) => {
                 for (k, v) in past {
                     for t in [k, v] {
+                        let t = t.cast_to::<f32>().map_err(Error::run)?;
                         values.extend(t.to_plain_array_view::<f32>().map_err(Error::run)?.iter().copied());
                     }
                     push_f32(&mut out, &values);
@@ -375,7 +376,11 @@ impl Session {
         match &mut self.store {
             Store::Tensors(past) => {
                 let half = per_layer / 2;
-                let t = |x: &[f32]| Tensor::from_shape(&shape, x).map(|t| t.into_tvalue()).map_err(Error::run);
+                let dt = self.graph.cache_dt;
+                let t = |x: &[f32]| -> Result<TValue> {
+                    let t = Tensor::from_shape(&shape, x).map_err(Error::run)?;
+                    Ok(t.cast_to_dt(dt).map_err(Error::run)?.into_owned().into_tvalue())
+                };
                 *past = if n == 0 {
                     empty_past(&self.graph, 0)?
                 } else {
@@ -430,7 +435,7 @@ const SNAPSHOT_HEADER: usize = 8 + 8 + 32 + 16;
 
 /// Per layer an empty (key, value) past of `len` rows of zeros.
 fn empty_past(graph: &Graph, len: usize) -> Result<Vec<(TValue, TValue)>> {
-    let t = || Tensor::zero::<f32>(&[1, graph.kv_heads, len, graph.head_dim]).map(|t| t.into_tvalue()).map_err(Error::run);
+    let t = || Tensor::zero_dt(graph.cache_dt, &[1, graph.kv_heads, len, graph.head_dim]).map(|t| t.into_tvalue()).map_err(Error::run);
     (0..graph.conv.layers()).map(|_| Ok((t()?, t()?))).collect()
 }
 
@@ -450,6 +455,8 @@ fn op_cache(state: &mut TypedSimpleState, node: usize) -> Result<&mut Cache> {
 
 /// logits (1, n, vocab) -> the last position's row.
 fn last_row(logits: TValue) -> Result<Vec<f32>> {
+    // an FP16 file's logits are FP16
+    let logits = logits.cast_to::<f32>().map_err(Error::run)?;
     let view = logits.to_plain_array_view::<f32>().map_err(Error::run)?;
     let shape = view.shape();
     if shape.len() != 3 || shape[1] == 0 {

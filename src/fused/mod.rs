@@ -14,6 +14,7 @@ pub mod gelu;
 pub mod matmul;
 pub mod rope;
 pub mod rows;
+pub mod sdpa;
 
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::{TypedModel, TypedNode};
@@ -25,8 +26,10 @@ pub fn register(onnx: &mut Onnx) {
     onnx.op_register.insert(gelu::OP_TYPE, gelu::build);
 }
 
-/// Both rewrites; returns (products, GELUs) rewritten.
+/// The rewrites on the protobuf ([`sdpa`] first: it makes the products [`matmul`] takes);
+/// returns (products, GELUs) rewritten.
 pub fn rewrite(model: &mut ModelProto) -> (usize, usize) {
+    sdpa::rewrite(model);
     (matmul::rewrite(model), gelu::rewrite(model))
 }
 
