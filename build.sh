@@ -558,6 +558,7 @@ usage: ./build.sh [COMMAND]
                    the static site (default dist/): every file <= 25 MiB, models in parts;
                    each bundle's default file, or every INT8 file with a cache, or all
   serve [DIR]      serve DIR (default dist/) with the cross-origin isolation headers
+  matrix           the compatibility matrix (tests/matrix.rs), written into README.md
   test             set up, then every test (pytest, cargo nextest, wasm in Node, the page in
                    headless Chromium); test-wasm and test-e2e run the last two alone
 USAGE
@@ -579,6 +580,8 @@ case "$cmd" in
   context) setup; context_report "$@" ;;
   site) setup; site "$@" ;;
   serve) serve "$@" ;;
+  matrix) setup; models tiny-llama; rust_setup
+          WASMLM_MATRIX_WRITE=1 cargo test --release --locked --test matrix -- --nocapture ;;
   test) setup; run_tests "$@" ;;
   test-wasm) setup; test_wasm ;;
   test-e2e) setup; test_e2e ;;

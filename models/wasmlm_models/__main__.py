@@ -87,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
                    help="onnx/model.onnx with its weights in onnx/model.onnx_data (external data)")
     h.add_argument("--dtype", nargs="+", choices=["fp32", "q8"], default=["fp32", "q8"],
                    help="which files: fp32 (onnx/model.onnx), q8 (onnx/model_quantized.onnx)")
+    x = sub.add_parser("matrix", help="the compatibility matrix's files: tiny random decoders by "
+                                      "family, exporter and form, with ONNX Runtime's greedy tokens")
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--tokenizer", type=Path, required=True, help="a folder with tokenizer.json")
+    x.add_argument("--families", nargs="+", help="only these (default: all)")
+    x.add_argument("--exporters", nargs="+", help="only these (default: all)")
     r = sub.add_parser("row", help=argparse.SUPPRESS)  # one measurement, in its own process
     r.add_argument("spec")
     return ap
@@ -133,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        return 0
+    if args.cmd == "matrix":
+        import json
+        from . import matrix
+        families, exporters = args.families or matrix.FAMILIES, args.exporters or matrix.EXPORTERS
+        for name, given, known in (("family", families, matrix.FAMILIES), ("exporter", exporters, matrix.EXPORTERS)):
+            if unknown := [g for g in given if g not in known]:
+                print(f"error: no {name} named {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
+                return 2
+        if not (args.tokenizer / "tokenizer.json").is_file():
+            print(f"error: {args.tokenizer} has no tokenizer.json", file=sys.stderr)
+            return 2
+        index = matrix.build(args.out, args.tokenizer, families, exporters)
+        print(json.dumps({"cells": len(index["cells"]), "made": sum("file" in c for c in index["cells"])}))
         return 0
     if args.cmd == "hub-layout":
         from . import hub_layout

@@ -144,3 +144,20 @@ pub fn hub_layout(reference: &str, external: bool) -> (PathBuf, String) {
     }
     (root, id)
 }
+
+/// build/test/matrix: the compatibility matrix's files (`python -m wasmlm_models matrix`: tiny
+/// random decoders by family, exporter and form, with ONNX Runtime's greedy tokens on each), made
+/// once (the index is reused while its inputs are unchanged). Returns the folder.
+pub fn matrix() -> PathBuf {
+    let tokenizer = bundle("tiny-llama");
+    let out = repo().join("build/test/matrix");
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.iter().any(|k| k == "matrix") {
+        let lock = std::fs::File::create(repo().join("build/models/.test-lock")).unwrap();
+        lock.lock().unwrap();
+        python(&["matrix", "--out", out.to_str().unwrap(), "--tokenizer", tokenizer.to_str().unwrap()]);
+        lock.unlock().unwrap();
+        checked.push("matrix".into());
+    }
+    out
+}
