@@ -66,7 +66,7 @@ models() {
 }
 
 baselines() {
-  local dirs=() flags=() nbits=() ref
+  local dirs=() flags=() others=() ref
   for ref in "${MODELS[@]}"; do dirs+=("../build/models/$ref"); flags+=(--bundle "build/models/$ref"); done
   say "native baselines: PyTorch, bitsandbytes, ONNX Runtime (each row in its own process; minutes)"
   setup_torch
@@ -80,16 +80,22 @@ baselines() {
     say "ONNX Runtime's MatMulNBits forms of $ref: build/models/$ref-nbits"
     (cd models && ../"$PY" -m wasmlm_models nbits "../build/models/$ref" --out "../build/models/$ref-nbits" \
         --form 8:32 4:32 --accuracy-level 4)
-    nbits+=("build/models/$ref-nbits")
+    others+=("build/models/$ref-nbits")
+    # the files people already have: the same model exported by Optimum, as transformers.js's
+    # q8 and q4 (docs/decisions.md, "Other exporters' files")
+    say "$ref exported by Optimum, q8 and q4: build/models/$ref-optimum"
+    (cd models && ../"$PYT" -m wasmlm_models optimum "../build/models/$ref" --out "../build/models/$ref-optimum" \
+        --cache-dir ../build/hf)
+    others+=("build/models/$ref-optimum")
   done
-  if ((${#nbits[@]})); then
-    (cd models && ../"$PYT" -m wasmlm_models baselines "${nbits[@]/#/../}" --out ../build/baselines.json \
+  if ((${#others[@]})); then
+    (cd models && ../"$PYT" -m wasmlm_models baselines "${others[@]/#/../}" --out ../build/baselines.json \
         --backends onnxruntime)
-    for ref in "${nbits[@]}"; do flags+=(--bundle "$ref"); done
+    for ref in "${others[@]}"; do flags+=(--bundle "$ref"); done
   fi
   say "native baselines: tract native (this engine), same protocol, same machine, same run"
   ./target/release/wasmlm bench "${flags[@]}" --out build/baselines.json --text $TEXT
-  NBITS=(${nbits[@]+"${nbits[@]}"})
+  OTHER_BUNDLES=(${others[@]+"${others[@]}"})
   bench_wasm
 }
 
@@ -97,7 +103,7 @@ baselines() {
 bench_wasm() {
   local flags=() ref
   for ref in "${MODELS[@]}"; do flags+=(--bundle "build/models/$ref"); done
-  for ref in ${NBITS[@]+"${NBITS[@]}"}; do flags+=(--bundle "$ref"); done
+  for ref in ${OTHER_BUNDLES[@]+"${OTHER_BUNDLES[@]}"}; do flags+=(--bundle "$ref"); done
   [[ -d build/pkg ]] || wasm
   say "wasm baselines in Node: tract wasm (SIMD128) and onnxruntime-web, same files, 1 thread"
   node_packages

@@ -87,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
                    help="onnx/model.onnx with its weights in onnx/model.onnx_data (external data)")
     h.add_argument("--dtype", nargs="+", choices=["fp32", "q8"], default=["fp32", "q8"],
                    help="which files: fp32 (onnx/model.onnx), q8 (onnx/model_quantized.onnx)")
+    o = sub.add_parser("optimum", help="a bundle's model exported by Optimum and quantized as transformers.js's "
+                                       "q8 and q4 files, as a bundle of its own (for the benchmarks)")
+    o.add_argument("bundle", type=Path)
+    o.add_argument("--out", type=Path, required=True)
+    o.add_argument("--cache-dir", type=Path, default=Path("build/hf"),
+                   help="where the FP32 Hugging Face copy is kept (as for the PyTorch rows)")
     x = sub.add_parser("matrix", help="the compatibility matrix's files: tiny random decoders by "
                                       "family, exporter and form, with ONNX Runtime's greedy tokens")
     x.add_argument("--out", type=Path, required=True)
@@ -139,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        return 0
+    if args.cmd == "optimum":
+        import json
+        from . import baselines, optimum_bundle
+        try:
+            manifest = json.loads((args.bundle / "manifest.json").read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: {args.bundle} is not a bundle: {e}", file=sys.stderr)
+            return 2
+        hf = baselines.hf_folder(manifest, args.cache_dir.resolve())
+        for name in optimum_bundle.build(args.bundle, args.out, hf):
+            print(name)
         return 0
     if args.cmd == "matrix":
         import json

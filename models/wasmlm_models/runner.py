@@ -17,21 +17,41 @@ def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
 
 
 class PastRunner:
-    """Feeds a with-past file the way an engine does: prefill, then one token at a time."""
+    """Feeds a with-past file the way an engine does: prefill, then one token at a time. Our I/O
+    names, or Optimum's (`past_key_values.<i>.key`, `present.<i>.key`), with the
+    `attention_mask` (all ones over past + new) and `position_ids` its graph takes."""
 
     def __init__(self, path: Path, shape, threads: int = 2):
         self.sess, self.shape = ort_session(path, threads), shape
-        self.ins, self.outs = io_names(shape.layers, past=True)
+        names = [i.name for i in self.sess.get_inputs()]
+        outputs = {o.name for o in self.sess.get_outputs()}
+        self.extra = [n for n in ("attention_mask", "position_ids") if n in names]
+        if any(n.startswith("past_key_values.") for n in names):
+            past = [n for n in names if n.startswith("past_key_values.")]
+            present = [n.replace("past_key_values.", "present.", 1) for n in past]
+            if not set(present) <= outputs:
+                raise ValueError(f"{path.name}: no present output for each of {past}")
+            self.ins, self.outs = ["input_ids", *past], ["logits", *present]
+        else:
+            self.ins, self.outs = io_names(shape.layers, past=True)
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
         dims = (batch, self.shape.kv_heads, 0, self.shape.head_dim)
-        self.past = [np.zeros(dims, np.float32) for _ in range(2 * self.shape.layers)]
+        self.past = [np.zeros(dims, np.float32) for _ in range(len(self.ins) - 1)]
+        self.length = 0
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """ids (batch, seq) -> logits (batch, seq, vocab); the cache grows by seq."""
-        out = self.sess.run(self.outs, {"input_ids": ids, **dict(zip(self.ins[1:], self.past))})
-        self.past = out[1:]
+        feed = {"input_ids": ids, **dict(zip(self.ins[1:], self.past))}
+        batch, seq = ids.shape
+        total = self.length + seq
+        if "attention_mask" in self.extra:
+            feed["attention_mask"] = np.ones((batch, total), np.int64)
+        if "position_ids" in self.extra:
+            feed["position_ids"] = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, seq)).copy()
+        out = self.sess.run(self.outs, feed)
+        self.past, self.length = out[1:], total
         return out[0]
 
 

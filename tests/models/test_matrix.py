@@ -38,3 +38,19 @@ def test_unknown_families_and_a_missing_tokenizer_are_refused(tmp_path):
     r = run("--tokenizer", str(tmp_path))
     assert r.returncode == 2 and "has no tokenizer.json" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_the_past_runner_feeds_optimum_files_as_the_matrix_does(tiny_bundles, tmp_path):
+    """The baselines' ONNX Runtime rows (PastRunner) on an Optimum export: attention_mask,
+    position_ids and Optimum's cache names fed, the same greedy tokens as the matrix's driver."""
+    from transformers import AutoConfig
+
+    from wasmlm_models.export_names import Shape as ModelShape
+    hf = matrix.hf_model("llama", tmp_path / "hf", tiny_bundles["tiny-llama"])
+    file = tmp_path / "model.onnx"
+    matrix.export_optimum(hf, file)
+    runner = PastRunner(file, ModelShape.of(AutoConfig.from_pretrained(hf)), threads=1)
+    assert runner.extra == ["attention_mask", "position_ids"]
+    assert runner.ins[1] == "past_key_values.0.key" and runner.outs[1] == "present.0.key"
+    tokens, _ = matrix.ort_greedy(file, matrix.PROMPT, 8)
+    assert greedy_ort(runner, np.asarray(matrix.PROMPT, np.int64), 8) == tokens

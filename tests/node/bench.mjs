@@ -98,7 +98,9 @@ async function ortWebRow(spec) {
   const session = await ort.InferenceSession.create(readFileSync(resolve(spec.bundle, spec.file)),
     { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   const loadMs = performance.now() - t0;
-  const pastNames = session.inputNames.filter((n) => n !== "input_ids");
+  // Optimum's files also take attention_mask (ones over past + new) and position_ids
+  const extra = ["attention_mask", "position_ids"].filter((n) => session.inputNames.includes(n));
+  const pastNames = session.inputNames.filter((n) => n !== "input_ids" && !extra.includes(n));
   const presentOf = (name) => name.replace("past_key_values.", "present.").replace("past_", "present_");
   for (const n of pastNames) {
     if (!/^past_(key|value)_\d+$|^past_key_values\.\d+\.(key|value)$/.test(n)) {
@@ -109,9 +111,15 @@ async function ortWebRow(spec) {
     let past = Object.fromEntries(pastNames.map((n) =>
       [n, new ort.Tensor("float32", new Float32Array(0), [1, arch.kv_heads, 0, arch.head_dim])]));
     let ids = spec.prompt;
+    let held = 0;
     const times = [];
+    const int64 = (values) => new ort.Tensor("int64", BigInt64Array.from(values.map(BigInt)), [1, values.length]);
     for (let step = 0; step < NEW_TOKENS; step++) {
-      const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]), ...past };
+      const feeds = { input_ids: int64(ids), ...past };
+      const total = held + ids.length;
+      if (extra.includes("attention_mask")) feeds.attention_mask = int64(Array(total).fill(1));
+      if (extra.includes("position_ids")) feeds.position_ids = int64(Array.from({ length: ids.length }, (_, i) => held + i));
+      held = total;
       const t = performance.now();
       const out = await session.run(feeds);
       const logits = out.logits;

@@ -1,0 +1,30 @@
+"""`python -m wasmlm_models optimum`: a bundle's model exported by Optimum and quantized as
+transformers.js's q8 and q4 files, as a bundle the benchmarks measure."""
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import manifest_of
+from wasmlm_models import baselines, files, matrix, optimum_bundle
+from wasmlm_models.baseline_runs import Shape
+from wasmlm_models.runner import PastRunner, greedy_ort
+
+
+def test_the_optimum_bundle_lists_its_q8_and_q4_files_and_they_run(tiny_bundles, tmp_path):
+    src = tiny_bundles["tiny-llama"]
+    hf = baselines.hf_folder(manifest_of(src), tmp_path / "hf")
+    out = tmp_path / "optimum"
+    assert optimum_bundle.build(src, out, hf) == ["model_quantized.onnx", "model_q4.onnx"]
+    m = manifest_of(out)
+    onnx = [f for f in m["files"] if f["kind"] == "onnx"]
+    assert [(f["name"], f["preset"], f["precision"]) for f in onnx] == [
+        ("model_quantized.onnx", "optimum-q8", "int8"), ("model_q4.onnx", "optimum-q4", "int4")]
+    assert m["id"] == manifest_of(src)["id"] and m["default"]["file"] == "model_quantized.onnx"
+    assert not (out / "work").exists()
+    for f in m["files"]:
+        assert files.file_entry(out / f["name"]) == {k: f[k] for k in ("name", "bytes", "sha256")}
+    for f in onnx:
+        runner = PastRunner(out / f["name"], Shape(m["architecture"]), threads=1)
+        assert runner.extra == ["attention_mask", "position_ids"]
+        tokens, _ = matrix.ort_greedy(out / f["name"], matrix.PROMPT, 8)
+        assert greedy_ort(runner, np.asarray(matrix.PROMPT, np.int64), 8) == tokens
