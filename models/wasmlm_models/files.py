@@ -58,3 +58,30 @@ def file_entry(path: Path) -> dict:
 
 def mib(n_bytes: int) -> float:
     return round(n_bytes / (1 << 20), 1)
+
+
+def derived_bundle(bundle: Path, out: Path) -> tuple[dict, list[dict]]:
+    """Starts a bundle `out` made from `bundle` (nbits.py, optimum_bundle.py): `bundle`'s files
+    but its ONNX ones copied, another run's ONNX files removed. Returns the source manifest and
+    the copied files' entries."""
+    import json
+    import shutil
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.onnx"):  # another run's forms
+        f.unlink()
+    for f in bundle.iterdir():
+        if f.is_file() and f.suffix != ".onnx" and f.name != "manifest.json":
+            shutil.copyfile(f, out / f.name)
+    return manifest, [dict(f) for f in manifest["files"] if f["kind"] != "onnx"]
+
+
+def finish_derived_bundle(out: Path, manifest: dict, entries: list[dict], names: list[str]) -> None:
+    """Writes `out`'s manifest: `entries`, the first of `names` the default file."""
+    first = next(e for e in entries if e["name"] == names[0])
+    manifest = {**manifest, "files": entries,
+                "default": {**manifest["default"], "file": names[0], "preset": first["preset"],
+                            "precision": first["precision"]}}
+    manifest.pop("fidelity", None)  # both measured the source bundle's files
+    manifest.pop("parity", None)
+    write_json(out / "manifest.json", manifest)

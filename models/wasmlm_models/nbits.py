@@ -11,10 +11,9 @@ head quantized, the embedding's table FP32, as ONNX Runtime's own best weight-on
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from .files import atomic_path, file_entry, write_json
+from .files import atomic_path, derived_bundle, file_entry, finish_derived_bundle
 
 SOURCE = "model.with_past.onnx"
 
@@ -68,16 +67,9 @@ def quantize(src: Path, dst: Path, bits: int, block: int, symmetric: bool, accur
 
 def build(bundle: Path, out: Path, forms: list[tuple[int, int, bool]], accuracy_level: int | None) -> list[str]:
     """The MatMulNBits bundle of `bundle` in `out`; returns the files written."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    if not any(f["name"] == SOURCE for f in manifest["files"]):
+    if not any(f["name"] == SOURCE for f in json.loads((bundle / "manifest.json").read_text())["files"]):
         raise FileNotFoundError(f"{bundle / 'manifest.json'} lists no {SOURCE}")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob("*.onnx"):  # another run's forms
-        f.unlink()
-    for f in bundle.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != "manifest.json":
-            shutil.copyfile(f, out / f.name)
-    entries = [dict(f) for f in manifest["files"] if f["kind"] != "onnx"]
+    manifest, entries = derived_bundle(bundle, out)
     names = []
     for bits, block, symmetric in forms:
         name = f"model.with_past.{form_name(bits, block, symmetric)}.onnx"
@@ -86,10 +78,5 @@ def build(bundle: Path, out: Path, forms: list[tuple[int, int, bool]], accuracy_
                         "cache": "with_past", "preset": f"ort-matmul{form_name(bits, block, symmetric)}",
                         "accuracy_level": accuracy_level})
         names.append(name)
-    manifest = {**manifest, "files": entries,
-                "default": {**manifest["default"], "file": names[0], "preset": entries[-len(names)]["preset"],
-                            "precision": entries[-len(names)]["precision"]}}
-    manifest.pop("fidelity", None)  # both measured the source bundle's files
-    manifest.pop("parity", None)
-    write_json(out / "manifest.json", manifest)
+    finish_derived_bundle(out, manifest, entries, names)
     return names

@@ -10,11 +10,10 @@ same protocol.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from .files import file_entry, write_json
+from .files import derived_bundle, file_entry, finish_derived_bundle
 
 FORMS = {"q8": ("model_quantized.onnx", "int8", "optimum-q8"),
          "q4": ("model_q4.onnx", "int4", "optimum-q4")}
@@ -25,20 +24,13 @@ def build(bundle: Path, out: Path, hf: Path) -> list[str]:
     from optimum.exporters.onnx import main_export
 
     from . import matrix
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     main_export(str(hf), output=str(work), task="text-generation-with-past", do_validation=False)
     fp32 = work / "model.onnx"
     if not fp32.exists() or list(work.glob("*.onnx_data")):
         raise RuntimeError(f"Optimum wrote {sorted(p.name for p in work.iterdir())}, not one model.onnx")
-    for f in out.glob("*.onnx"):
-        f.unlink()
-    for f in bundle.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != "manifest.json":
-            shutil.copyfile(f, out / f.name)
-    entries = [dict(f) for f in manifest["files"] if f["kind"] != "onnx"]
+    manifest, entries = derived_bundle(bundle, out)
     names = []
     for form, (name, precision, preset) in FORMS.items():
         if form == "q8":
@@ -49,10 +41,5 @@ def build(bundle: Path, out: Path, hf: Path) -> list[str]:
                         "cache": "with_past", "preset": preset, "exporter": "optimum-onnx"})
         names.append(name)
     shutil.rmtree(work)
-    manifest = {**manifest, "files": entries,
-                "default": {**manifest["default"], "file": names[0], "preset": entries[-2]["preset"],
-                            "precision": entries[-2]["precision"]}}
-    manifest.pop("fidelity", None)  # both measured the source bundle's files
-    manifest.pop("parity", None)
-    write_json(out / "manifest.json", manifest)
+    finish_derived_bundle(out, manifest, entries, names)
     return names
