@@ -276,7 +276,10 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     normalize::unpack_qkv(&mut proto);
     normalize::half_gemms(&mut proto);
     let (dynamic, (blocks, block_lookups), nbits) = if prep.int8_kernels {
-        (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto), qmatmul::nbits::fuse(&mut proto).map_err(Error::UnsupportedGraph)?)
+        (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto), {
+            qmatmul::nbits::from_dequantized_heads(&mut proto);
+            qmatmul::nbits::fuse(&mut proto).map_err(Error::UnsupportedGraph)?
+        })
     } else {
         (0, (0, 0), 0)
     };

@@ -53,6 +53,97 @@ pub fn fuse(model: &mut ModelProto) -> Result<usize, String> {
     Ok(count)
 }
 
+/// `quantize_dynamic`'s tied LM head: it quantizes the embedding table for its `Gather` (one
+/// scale and zero point for the whole table), and the head that reads the same table through a
+/// `Transpose` stays an FP32 product of the dequantized table,
+/// `MatMul(x, DequantizeLinear(Transpose(table), scale, zero_point))` (Optimum's exports, so
+/// transformers.js's q8 files: the head was 6.7 of 15.7 ms per token on SmolLM2). That product
+/// is a `MatMulNBits` of 8 bits whose blocks share one scale and zero point: it is written as
+/// one (the table's bytes are its `N x K` weights; INT8 tables shifted to UINT8), which [`fuse`]
+/// then moves onto the block kernels. Returns how many.
+pub fn from_dequantized_heads(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
+    let index = crate::proto::Index::new(graph);
+    let inits: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut added: Vec<TensorProto> = vec![];
+    for (i, n) in graph.node.iter().enumerate() {
+        if n.op_type != "MatMul" || !crate::proto::default_domain(n) || n.input.len() != 2 || inits.contains_key(n.input[0].as_str()) {
+            continue;
+        }
+        let Some(dq) = index.producer(&n.input[1]).filter(|d| d.op_type == "DequantizeLinear" && d.input.len() == 3) else { continue };
+        let Some(t) = index.producer(&dq.input[0]).filter(|t| t.op_type == "Transpose") else { continue };
+        let perm = t.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints.clone()).unwrap_or(vec![1, 0]);
+        let (Some(table), Some(scale), Some(zp)) =
+            (inits.get(t.input[0].as_str()), inits.get(dq.input[1].as_str()), inits.get(dq.input[2].as_str()))
+        else {
+            continue;
+        };
+        let int8 = table.data_type == DataType::Int8 as i32;
+        let one = |x: &TensorProto| x.dims.iter().product::<i64>() == 1;
+        if perm != [1, 0] || table.dims.len() != 2 || !(int8 || table.data_type == DataType::Uint8 as i32)
+            || zp.data_type != table.data_type || !one(zp) || !one(scale) {
+            continue;
+        }
+        let (rows, cols) = (table.dims[0], table.dims[1]);
+        // a (u)int8 scalar: its byte in raw_data, or its value in int32_data
+        let zp = zp.raw_data.first().copied().or_else(|| zp.int32_data.first().map(|&v| v as u8));
+        let (Some(scale), Some(zp)) = (crate::proto::scalar_f32(scale), zp) else { continue };
+        if !(1..=1 << 24).contains(&rows) || !(1..=1 << 24).contains(&cols) || cols as usize % BLOCK != 0
+            || table.raw_data.len() != (rows * cols) as usize {
+            continue;
+        }
+        let (n_out, k, kb) = (rows as usize, cols as usize, cols as usize / BLOCK);
+        let shift = |b: u8| if int8 { b.wrapping_add(128) } else { b };
+        let p = &n.output[0];
+        let b = TensorProto {
+            name: format!("{p}.nbits_b"),
+            dims: vec![n_out as i64, kb as i64, BLOCK as i64],
+            data_type: DataType::Uint8 as i32,
+            raw_data: table.raw_data.iter().map(|&b| shift(b)).collect(),
+            ..Default::default()
+        };
+        let sc = TensorProto {
+            name: format!("{p}.nbits_scales"),
+            dims: vec![(n_out * kb) as i64],
+            data_type: DataType::Float as i32,
+            raw_data: scale.to_le_bytes().repeat(n_out * kb),
+            ..Default::default()
+        };
+        let z = TensorProto {
+            name: format!("{p}.nbits_zero_points"),
+            dims: vec![(n_out * kb) as i64],
+            data_type: DataType::Uint8 as i32,
+            raw_data: vec![shift(zp); n_out * kb],
+            ..Default::default()
+        };
+        let int = |name: &str, i: usize| AttributeProto {
+            name: name.into(),
+            r#type: tract_onnx::pb::attribute_proto::AttributeType::Int as i32,
+            i: i as i64,
+            ..Default::default()
+        };
+        let node = NodeProto {
+            name: format!("{}.nbits", n.name),
+            op_type: OP_TYPE.into(),
+            domain: "com.microsoft".into(),
+            input: vec![n.input[0].clone(), b.name.clone(), sc.name.clone(), z.name.clone()],
+            output: n.output.clone(),
+            attribute: vec![int("K", k), int("N", n_out), int("bits", 8), int("block_size", BLOCK)],
+            ..Default::default()
+        };
+        replace.insert(i, vec![node]);
+        added.extend([b, sc, z]);
+    }
+    let count = replace.len();
+    if count > 0 {
+        replace_nodes(graph, replace);
+        graph.initializer.extend(added);
+        drop_unread(graph);
+    }
+    count
+}
+
 /// One node's block product (and the bias's `Add`) with its two new initializers, or why not.
 fn rewrite(graph: &GraphProto, node: &NodeProto) -> Result<(Vec<NodeProto>, Vec<TensorProto>), String> {
     let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i).ok_or(format!("it has no {name}"));
@@ -265,5 +356,59 @@ mod tests {
         }
         let mut model = ModelProto { graph: Some(GraphProto { node: vec![node(64, 2, 8)], ..graph(64, 2) }), ..Default::default() };
         assert!(fuse(&mut model).unwrap_err().contains("N x blocks x blob"));
+    }
+
+    /// `MatMul(x, DequantizeLinear(Transpose(table), scale, zero_point))` of an INT8 and a UINT8
+    /// table (zero points far from the middle, so the shifted path too) runs on the block
+    /// kernels and gives tract's FP32 product of the dequantized table within the kernels'
+    /// activation rounding.
+    #[test]
+    fn a_dequantized_head_runs_on_the_block_kernels() {
+        use crate::fused::test_proto::{model, node, value};
+        use tract_onnx::prelude::*;
+        let (n, k) = (5usize, 64usize);
+        for (dt, zp) in [(DataType::Int8, -100i32), (DataType::Uint8, 20), (DataType::Uint8, 128)] {
+            let table: Vec<u8> = (0..n * k).map(|i| ((i * 37 + 11) % 256) as u8).collect();
+            let t = |name: &str, dt: DataType, dims: Vec<i64>, raw: Vec<u8>| TensorProto {
+                name: name.into(), data_type: dt as i32, dims, raw_data: raw, ..Default::default()
+            };
+            let mut tr = node("Transpose", &["table"], "tt");
+            tr.attribute.push(AttributeProto {
+                name: "perm".into(),
+                r#type: tract_onnx::pb::attribute_proto::AttributeType::Ints as i32,
+                ints: vec![1, 0],
+                ..Default::default()
+            });
+            let graph = GraphProto {
+                node: vec![tr, node("DequantizeLinear", &["tt", "scale", "zp"], "w"), node("MatMul", &["x", "w"], "y")],
+                initializer: vec![
+                    t("table", dt, vec![n as i64, k as i64], table),
+                    t("scale", DataType::Float, vec![], 0.013f32.to_le_bytes().to_vec()),
+                    t("zp", dt, vec![], vec![zp as u8]),
+                ],
+                input: vec![value("x", &[3, k as i64])],
+                output: vec![value("y", &[3, n as i64])],
+                ..Default::default()
+            };
+            let run = |mut proto: ModelProto, ours: bool| -> Vec<f32> {
+                if ours {
+                    assert_eq!(from_dequantized_heads(&mut proto), 1);
+                    assert_eq!(fuse(&mut proto).unwrap(), 1);
+                    let ops: Vec<String> = proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.clone()).collect();
+                    assert!(ops.contains(&blockq8::OP_TYPE.to_string()), "{ops:?}");
+                }
+                let mut onnx = tract_onnx::onnx();
+                super::super::register(&mut onnx);
+                let plan = onnx.model_for_proto_model(&proto).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+                let x: Vec<f32> = (0..3 * k).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
+                let x = tract_ndarray::Array2::from_shape_vec((3, k), x).unwrap().into_tensor();
+                let out = plan.run(tvec!(x.into_tvalue())).unwrap();
+                out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+            };
+            let (got, want) = (run(model(graph.clone()), true), run(model(graph), false));
+            let range = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+            let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= 0.01 * range, "{dt:?} zp {zp}: {d} (range {range})");
+        }
     }
 }
