@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: {args.bundle} is not a bundle: {e}", file=sys.stderr)
             return 2
-        hf = baselines.hf_folder(manifest, args.cache_dir.resolve())
-        for name in optimum_bundle.build(args.bundle, args.out, hf):
+        try:
+            hf = baselines.hf_folder(manifest, args.cache_dir.resolve())
+            names = optimum_bundle.build(args.bundle, args.out, hf)
+        except (OSError, RuntimeError, ValueError) as e:
+            print(f"error: {args.bundle}: {e}", file=sys.stderr)
+            return 2
+        for name in names:
             print(name)
         return 0
     if args.cmd == "matrix":

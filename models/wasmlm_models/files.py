@@ -68,6 +68,9 @@ def derived_bundle(bundle: Path, out: Path) -> tuple[dict, list[dict]]:
     import shutil
     manifest = json.loads((bundle / "manifest.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
+    # another run's manifest goes first: until finish_derived_bundle writes the new one, the
+    # folder is plainly not a bundle, whatever stops the run
+    (out / "manifest.json").unlink(missing_ok=True)
     for f in out.glob("*.onnx"):  # another run's forms
         f.unlink()
     for f in bundle.iterdir():
