@@ -52,6 +52,13 @@ venv() {
 
 setup() { venv "$VENV" models/requirements.lock "first time: about 200 MB"; }
 setup_torch() { venv "$TVENV" models/requirements-torch.lock "first time: about 3.5 GB, PyTorch from PyPI is its CUDA build"; }
+# llama.cpp for the table's llama.cpp rows (./build.sh baselines only): llama-cpp-python, whose
+# PyPI release is source only, so pip builds llama.cpp here (cmake, for this machine's CPU)
+LVENV=models/.venv-llama
+setup_llama() {
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    venv "$LVENV" models/requirements-llama.lock "first time: llama.cpp built from source, about 10 minutes on 2 cores"
+}
 
 # The default model's bundle is written from its GGUF without PyTorch (models/.venv); every
 # other reference is traced in PyTorch (models/.venv-torch).
@@ -88,6 +95,15 @@ baselines() {
         --cache-dir ../build/hf)
     others+=("build/models/$ref-optimum")
   done
+  # llama.cpp on GGUF files of the same weights (gguf_files.py): the default model's own Q4_1
+  # GGUF and its Q8_0, measured by llama-cpp-python in the same protocol
+  if [[ " ${MODELS[*]} " == *" $DEFAULT_MODEL "* ]]; then
+    setup_llama
+    say "llama.cpp's GGUF files of $DEFAULT_MODEL, Q8_0 and Q4_1: build/models/$DEFAULT_MODEL-gguf"
+    (cd models && ../"$PY" -m wasmlm_models gguf "../build/models/$DEFAULT_MODEL" --out "../build/models/$DEFAULT_MODEL-gguf")
+    (cd models && ../"$PYT" -m wasmlm_models baselines "../build/models/$DEFAULT_MODEL" --out ../build/baselines.json \
+        --backends llama.cpp --gguf "../build/models/$DEFAULT_MODEL-gguf" --llama-python "../$LVENV/bin/python")
+  fi
   if ((${#others[@]})); then
     (cd models && ../"$PYT" -m wasmlm_models baselines "${others[@]/#/../}" --out ../build/baselines.json \
         --backends onnxruntime)
@@ -554,7 +570,7 @@ usage: ./build.sh [COMMAND]
   engine           the native CLI, target/release/wasmlm
   wasm [BUILD…]    the browser builds into build/pkg (default: simd relaxed nosimd threads)
   baselines        the full native table build/baselines.{json,md}: every bundle, every backend
-                   (PyTorch, bitsandbytes, ONNX Runtime, tract native), then tract wasm and
+                   (PyTorch, bitsandbytes, ONNX Runtime, llama.cpp, tract native), then tract wasm and
                    onnxruntime-web in Node
   native-rows      only the default file's ONNX Runtime and tract native rows (1, 2 threads)
   benchmarks       baselines, then docs/benchmarks.md

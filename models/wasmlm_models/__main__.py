@@ -33,10 +33,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True, help="baselines.json (rows are merged in)")
     t.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompt source")
     t.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    t.add_argument("--backends", nargs="+", choices=["pytorch", "bitsandbytes", "onnxruntime"])
+    t.add_argument("--backends", nargs="+", choices=["pytorch", "bitsandbytes", "onnxruntime", "llama.cpp"])
     t.add_argument("--files", nargs="+", help="only these ONNX files (ONNX Runtime rows only)")
     t.add_argument("--cache-dir", type=Path, default=Path("build/hf"),
                    help="where the FP32 Hugging Face copies for the PyTorch rows are kept")
+    t.add_argument("--gguf", type=Path, help="llama.cpp rows on this folder's GGUF files (made by the "
+                                             "gguf command from the one bundle given)")
+    t.add_argument("--llama-python", help="the Python with llama-cpp-python that runs those rows "
+                                          "(default: this one)")
+    g = sub.add_parser("gguf", help="the bundle's model as llama.cpp GGUF files, Q8_0 and Q4_1")
+    g.add_argument("bundle", type=Path)
+    g.add_argument("--out", type=Path, required=True)
     f = sub.add_parser("reference", help="ONNX Runtime reference logits and greedy tokens (JSON)")
     f.add_argument("bundle", type=Path)
     f.add_argument("--file", required=True)
@@ -203,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.cmd == "gguf":
+        from . import gguf_files, sources
+        try:
+            names = gguf_files.build(args.bundle, args.out)
+        except (OSError, ValueError, gguf_files.GgufError, sources.SourceError) as e:
+            print(f"error: {args.bundle}: {e}", file=sys.stderr)
+            return 2
+        for name in names:
+            print(name)
+        return 0
     if args.cmd == "render":
         import json
         from . import baselines, files
@@ -216,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "bundle":
             bundle.build(args.ref, args.out, args.text, args.presets, args.force, args.torch)
         else:
-            baselines.build(args.bundles, args.out, args.text, args.threads,
-                            args.cache_dir.resolve(), args.backends, args.files)
+            if args.backends and "llama.cpp" in args.backends and not args.gguf:
+                raise ValueError("llama.cpp rows need --gguf DIR (python -m wasmlm_models gguf makes it)")
+            if args.gguf and len(args.bundles) != 1:
+                raise ValueError("--gguf goes with one bundle, the one its files were made from")
+            baselines.build(args.bundles, args.out, args.text, args.threads, args.cache_dir.resolve(),
+                            args.backends, args.files, args.gguf and args.gguf.resolve(),
+                            args.llama_python and str(Path(args.llama_python).absolute()))
     except (sources.SourceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -146,8 +146,44 @@ def torch_row(spec: dict) -> dict:
             "prompt_tokens": prompt.shape[1]}
 
 
+# llama.cpp (llama-cpp-python, built from source: ./build.sh baselines) ---------------------------
+
+def llama_row(spec: dict) -> dict:
+    """The same protocol on a GGUF of the same model: the prompt in one batch, then one token at
+    a time, each the argmax of the last logits (llama.cpp's own sampler is not used, so the
+    tokens are chosen as in every other row). The KV cache is cleared between runs."""
+    import llama_cpp
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=spec["file"], n_ctx=256, n_batch=64, n_ubatch=64,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          logits_all=False, verbose=False)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    prompt = list(spec["prompt_ids"])
+    vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(vocab,))
+
+    def one_run():
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        prefill, steps = (time.perf_counter() - t) * 1e3, []
+        for _ in range(NEW_TOKENS - 1):
+            nxt = int(last_logits().argmax())
+            t = time.perf_counter()
+            llm.eval([nxt])
+            steps.append((time.perf_counter() - t) * 1e3)
+        return prefill, steps
+    return {"load_ms": round(load_ms, 1), **decode_stats(time_runs(one_run)),
+            "prompt_tokens": len(prompt), "llama_cpp": llama_cpp.__version__}
+
+
 def run(spec: dict) -> dict:
-    row = ort_row(spec) if spec["backend"] == "onnxruntime" else torch_row(spec)
+    backend = spec["backend"]
+    row = ort_row(spec) if backend == "onnxruntime" else llama_row(spec) if backend == "llama.cpp" else torch_row(spec)
     return {**row, "peak_rss_mib": machine.peak_rss_mib()}
 
 

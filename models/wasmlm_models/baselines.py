@@ -45,7 +45,16 @@ def hf_folder(manifest: dict, cache_dir: Path) -> Path:
     return out
 
 
-def specs(bundle: Path, manifest: dict, hf: Path, prompt: list[int], threads: list[int]) -> list:
+def specs(bundle: Path, manifest: dict, hf: Path, prompt: list[int], threads: list[int],
+          gguf: Path | None = None, llama_python: str | None = None) -> list:
+    """Every row of one bundle; with `gguf` (a folder of gguf_files.py for the same model), the
+    llama.cpp rows too, each run by `llama_python` (the venv with llama-cpp-python)."""
+    ggufs = []
+    if gguf is not None:
+        listing = json.loads((gguf / "gguf.json").read_text())
+        if listing["model"] != manifest["id"]:
+            raise ValueError(f"{gguf} holds {listing['model']}, not {manifest['id']}")
+        ggufs = listing["files"]
     base = {"model": manifest["id"], "real_weights": manifest["real_weights"], "prompt_ids": prompt,
             "shape": manifest["architecture"], "hf_folder": str(hf)}
     out = []
@@ -59,12 +68,21 @@ def specs(bundle: Path, manifest: dict, hf: Path, prompt: list[int], threads: li
                 out.append({**base, "backend": "onnxruntime", "precision": f["precision"],
                             "preset": f["preset"], "cache": f["cache"], "threads": t,
                             "file": str(bundle / f["name"]), "file_bytes": f["bytes"]})
+        for g in ggufs:
+            out.append({**base, "backend": "llama.cpp", "precision": GGUF_PRECISION[g["type"]],
+                        "preset": f"{g['type']} GGUF", "cache": "with_past", "threads": t,
+                        "file": str(gguf / g["name"]), "file_bytes": g["bytes"],
+                        "python": llama_python or sys.executable})
     return out
+
+
+GGUF_PRECISION = {"Q8_0": "int8", "Q4_1": "int4"}
 
 
 def measure(spec: dict) -> dict:
     """Run one row in a fresh process; a failure becomes a row that says why, not a number."""
-    proc = subprocess.run([sys.executable, "-m", "wasmlm_models", "row", json.dumps(spec)],
+    python = spec.pop("python", None) or sys.executable
+    proc = subprocess.run([python, "-m", "wasmlm_models", "row", json.dumps(spec)],
                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
     row = {k: spec.get(k) for k in (*KEY, "real_weights", "file_bytes")}
     row["file"] = Path(spec["file"]).name if "file" in spec else None
@@ -93,11 +111,14 @@ def merge(path: Path, new_rows: list[dict], header: dict) -> dict:
     keys = {tuple(r.get(k) for k in KEY) for r in new_rows}
     kept = [r for r in table.get("rows", []) if tuple(r.get(k) for k in KEY) not in keys]
     models = {**table.get("models", {}), **header.pop("models")}
-    return {"schema": SCHEMA, **header, "models": models, "rows": kept + new_rows}
+    # what measured the kept rows stays named (a llama.cpp run does not know PyTorch's version)
+    versions = {**table.get("versions", {}), **{k: v for k, v in header.pop("versions").items() if v}}
+    return {"schema": SCHEMA, **header, "versions": versions, "models": models, "rows": kept + new_rows}
 
 
 def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_dir: Path,
-          backends: list[str] | None = None, only_files: list[str] | None = None) -> dict:
+          backends: list[str] | None = None, only_files: list[str] | None = None,
+          gguf: Path | None = None, llama_python: str | None = None) -> dict:
     rows, models = [], {}
     for bundle in map(Path.resolve, bundles):
         manifest = json.loads((bundle / "manifest.json").read_text())
@@ -107,7 +128,7 @@ def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_
         # the PyTorch rows' model folder (not needed when only ONNX files are measured)
         wants_torch = not backends or {"pytorch", "bitsandbytes"} & set(backends)
         hf = hf_folder(manifest, cache_dir) if wants_torch and not only_files else None
-        for spec in specs(bundle, manifest, hf, prompt, threads):
+        for spec in specs(bundle, manifest, hf, prompt, threads, gguf, llama_python):
             if backends and spec["backend"] not in backends:
                 continue
             if only_files and Path(spec.get("file") or "").name not in only_files:
@@ -116,7 +137,9 @@ def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_
                 f"{spec['cache']} x{spec['threads']} thread(s)")
             rows.append(measure(spec))
             log(f"  -> {summary_of(rows[-1])}")
-    header = {"machine": machine.cpu(), "versions": versions(), "models": models,
+    llama = sorted({r["llama_cpp"] for r in rows if r.get("llama_cpp")})
+    header = {"machine": machine.cpu(), "versions": {**versions(), "llama-cpp-python": ", ".join(llama)},
+              "models": models,
               "protocol": {"batch": 1, "prompt_tokens": PROMPT_TOKENS,
                            "new_tokens": baseline_runs.NEW_TOKENS, "eos": "ignored",
                            "warmup_runs": 1, "runs": baseline_runs.RUNS,

@@ -70,3 +70,27 @@ def test_compare_alternates_rounds_and_takes_each_rounds_ratio(tiny_bundles, tmp
     assert calls.read_text().count("bench-row") == 4
     assert "--threads 1" in calls.read_text()
     assert out.with_suffix(".md").read_text().count("| tiny-llama |") == 2
+
+
+def test_llama_cpp_rows_run_in_their_own_python_and_keep_the_table_versions(tiny_bundles, tmp_path):
+    """A gguf folder of the same model gives llama.cpp rows, each run by the Python given (here
+    one without llama-cpp-python, so each row says why it failed rather than holding a number);
+    the versions that measured earlier rows stay."""
+    bundle = tiny_bundles["tiny-llama"]
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    files = [{"name": "model.q8_0.gguf", "bytes": 10, "type": "Q8_0"}, {"name": "model.q4_1.gguf", "bytes": 7, "type": "Q4_1"}]
+    (gguf / "gguf.json").write_text(json.dumps({"model": "tiny-llama", "files": files}))
+    out = tmp_path / "baselines.json"
+    out.write_text(json.dumps({"versions": {"llama-cpp-python": "0.3.0"}, "rows": []}))
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: no llama_cpp here' >&2\nexit 1\n")
+    python.chmod(0o755)
+    table = baselines.build([bundle], out, baselines.files.DEFAULT_TEXT, threads=[1, 2], cache_dir=tmp_path / "hf",
+                            backends=["llama.cpp"], gguf=gguf, llama_python=str(python))
+    rows = table["rows"]
+    assert [(r["backend"], r["precision"], r["preset"], r["threads"], r["file"]) for r in rows] == [
+        ("llama.cpp", "int8", "Q8_0 GGUF", 1, "model.q8_0.gguf"), ("llama.cpp", "int4", "Q4_1 GGUF", 1, "model.q4_1.gguf"),
+        ("llama.cpp", "int8", "Q8_0 GGUF", 2, "model.q8_0.gguf"), ("llama.cpp", "int4", "Q4_1 GGUF", 2, "model.q4_1.gguf")]
+    assert all(r["error"] == "ModuleNotFoundError: no llama_cpp here" and "python" not in r for r in rows)
+    assert table["versions"]["llama-cpp-python"] == "0.3.0"  # no row of this run measured one

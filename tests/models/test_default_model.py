@@ -74,3 +74,37 @@ def test_distilgpt2_shape_sizes_against_the_study():
     assert 220 < files["model.with_past.ort-dynamic-qint8.onnx"]["bytes"] / 2**20 < 235  # the study: 229
     assert files["model.with_past.int8.onnx"]["bytes"] < 100e6
     assert manifest_of(out)["real_weights"] is False
+
+
+def test_the_llama_cpp_files_hold_the_bundles_weights(smollm2, tmp_path):
+    """gguf_files.py: model.q4_1.gguf is the source GGUF itself, model.q8_0.gguf the same
+    metadata and tensors with every matrix in Q8_0 within half a step of its block's scale of
+    the source's weights, the norms untouched, and one embedding (no `output.weight` added)."""
+    import gguf
+    import numpy as np
+    from wasmlm_models import files, gguf_files
+    out = tmp_path / "gguf"
+    assert gguf_files.build(smollm2, out) == ["model.q4_1.gguf", "model.q8_0.gguf"]
+    listing = (out / "gguf.json").read_text()
+    src = sources.smollm2_gguf()
+    assert files.sha256_of(out / "model.q4_1.gguf") == files.sha256_of(src) in listing
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(out / "model.q8_0.gguf")
+    assert b.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for name in ("tokenizer.ggml.tokens", "tokenizer.chat_template", "llama.rope.freq_base"):
+        assert a.fields[name].contents() == b.fields[name].contents()
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert "output.weight" not in {t.name for t in b.tensors}
+    Q = gguf.GGMLQuantizationType
+    for ta, tb in zip(a.tensors, b.tensors):
+        wa = gguf.quants.dequantize(ta.data, ta.tensor_type)
+        wb = gguf.quants.dequantize(tb.data, tb.tensor_type)
+        assert wa.shape == wb.shape, ta.name
+        if len(ta.shape) == 1:
+            assert tb.tensor_type == ta.tensor_type and np.array_equal(wa, wb), ta.name
+            continue
+        assert tb.tensor_type == Q.Q8_0, ta.name
+        blocks = wa.reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        # half a step, plus the fp16 rounding of the block's scale (2^-11 relative, 127 steps)
+        assert (np.abs(blocks - wb.reshape(-1, 32)) <= step * (0.5 + 127 * 2 ** -11) + 1e-12).all(), ta.name
+    assert b.fields["general.file_type"].contents() != a.fields["general.file_type"].contents()
