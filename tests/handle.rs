@@ -249,3 +249,41 @@ fn a_chunked_prefill_equals_one_prefill_and_can_stop_halfway() {
         assert_eq!(fed, 7, "{what}");
     }
 }
+
+/// An FP16 file's cache is FP16 (the graph's declared type, `Graph::cache_dt`), passed through
+/// the graph; a snapshot holds it as f32, which is exact for f16 values, and a restore casts it
+/// back: the next logits are the same bits, and a fork stays independent. The file is the
+/// compatibility matrix's tiny Llama in FP16, as Optimum exports it and as ours does.
+#[test]
+fn an_fp16_cache_snapshots_and_forks_exactly() {
+    let dir = matrix().join("llama");
+    let hf = dir.join("hf");
+    for exporter in ["ours", "optimum"] {
+        let what = format!("{exporter} fp16");
+        let engine = Engine::from_user_files(
+            "fp16.onnx",
+            std::fs::read(dir.join(exporter).join("fp16.onnx")).unwrap(),
+            &std::fs::read(hf.join("tokenizer.json")).unwrap(),
+            std::fs::read(hf.join("tokenizer_config.json")).ok().as_deref(),
+            64,
+            Prepare::default(),
+        )
+        .unwrap();
+        assert_eq!(engine.graph.cache_dt, tract_onnx::prelude::DatumType::F16, "{what}");
+        let mut a = engine.session().unwrap();
+        a.prefill(&PROMPT).unwrap();
+        a.step(31).unwrap();
+        let bytes = a.snapshot().unwrap();
+        let mut b = engine.session().unwrap();
+        b.prefill(&MORE).unwrap();
+        b.restore(&bytes).unwrap();
+        assert_eq!(b.tokens(), a.tokens(), "{what}");
+        let mut c = a.fork();
+        let next = a.step(32).unwrap();
+        assert!(next.iter().all(|x| x.is_finite()), "{what}");
+        assert_eq!(b.step(32).unwrap(), next, "{what}: next logits after a restore");
+        assert_eq!(c.step(32).unwrap(), next, "{what}: next logits of a fork");
+        // and the restored cache goes on as the original: one more step each
+        assert_eq!(b.step(33).unwrap(), a.step(33).unwrap(), "{what}: the step after");
+    }
+}
