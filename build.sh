@@ -57,7 +57,7 @@ setup_torch() { venv "$TVENV" models/requirements-torch.lock "first time: about 
 LVENV=models/.venv-llama
 setup_llama() {
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    venv "$LVENV" models/requirements-llama.lock "first time: llama.cpp built from source, about 10 minutes on 2 cores"
+    venv "$LVENV" models/requirements-llama.lock "first time: llama.cpp built from source, about 6 minutes on 2 cores"
 }
 
 # The default model's bundle is written from its GGUF without PyTorch (models/.venv); every
