@@ -264,9 +264,6 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     qmatmul::register(&mut onnx);
     fused::register(&mut onnx);
-    // the protobuf decoded: what tract refuses now is an op or a shape (`{:#}`: the chain of
-    // contexts that says which, without a backtrace)
-    let onnx_err = |e: TractError| Error::UnsupportedGraph(format!("{e:#}"));
     let mut proto = bytes.decode()?;
     // external data not read in by the caller (external.rs): refused with the side files' names
     crate::external::inline(&mut proto, &vec![])?;
@@ -288,9 +285,9 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
         fused::rewrite(&mut proto);
     }
     phases.mark("parse");
-    let mut model = onnx.model_for_proto_model(&proto).map_err(onnx_err)?;
-    drop(proto);
-    phases.mark("to tract");
+    // the protobuf decoded: what tract refuses now is an op or a shape
+    let mut model = qmatmul::packs::parse(&onnx, proto)?;
+    phases.mark("pack, to tract");
     let (ins, outs) = names(&model)?;
     let conv = Convention::discover(&ins, &outs)?;
     let s = model.symbols.sym("S");

@@ -7,8 +7,8 @@
 //! never shrinks: the copy sets the high-water mark wherever it adds to the peak of the load.
 //! Read in chunks, one chunk at a time is in wasm memory besides what the protobuf keeps. On
 //! distilgpt2-shape's `ort-dynamic-qint8` file (240 MB) wasm memory after load went from 534 to 493 MiB;
-//! on SmolLM2 `q8b32` it stayed at 348-349 MiB, where the peak is tract's tensors beside the
-//! protobuf's (README, "Memory at load").
+//! on SmolLM2 `q8b32` it stayed at 348-349 MiB, where the peak was tract's tensors beside the
+//! protobuf's (since packed from the protobuf: qmatmul/packs.rs).
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 

@@ -86,11 +86,11 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
     r.model, r.live ? `${r.backend} (this browser${r.kind ? ", " + r.kind : ""})` : r.backend,
     r.precision || "", r.preset || "", r.cache || "", r.threads,
     r.error ? `failed: ${r.error}` : stat(r.decode_ms_per_token),
-    stat(r.prefill_ms || r.latency_ms), r.peak_rss_mib ?? "", ratio(r),
+    stat(r.prefill_ms || r.latency_ms), r.peak_rss_mib ?? "", r.wasm_memory_mib ?? "", ratio(r),
   ]);
   const t = table(
     ["model", "backend", "precision", "preset", "cache", "threads",
-     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB", "wasm / native (decode)"], rows);
+     "decode ms/token (median / p90)", "prefill or no-cache ms", "peak RSS MiB", "wasm memory MiB", "wasm / native (decode)"], rows);
   t.tBodies[0].querySelectorAll("tr").forEach((tr, i) => { if (all[i].live) tr.className = "live"; });
   container.replaceChildren(t);
 }

@@ -17,6 +17,7 @@ const RELAXED_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 
 const CACHE_NAME = "wasmlm-models-v1";
 
 let wasm = null; // the wasm-bindgen module
+let memory = null; // its WebAssembly.Memory (what a benchmark row reports: it never shrinks)
 let build = null; // {simd, version, ...}
 let engine = null;
 const sessions = new Map(); // id -> the engine's Session (0: made at load)
@@ -72,7 +73,7 @@ async function loadWasm(request) {
     (supported.threads && threadCount >= 2 ? "threads" : supported.relaxed ? "relaxed" : simd ? "simd" : "nosimd");
   let dir = `./pkg/${flavour}/`;
   wasm = await import(dir + "wasmlm.js");
-  await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
+  ({ memory } = await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) }));
   let relaxedCheck = null;
   if (flavour === "relaxed") {
     // Relaxed SIMD lets browsers differ; our kernel keeps to the inputs where they may not, and
@@ -88,7 +89,7 @@ async function loadWasm(request) {
       flavour = "simd";
       dir = `./pkg/${flavour}/`;
       wasm = await import(dir + "wasmlm.js");
-      await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) });
+      ({ memory } = await wasm.default({ module_or_path: new URL(dir + "wasmlm_bg.wasm", import.meta.url) }));
     }
   }
   build = { ...wasm.buildInfo(), dir, simdSupported: simd, relaxedSupported: relaxed, relaxedCheck, isolated,
@@ -505,6 +506,7 @@ async function bench({ text, runs = 5, peer = false, profile = false }) {
     if (run > 0) results.push(r); // run 0 is the warm-up
   }
   const row = engine.benchRow(results, prompt.length, backend);
+  row.wasm_memory_mib = Math.round(memory.buffer.byteLength / 1048576);
   if (profile) {
     // after the measured runs, so that timing every node does not slow them
     post({ type: Msg.BENCH_PROGRESS, run: "profile", of: runs, backend });

@@ -146,7 +146,9 @@ def build(bundles: list[Path], out: Path, text: Path, threads: list[int], cache_
                            "statistics": "median and p90 over runs; a run's decode ms/token is "
                                          "the mean of its 63 decode steps",
                            "no_past": "latency of one inference over the prompt",
-                           "peak_rss": "whole process, Python and libraries included"}}
+                           "peak_rss": "whole process, Python and libraries included",
+                           "wasm_memory": "the wasm module's memory after the runs (it never shrinks: "
+                                          "the load's peak)"}}
     table = merge(out, rows, header)
     files.write_json(out, table)
     files.write_text(out.with_suffix(".md"), render(table))
@@ -168,15 +170,15 @@ def render(table: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {' '.join(m['simd'])}. "
              f"Protocol: {json.dumps(table['protocol'])}\n",
              "| model | backend | precision | preset | cache | threads | decode ms/token (median / p90) "
-             "| prefill or no-cache ms (median / p90) | file MiB | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| prefill or no-cache ms (median / p90) | file MiB | peak RSS MiB | wasm memory MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         real = table.get("models", {}).get(r["model"], {}).get("real_weights", r.get("real_weights"))
         label = r["model"] + (" (random weights)" if real is False else "")
         head = f"| {label} | {r['backend']} | {r['precision']} | {r.get('preset') or ''} | " \
                f"{r['cache']} | {r['threads']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | | |")
             continue
         dec = r.get("decode_ms_per_token")
         pre = r.get("prefill_ms") or r.get("latency_ms")
@@ -184,7 +186,7 @@ def render(table: dict) -> str:
         decode = f"{dec['median']} / {dec['p90']}" if dec else "-"
         first = f"{pre['median']} / {pre['p90']}" if pre else "-"
         lines.append(f"{head} {decode} | {first} | {size} | "
-                     f"{r.get('peak_rss_mib', '')} |")
+                     f"{r.get('peak_rss_mib', '')} | {r.get('wasm_memory_mib', '')} |")
     return "\n".join(lines) + "\n"
 
 

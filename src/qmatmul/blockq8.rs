@@ -19,7 +19,8 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use super::kernel::{PackedI8, Part, K_ALIGN, PANEL};
-use super::{constant, product_facts, product_output};
+use super::packs::BlockWeights;
+use super::{product_facts, product_output};
 
 /// The op name [`super::rewrite::fuse_blocks`] writes.
 pub const OP_TYPE: &str = "WasmlmBlockQ8MatMul";
@@ -27,18 +28,26 @@ pub const OP_TYPE: &str = "WasmlmBlockQ8MatMul";
 pub const BLOCK: usize = 32;
 
 pub(super) fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    ensure!(node.input.len() == 3, "{OP_TYPE} takes x, q, scales");
-    let layout: String = node.get_attr("layout")?;
-    ensure!(layout == "kn" || layout == "nk", "{OP_TYPE}: layout must be kn or nk, found {layout}");
-    Ok((expand(Expansion { nk: layout == "nk" }), vec![]))
+    // the weights come from packs::attach, once the model is parsed
+    ensure!(node.input.len() == 1, "{OP_TYPE} takes x once its weights are packed (qmatmul/packs.rs)");
+    Ok((expand(Expansion { weights: None }), vec![]))
 }
 
-/// `nk: false`: q is (K/32, 32, N), scales (K/32, 1, N) (a MatMul's B blocked along axis 0).
-/// `nk: true`: q is (N, K/32, 32), scales (N, K/32, 1) (B = Transpose of a table blocked along
-/// its rows, as the tied LM head).
+/// The op for [`super::packs::attach`] to put in the parsed model.
+pub(super) fn expansion(weights: BlockWeights) -> Box<dyn InferenceOp> {
+    expand(Expansion { weights: Some(weights) })
+}
+
+/// x (…, K) f32 -> (…, N) f32.
 #[derive(Debug, Clone)]
 struct Expansion {
-    nk: bool,
+    weights: Option<BlockWeights>,
+}
+
+impl Expansion {
+    fn weights(&self) -> TractResult<&BlockWeights> {
+        self.weights.as_ref().with_context(|| format!("{OP_TYPE}: its weights were never attached"))
+    }
 }
 
 impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
@@ -52,50 +61,27 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> TractResult<()> {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
+        let (k, n) = (self.weights()?.w.k as i64, self.weights()?.w.cols as i64);
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[1].rank, 3)?;
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        let n = if self.nk { &inputs[1].shape[0] } else { &inputs[1].shape[2] };
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             for i in 0..rank - 1 {
                 s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
             }
-            s.equals(&outputs[0].shape[rank - 1], n)
+            s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
+            s.equals(&outputs[0].shape[rank - 1], n.to_dim())
         })
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let konst = |ix: usize, what: &str| constant(target, inputs[ix], prefix, what);
-        let q = konst(1, "the weights")?;
-        let scales = konst(2, "the scales")?.cast_to::<f32>()?.into_owned();
-        ensure!(q.datum_type() == i8::datum_type() && q.rank() == 3, "{prefix}: weights must be int8 of rank 3");
-        let d = q.shape();
-        let (n, kb, b) = if self.nk { (d[0], d[1], d[2]) } else { (d[2], d[0], d[1]) };
-        ensure!(b == BLOCK, "{prefix}: blocks of {BLOCK} expected, found {b}");
-        let want: &[usize] = if self.nk { &[n, kb, 1] } else { &[kb, 1, n] };
-        ensure!(scales.shape() == want, "{prefix}: scales of shape {want:?} expected, found {:?}", scales.shape());
-        let k = kb * BLOCK;
+        let weights = self.weights()?;
         let x = target.outlet_fact(inputs[0])?;
-        ensure!(x.shape.last() == Some(&k.to_dim()), "{prefix}: x's last axis must be K = {k}, found {:?}", x.shape);
-        let qv = q.try_as_plain_ram()?;
-        let qv = qv.as_slice::<i8>()?;
-        let sv = scales.try_as_plain_ram()?;
-        let sv = sv.as_slice::<f32>()?;
-        // (K/32, 32, N) is (K, N) row-major and (N, K/32, 32) is (N, K): packed as they lie
-        // (a transposed copy first cost ~0.4 s of SmolLM2's load, its LM head's writes strided
-        // by N = 49152)
-        let w = if self.nk { PackedI8::from_n_by_k(qv, k, n) } else { PackedI8::from_k_by_n(qv, k, n) };
-        let col_scales =
-            panel_scales(k, n, |c, blk| if self.nk { sv[c * kb + blk] } else { sv[blk * n + c] });
-        let op = BlockQ8MatMul {
-            w: Arc::new(w),
-            scales: Arc::new(col_scales),
-            kernel: BlockKernel::best(),
-        };
+        ensure!(x.shape.last() == Some(&weights.w.k.to_dim()), "{prefix}: x's last axis must be K = {}, found {:?}", weights.w.k, x.shape);
+        let op = BlockQ8MatMul { w: weights.w.clone(), scales: weights.scales.clone(), kernel: BlockKernel::best() };
         target.wire_node(prefix, op, &[inputs[0]])
     }
 }

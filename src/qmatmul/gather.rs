@@ -15,20 +15,35 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use super::blockq8::BLOCK;
-use super::constant;
+use super::kernel::{K_ALIGN, PANEL};
+use super::packs::BlockWeights;
 
 /// The op name [`super::rewrite::fuse_blocks`] writes.
 pub const OP_TYPE: &str = "WasmlmBlockQ8Gather";
 
 pub(super) fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    ensure!(node.input.len() == 3, "{OP_TYPE} takes ids, q, scales");
-    Ok((expand(Expansion), vec![]))
+    // the table comes from packs::attach, once the model is parsed
+    ensure!(node.input.len() == 1, "{OP_TYPE} takes ids once its table is packed (qmatmul/packs.rs)");
+    Ok((expand(Expansion { table: None }), vec![]))
 }
 
-/// ids (any integer type or TDim, any shape); q (V, K/32, 32) int8; scales (V, K/32, 1) fp16 or f32 ->
-/// (ids' shape…, K) f32.
+/// The op for [`super::packs::attach`] to put in the parsed model: `table` is packed as an LM
+/// head reads it (`nk`), one column per row of the table.
+pub(super) fn expansion(table: BlockWeights) -> Box<dyn InferenceOp> {
+    expand(Expansion { table: Some(table) })
+}
+
+/// ids (any integer type or TDim, any shape) -> (ids' shape…, K) f32.
 #[derive(Debug, Clone)]
-struct Expansion;
+struct Expansion {
+    table: Option<BlockWeights>,
+}
+
+impl Expansion {
+    fn table(&self) -> TractResult<&BlockWeights> {
+        self.table.as_ref().with_context(|| format!("{OP_TYPE}: its table was never attached"))
+    }
+}
 
 impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
     fn name(&self) -> StaticName {
@@ -41,66 +56,67 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> TractResult<()> {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
+        let k = self.table()?.w.k as i64;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[1].rank, 3)?;
         s.equals(&outputs[0].rank, inputs[0].rank.bex() + 1)?;
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             for i in 0..rank {
                 s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
             }
-            s.given(&inputs[1].shape[1], move |s, kb| s.equals(&outputs[0].shape[rank], kb * BLOCK as i64))
+            s.equals(&outputs[0].shape[rank], k.to_dim())
         })
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let q = constant(target, inputs[1], prefix, "the table")?;
-        let scales = constant(target, inputs[2], prefix, "the scales")?.cast_to::<f32>()?.into_owned();
-        ensure!(q.datum_type() == i8::datum_type() && q.rank() == 3 && q.shape()[2] == BLOCK,
-                "{prefix}: the table must be int8 of shape (V, K/{BLOCK}, {BLOCK}), found {:?} {:?}", q.datum_type(), q.shape());
-        let (v, kb) = (q.shape()[0], q.shape()[1]);
-        ensure!(scales.shape() == [v, kb, 1], "{prefix}: scales of shape {:?} expected, found {:?}", [v, kb, 1], scales.shape());
         let ids = target.outlet_fact(inputs[0])?.datum_type;
         // TDim: positions computed from the symbolic length (GPT-2's position table)
         ensure!(ids.is_integer() || ids == TDim::datum_type(), "{prefix}: ids must be integers, found {ids:?}");
-        let op = BlockQ8Gather {
-            q: Arc::new(q.try_as_plain_ram()?.as_slice::<i8>()?.to_vec()),
-            scales: Arc::new(scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
-            rows: v,
-            k: kb * BLOCK,
-        };
+        let op = BlockQ8Gather { table: self.table()?.clone() };
         target.wire_node(prefix, op, &[inputs[0]])
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct BlockQ8Gather {
-    /// (rows, K) row-major.
-    pub q: Arc<Vec<i8>>,
-    /// (rows, K/32): one scale per block.
-    pub scales: Arc<Vec<f32>>,
-    pub rows: usize,
-    pub k: usize,
+    /// The table's rows as the columns of an `nk` packing (shared with the LM head that reads
+    /// the same table).
+    pub table: BlockWeights,
 }
 
 impl PartialEq for BlockQ8Gather {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.q, &other.q) && Arc::ptr_eq(&self.scales, &other.scales)
+        Arc::ptr_eq(&self.table.w, &other.table.w)
     }
 }
 impl Eq for BlockQ8Gather {}
 
 impl BlockQ8Gather {
+    pub fn rows(&self) -> usize {
+        self.table.w.cols
+    }
+
+    pub fn k(&self) -> usize {
+        self.table.w.k
+    }
+
     /// Row `id` of the table, dequantized into `out` (K values). ONNX's Gather: -rows..rows.
+    /// The row is column `id` of the packing: runs of [`K_ALIGN`] weights, one per chunk of
+    /// its panel, and its scales one per block in the panel's order (kernel.rs, blockq8.rs).
     pub fn row(&self, id: i64, out: &mut [f32]) -> TractResult<()> {
-        let r = if id < 0 { id + self.rows as i64 } else { id };
-        ensure!((0..self.rows as i64).contains(&r), "{OP_TYPE}: index {id} out of range for {} rows", self.rows);
-        let r = r as usize;
-        let (q, s) = (&self.q[r * self.k..(r + 1) * self.k], &self.scales[r * (self.k / BLOCK)..]);
-        for ((o, q), &s) in out.chunks_exact_mut(BLOCK).zip(q.chunks_exact(BLOCK)).zip(s) {
-            for (o, &q) in o.iter_mut().zip(q) {
+        let rows = self.rows();
+        let r = if id < 0 { id + rows as i64 } else { id };
+        ensure!((0..rows as i64).contains(&r), "{OP_TYPE}: index {id} out of range for {rows} rows");
+        let (w, r) = (&*self.table.w, r as usize);
+        let (p, j) = (r / PANEL, r % PANEL);
+        let kbp = w.kp / BLOCK;
+        for (b, o) in out[..w.k].chunks_exact_mut(BLOCK).enumerate() {
+            let (kc, off) = (b * BLOCK / K_ALIGN, b * BLOCK % K_ALIGN);
+            let at = ((p * w.kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN + off;
+            let s = self.table.scales[(p * kbp + b) * PANEL + j];
+            for (o, &q) in o.iter_mut().zip(&w.w[at..at + BLOCK]) {
                 *o = q as f32 * s;
             }
         }
@@ -114,7 +130,7 @@ impl Op for BlockQ8Gather {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("rows={} K={}", self.rows, self.k)])
+        Ok(vec![format!("rows={} K={}", self.rows(), self.k())])
     }
 
     op_as_typed_op!();
@@ -135,12 +151,12 @@ impl EvalOp for BlockQ8Gather {
             ids.cast_to::<i64>()?
         };
         let mut shape: TVec<usize> = ids.shape().into();
-        shape.push(self.k);
+        shape.push(self.k());
         let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
-        if self.k > 0 {
+        if self.k() > 0 {
             let iv = ids.try_as_plain_ram()?;
             let mut ov = out.try_as_plain_ram_mut()?;
-            for (&id, row) in iv.as_slice::<i64>()?.iter().zip(ov.as_slice_mut::<f32>()?.chunks_exact_mut(self.k)) {
+            for (&id, row) in iv.as_slice::<i64>()?.iter().zip(ov.as_slice_mut::<f32>()?.chunks_exact_mut(self.k())) {
                 self.row(id, row)?;
             }
         }
@@ -151,7 +167,7 @@ impl EvalOp for BlockQ8Gather {
 impl TypedOp for BlockQ8Gather {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape: TVec<TDim> = inputs[0].shape.to_tvec();
-        shape.push(self.k.to_dim());
+        shape.push(self.k().to_dim());
         Ok(tvec!(f32::fact(&shape)))
     }
 
@@ -166,10 +182,12 @@ mod tests {
     /// bit for bit), negative ids count from the end, and an id out of range is an error.
     #[test]
     fn rows_equal_the_dequantized_table() {
-        let (rows, k) = (5, 64);
+        let (rows, k) = (5, 96);
         let q: Vec<i8> = (0..rows * k).map(|i| (i * 37 % 255) as u8 as i8).collect();
         let scales: Vec<f32> = (0..rows * k / BLOCK).map(|i| 0.013 * (i as f32 + 1.0)).collect();
-        let op = BlockQ8Gather { q: Arc::new(q.clone()), scales: Arc::new(scales.clone()), rows, k };
+        let w = super::super::kernel::PackedI8::from_n_by_k(&q, k, rows);
+        let packed = super::super::blockq8::panel_scales(k, rows, |c, b| scales[c * (k / BLOCK) + b]);
+        let op = BlockQ8Gather { table: BlockWeights { w: Arc::new(w), scales: Arc::new(packed) } };
         let ids = tensor2(&[[3i64, -1], [0, 4]]);
         let out = op.eval(&EvalContext::out_of_plan(), tvec!(ids.into_tvalue())).unwrap().remove(0);
         assert_eq!(out.shape(), &[2, 2, k]);

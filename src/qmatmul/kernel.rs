@@ -29,6 +29,30 @@ pub struct PackedI8 {
     pub relaxed: Option<RelaxedFix>,
 }
 
+/// [`PackedI8::from_k_by_n`]'s packing of `w` ((K, N) row-major) into `packed` (its panels,
+/// zeroed) and `col_sum`.
+fn pack_k_by_n(w: &[i8], k: usize, n: usize, packed: &mut [i8], col_sum: &mut [i32]) {
+    assert_eq!(w.len(), k * n);
+    let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
+    // K_ALIGN rows at a time, column by column: each column's run of the chunk is written
+    // contiguously, its bytes read from K_ALIGN rows that stay in L1 for the next columns
+    // (writing row by row scattered every byte across the whole chunk's panels)
+    for (kc, rows) in w.chunks(K_ALIGN * n.max(1)).enumerate() {
+        let height = rows.len() / n.max(1);
+        for c in 0..n {
+            let (p, j) = (c / PANEL, c % PANEL);
+            let at = ((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN;
+            let mut sum = 0i32;
+            for (b, dst) in packed[at..at + height].iter_mut().enumerate() {
+                let v = rows[b * n + c];
+                *dst = v;
+                sum += v as i32;
+            }
+            col_sum[c] += sum;
+        }
+    }
+}
+
 /// What the relaxed kernel adds back: the weights equal to 64, stored as 127 (one short).
 #[derive(Debug, Clone, Default)]
 pub struct RelaxedFix {
@@ -45,27 +69,24 @@ pub const PANEL: usize = 4;
 impl PackedI8 {
     /// From the ONNX layout: `w` is (K, N) row-major, as MatMulInteger's B.
     pub fn from_k_by_n(w: &[i8], k: usize, n: usize) -> PackedI8 {
-        assert_eq!(w.len(), k * n);
+        PackedI8::from_k_by_n_parts(&[(w, n)], k)
+    }
+
+    /// Several (K, N_i) row-major matrices side by side along N, as one: the packing of their
+    /// join, written straight from the parts (never joined in memory). Each N_i but the last
+    /// must be a multiple of [`PANEL`], so that each part fills whole panels.
+    pub fn from_k_by_n_parts(parts: &[(&[i8], usize)], k: usize) -> PackedI8 {
+        let n: usize = parts.iter().map(|p| p.1).sum();
         let kp = k.div_ceil(K_ALIGN) * K_ALIGN;
         let panels = n.div_ceil(PANEL);
         let mut packed = vec![0i8; panels * PANEL * kp];
         let mut col_sum = vec![0i32; n];
-        // K_ALIGN rows at a time, column by column: each column's run of the chunk is written
-        // contiguously, its bytes read from K_ALIGN rows that stay in L1 for the next columns
-        // (writing row by row scattered every byte across the whole chunk's panels)
-        for (kc, rows) in w.chunks(K_ALIGN * n.max(1)).enumerate() {
-            let height = rows.len() / n.max(1);
-            for c in 0..n {
-                let (p, j) = (c / PANEL, c % PANEL);
-                let at = ((p * kp / K_ALIGN + kc) * PANEL + j) * K_ALIGN;
-                let mut sum = 0i32;
-                for (b, dst) in packed[at..at + height].iter_mut().enumerate() {
-                    let v = rows[b * n + c];
-                    *dst = v;
-                    sum += v as i32;
-                }
-                col_sum[c] += sum;
-            }
+        let mut first = 0;
+        for (i, &(w, ni)) in parts.iter().enumerate() {
+            assert!(i + 1 == parts.len() || ni % PANEL == 0, "part {i}: N = {ni} is not a multiple of {PANEL}");
+            let end = first + ni.div_ceil(PANEL) * PANEL;
+            pack_k_by_n(w, k, ni, &mut packed[first * kp..end * kp], &mut col_sum[first..first + ni]);
+            first += ni;
         }
         PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
     }
@@ -88,6 +109,29 @@ impl PackedI8 {
             col_sum[c] = col.iter().map(|&v| v as i32).sum();
         }
         PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
+    }
+
+    /// [`Self::from_n_by_k`], in `w`'s own memory where the packing is as large as the table
+    /// (K a multiple of [`K_ALIGN`], N of [`PANEL`]): each panel's columns are then the
+    /// table's rows it replaces, interleaved through one panel's worth of scratch.
+    pub fn from_n_by_k_owned(mut w: Vec<i8>, k: usize, n: usize) -> PackedI8 {
+        assert_eq!(w.len(), k * n);
+        if k % K_ALIGN != 0 || n % PANEL != 0 || k == 0 {
+            return PackedI8::from_n_by_k(&w, k, n);
+        }
+        let mut col_sum = vec![0i32; n];
+        let mut rows = vec![0i8; PANEL * k];
+        for (p, panel) in w.chunks_exact_mut(PANEL * k).enumerate() {
+            rows.copy_from_slice(panel);
+            for (j, row) in rows.chunks_exact(k).enumerate() {
+                for (kc, run) in row.chunks_exact(K_ALIGN).enumerate() {
+                    let at = (kc * PANEL + j) * K_ALIGN;
+                    panel[at..at + K_ALIGN].copy_from_slice(run);
+                }
+                col_sum[p * PANEL + j] = row.iter().map(|&v| v as i32).sum();
+            }
+        }
+        PackedI8 { k, kp: k, cols: n, w, col_sum, relaxed: None }
     }
 
     /// The packing for [`Kernel::Relaxed`], if every weight is within [-64, 64] (else `self`
@@ -626,6 +670,33 @@ mod tests {
             assert_eq!((a.k, a.kp, a.cols), (b.k, b.kp, b.cols));
             assert_eq!(a.w, b.w, "k={k} n={n}");
             assert_eq!(a.col_sum, b.col_sum, "k={k} n={n}");
+            // packed in the table's own memory: the same (in place where the sizes allow)
+            let c = super::PackedI8::from_n_by_k_owned(nk.clone(), k, n);
+            assert_eq!((c.k, c.kp, c.cols, &c.w, &c.col_sum), (a.k, a.kp, a.cols, &a.w, &a.col_sum), "owned k={k} n={n}");
+        }
+        for (k, n) in [(576, 48), (128, 8)] {
+            let nk: Vec<i8> = (0..n * k).map(|i| (i as u64).wrapping_mul(40503).rotate_right(5) as u8 as i8).collect();
+            let ptr = nk.as_ptr();
+            let c = super::PackedI8::from_n_by_k_owned(nk, k, n);
+            assert_eq!(c.w.as_ptr(), ptr, "k={k} n={n}: packed where it lay");
+        }
+    }
+
+    /// Parts side by side pack as their join along N, the last part's N any.
+    #[test]
+    fn packing_parts_equals_packing_their_join() {
+        for (k, ns) in [(64, vec![8, 4, 4]), (100, vec![4, 7]), (576, vec![12, 4, 5]), (33, vec![3])] {
+            let n: usize = ns.iter().sum();
+            let joined: Vec<i8> = (0..k * n).map(|i| (i as u64).wrapping_mul(2654435761).rotate_right(9) as u8 as i8).collect();
+            let mut first = 0;
+            let parts: Vec<Vec<i8>> = ns.iter().map(|&ni| {
+                let part = (0..k * ni).map(|i| joined[(i / ni) * n + first + i % ni]).collect();
+                first += ni;
+                part
+            }).collect();
+            let views: Vec<(&[i8], usize)> = parts.iter().zip(&ns).map(|(p, &ni)| (p.as_slice(), ni)).collect();
+            let (a, b) = (super::PackedI8::from_k_by_n(&joined, k, n), super::PackedI8::from_k_by_n_parts(&views, k));
+            assert_eq!((a.k, a.kp, a.cols, &a.w, &a.col_sum), (b.k, b.kp, b.cols, &b.w, &b.col_sum), "k={k} ns={ns:?}");
         }
     }
 }

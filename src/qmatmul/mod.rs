@@ -21,6 +21,7 @@ pub mod blockq8;
 pub mod gather;
 pub mod kernel;
 pub mod nbits;
+pub mod packs;
 pub mod rewrite;
 pub mod split;
 

@@ -399,7 +399,7 @@ mod tests {
                 }
                 let mut onnx = tract_onnx::onnx();
                 super::super::register(&mut onnx);
-                let plan = onnx.model_for_proto_model(&proto).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+                let plan = super::super::packs::parse(&onnx, proto).unwrap().into_optimized().unwrap().into_runnable().unwrap();
                 let x: Vec<f32> = (0..3 * k).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
                 let x = tract_ndarray::Array2::from_shape_vec((3, k), x).unwrap().into_tensor();
                 let out = plan.run(tvec!(x.into_tvalue())).unwrap();

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, TensorProto};
 
-use super::{blockq8, gather, OP_TYPE};
+use super::{blockq8, gather, kernel, OP_TYPE};
 use crate::proto::{drop_unread, int64_values, replace_nodes};
 
 /// Rewrites in place; returns how many products were fused.
@@ -278,9 +278,11 @@ pub fn fuse_blocks(model: &mut ModelProto) -> (usize, usize) {
 /// layer's q, k and v projections, its gate and up. Each column's sum is computed as before
 /// (columns are independent in the kernels), but a decode step hands 121 products to the
 /// threads instead of 211 (SmolLM2), and the small k and v ones, below the size that splits,
-/// are cut across them too: the threaded wasm build decoded SmolLM2 `q8b32` 5-8% faster. `kn` weights only, stored as raw bytes:
-/// q (K/32, 32, N) and scales (K/32, 1, N) are joined along N. `Split` takes its sizes as an
-/// input from opset 13 on (the caller checks).
+/// are cut across them too: the threaded wasm build decoded SmolLM2 `q8b32` 5-8% faster. `kn`
+/// weights only, of the same K, each N but the last a multiple of the kernels' panel: the
+/// product lists every member's q and scales (`x, q1, s1, q2, s2, …`), and packs.rs packs them
+/// side by side, without joining them in memory first. `Split` takes its sizes as an input
+/// from opset 13 on (the caller checks).
 fn merge_siblings(graph: &mut GraphProto) {
     let layout_kn = |n: &NodeProto| {
         n.op_type == blockq8::OP_TYPE && n.input.len() == 3
@@ -293,32 +295,24 @@ fn merge_siblings(graph: &mut GraphProto) {
             None => groups.push((n.input[0].clone(), vec![i])),
         }
     }
-    // (group, N of each member) for the groups whose weights and scales can be joined
-    let joinable: Vec<(String, Vec<usize>, Vec<i64>)> = {
-        let index: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-        let tensors = |members: &[usize], k: usize| {
-            members.iter().map(|&i| index.get(graph.node[i].input[k].as_str()).copied()).collect::<Option<Vec<_>>>()
-        };
-        groups.into_iter().filter(|g| g.1.len() >= 2).filter_map(|(x, members)| {
-            let (qs, ss) = (tensors(&members, 1)?, tensors(&members, 2)?);
-            let n = columns(&qs).filter(|n| columns(&ss).as_ref() == Some(n))?;
-            Some((x, members, n))
+    // (members, N of each member) for the groups whose weights can be packed side by side
+    let joinable: Vec<(Vec<usize>, Vec<i64>)> = {
+        let dims: HashMap<&str, &[i64]> = graph.initializer.iter().map(|t| (t.name.as_str(), t.dims.as_slice())).collect();
+        groups.into_iter().filter(|g| g.1.len() >= 2).filter_map(|(_, members)| {
+            let q: Vec<&[i64]> = members.iter().map(|&i| dims.get(graph.node[i].input[1].as_str()).copied()).collect::<Option<_>>()?;
+            let n: Vec<i64> = q.iter().map(|d| d.get(2).copied()).collect::<Option<_>>()?;
+            let fits = q.iter().all(|d| d.len() == 3 && d[..2] == q[0][..2])
+                && n[..n.len() - 1].iter().all(|&c| c % kernel::PANEL as i64 == 0);
+            fits.then_some((members, n))
         }).collect()
     };
     if joinable.is_empty() {
         return;
     }
-    let mut readers: HashMap<String, usize> = HashMap::new();
-    for name in graph.node.iter().flat_map(|n| &n.input).chain(graph.output.iter().map(|o| &o.name)) {
-        *readers.entry(name.clone()).or_default() += 1;
-    }
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut added: Vec<TensorProto> = vec![];
-    for (x, members, n) in joinable {
+    for (members, n) in joinable {
         let first = graph.node[members[0]].clone();
-        let names = |k: usize| members.iter().map(|&i| graph.node[i].input[k].clone()).collect::<Vec<_>>();
-        let (qs, ss) = (names(1), names(2));
-        let (q, sc) = (join(graph, &readers, &qs, &n), join(graph, &readers, &ss, &n));
         let y = format!("{}.joined", first.output[0]);
         let sizes = TensorProto {
             name: format!("{y}.sizes"),
@@ -327,10 +321,12 @@ fn merge_siblings(graph: &mut GraphProto) {
             int64_data: n.clone(),
             ..Default::default()
         };
+        let mut input = vec![first.input[0].clone()];
+        input.extend(members.iter().flat_map(|&i| graph.node[i].input[1..3].iter().cloned()));
         let merged = NodeProto {
             name: format!("{}.joined", first.name),
             op_type: blockq8::OP_TYPE.into(),
-            input: vec![x, q.name.clone(), sc.name.clone()],
+            input,
             output: vec![y.clone()],
             attribute: first.attribute.clone(),
             ..Default::default()
@@ -348,53 +344,10 @@ fn merge_siblings(graph: &mut GraphProto) {
             }],
             ..Default::default()
         };
-        added.extend([q, sc, sizes]);
+        added.push(sizes);
         replace.insert(members[0], vec![merged, split]);
         replace.extend(members[1..].iter().map(|&i| (i, vec![])));
     }
     replace_nodes(graph, replace);
     graph.initializer.extend(added);
-}
-
-/// The N of each of `ts` (rank 3, the same first two dims and type, raw bytes that fill the
-/// shape), or None.
-fn columns(ts: &[&TensorProto]) -> Option<Vec<i64>> {
-    let d = &ts.first()?.dims;
-    ts.iter()
-        .map(|t| {
-            let ok = t.dims.len() == 3 && t.dims[..2] == d[..2] && t.data_type == ts[0].data_type && t.dims[2] > 0
-                && !t.raw_data.is_empty() && t.raw_data.len() % t.dims.iter().product::<i64>() as usize == 0;
-            ok.then_some(t.dims[2])
-        })
-        .collect()
-}
-
-/// The initializers `names` (checked by [`columns`], of N `n`) joined along their last axis. The
-/// bytes of an initializer nothing else reads are moved out, not copied, so that a join holds
-/// one layer's weights twice at most, not the model's (wasm memory never shrinks).
-fn join(graph: &mut GraphProto, readers: &HashMap<String, usize>, names: &[String], n: &[i64]) -> TensorProto {
-    let parts: Vec<TensorProto> = names.iter().map(|name| {
-        let t = graph.initializer.iter_mut().find(|t| t.name == *name).expect("checked by columns");
-        if readers.get(name) == Some(&1) {
-            TensorProto { raw_data: std::mem::take(&mut t.raw_data), ..t.clone() }
-        } else {
-            t.clone()
-        }
-    }).collect();
-    let rows = (parts[0].dims[0] * parts[0].dims[1]) as usize;
-    let elem = parts[0].raw_data.len() / parts[0].dims.iter().product::<i64>() as usize;
-    let mut raw = Vec::with_capacity(parts.iter().map(|t| t.raw_data.len()).sum());
-    for r in 0..rows {
-        for (t, &cols) in parts.iter().zip(n) {
-            let w = cols as usize * elem;
-            raw.extend_from_slice(&t.raw_data[r * w..(r + 1) * w]);
-        }
-    }
-    TensorProto {
-        name: format!("{}.joined", names[0]),
-        dims: vec![parts[0].dims[0], parts[0].dims[1], n.iter().sum()],
-        data_type: parts[0].data_type,
-        raw_data: raw,
-        ..Default::default()
-    }
 }
