@@ -66,13 +66,27 @@ pub fn register(onnx: &mut Onnx) {
 }
 
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    ensure!(node.input.len() == 4, "{OP_TYPE} takes x, W, W zero point, W scale");
-    Ok((expand(DynQMatMulExpansion), vec![]))
+    // the weights come from packs::attach, once the model is parsed
+    ensure!(node.input.len() == 1, "{OP_TYPE} takes x once its weights are packed (qmatmul/packs.rs)");
+    Ok((expand(DynQMatMulExpansion { weights: None }), vec![]))
 }
 
-/// The inference-level face of the op: shapes, then wiring with the constants read.
+/// The op for [`packs::attach`] to put in the parsed model.
+pub(crate) fn expansion(weights: packs::DynWeights) -> Box<dyn InferenceOp> {
+    expand(DynQMatMulExpansion { weights: Some(weights) })
+}
+
+/// The inference-level face of the op: x (…, K) f32 -> (…, N) f32.
 #[derive(Debug, Clone)]
-struct DynQMatMulExpansion;
+struct DynQMatMulExpansion {
+    weights: Option<packs::DynWeights>,
+}
+
+impl DynQMatMulExpansion {
+    fn weights(&self) -> TractResult<&packs::DynWeights> {
+        self.weights.as_ref().with_context(|| format!("{OP_TYPE}: its weights were never attached"))
+    }
+}
 
 impl Expansion for DynQMatMulExpansion {
     fn name(&self) -> StaticName {
@@ -85,36 +99,27 @@ impl Expansion for DynQMatMulExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> TractResult<()> {
-        check_input_arity(inputs, 4)?;
+        check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
+        let (k, n) = (self.weights()?.w.k as i64, self.weights()?.w.cols as i64);
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[1].rank, 2)?;
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             for i in 0..rank - 1 {
                 s.equals(&outputs[0].shape[i], &inputs[0].shape[i])?;
             }
-            s.equals(&outputs[0].shape[rank - 1], &inputs[1].shape[1])
+            s.equals(&inputs[0].shape[rank - 1], k.to_dim())?;
+            s.equals(&outputs[0].shape[rank - 1], n.to_dim())
         })
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let konst = |ix: usize, what: &str| constant(target, inputs[ix], prefix, what);
-        let w = konst(1, "the weights")?;
-        ensure!(w.datum_type() == i8::datum_type() && w.rank() == 2, "{prefix}: weights must be int8 (K, N)");
-        let (k, n) = (w.shape()[0], w.shape()[1]);
-        let zp = konst(2, "the weight zero point")?.cast_to::<i32>()?.into_owned();
-        let scale = konst(3, "the weight scale")?.cast_to::<f32>()?.into_owned();
-        let zp: Vec<i32> = zp.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
-        let scale: Vec<f32> = scale.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-        ensure!(zp.len() == 1 || zp.len() == n, "{prefix}: zero point per tensor or per column");
-        ensure!(scale.len() == 1 || scale.len() == n, "{prefix}: scale per tensor or per column");
+        let w = self.weights()?;
         let x = target.outlet_fact(inputs[0])?;
-        ensure!(x.shape.last() == Some(&k.to_dim()), "{prefix}: x's last axis must be K = {k}, found {:?}", x.shape);
-        let (packed, kernel) = kernel::pack_for_best(w.try_as_plain_ram()?.as_slice::<i8>()?, k, n);
-        let op = DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel };
+        ensure!(x.shape.last() == Some(&w.w.k.to_dim()), "{prefix}: x's last axis must be K = {}, found {:?}", w.w.k, x.shape);
+        let op = DynQMatMul { w: w.w.clone(), w_zp: w.zp.clone(), w_scale: w.scale.clone(), kernel: w.kernel };
         target.wire_node(prefix, op, &[inputs[0]])
     }
 }
@@ -200,11 +205,6 @@ impl TypedOp for DynQMatMul {
     }
 
     as_op!();
-}
-
-/// A weight input of a fused node, which must be a constant (an initializer).
-pub(crate) fn constant(target: &TypedModel, outlet: OutletId, prefix: &str, what: &str) -> TractResult<Arc<Tensor>> {
-    target.outlet_fact(outlet)?.konst.clone().with_context(|| format!("{prefix}: {what} must be constant"))
 }
 
 /// The product's type: x's shape with K replaced by N, f32.

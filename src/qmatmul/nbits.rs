@@ -29,17 +29,30 @@ pub fn fuse(model: &mut ModelProto) -> Result<usize, String> {
     let Some(graph) = model.graph.as_mut() else { return Ok(0) };
     let mut replace: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut added: Vec<TensorProto> = vec![];
-    for (i, node) in graph.node.iter().enumerate() {
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for name in graph.node.iter().flat_map(|n| &n.input).chain(graph.output.iter().map(|o| &o.name)) {
+        *readers.entry(name.clone()).or_default() += 1;
+    }
+    for i in 0..graph.node.len() {
+        let node = &graph.node[i];
         if node.op_type != OP_TYPE || node.domain != "com.microsoft" {
             continue;
         }
         match rewrite(graph, node) {
             Ok((nodes, tensors)) => {
+                // the file's packed weights, once widened, go at once when nothing else reads
+                // them (not after every product: wasm memory never shrinks)
+                let b = &graph.node[i].input[1];
+                if readers.get(b) == Some(&1) {
+                    if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == *b) {
+                        t.raw_data = vec![];
+                    }
+                }
                 replace.insert(i, nodes);
                 added.extend(tensors);
             }
-            Err(why) if node.attribute.iter().any(|a| a.name == "bits" && a.i == 8) => {
-                return Err(format!("{OP_TYPE} node {:?} (8 bits) runs only on the INT8 block kernels, and {why}", node.name));
+            Err(why) if graph.node[i].attribute.iter().any(|a| a.name == "bits" && a.i == 8) => {
+                return Err(format!("{OP_TYPE} node {:?} (8 bits) runs only on the INT8 block kernels, and {why}", graph.node[i].name));
             }
             Err(_) => {}
         }

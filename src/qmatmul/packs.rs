@@ -23,7 +23,7 @@ use tract_onnx::tract_hir::internal::InferenceModel;
 
 use super::blockq8::{self, panel_scales, BLOCK};
 use super::gather;
-use super::kernel::{PackedI8, PANEL};
+use super::kernel::{pack_for_best, Kernel, PackedI8, PANEL};
 use crate::proto::drop_unread;
 
 /// A product's weights as the block kernels read them, shared by every op that reads the same
@@ -35,9 +35,26 @@ pub struct BlockWeights {
     pub scales: Arc<Vec<f32>>,
 }
 
+/// A dynamic-quantization product's weights (`WasmlmDynQMatMul`, mod.rs), packed for the best
+/// kernel of the build.
+#[derive(Debug, Clone)]
+pub struct DynWeights {
+    pub w: Arc<PackedI8>,
+    /// One per tensor, or one per column.
+    pub zp: Arc<Vec<i32>>,
+    pub scale: Arc<Vec<f32>>,
+    pub kernel: Kernel,
+}
+
+#[derive(Debug, Clone)]
+pub enum Packing {
+    Blocks(BlockWeights),
+    Dynamic(DynWeights),
+}
+
 /// Each packed node's weights, by the node's first output name.
 #[derive(Debug, Default)]
-pub struct Packs(HashMap<String, BlockWeights>);
+pub struct Packs(HashMap<String, Packing>);
 
 impl Packs {
     pub fn len(&self) -> usize {
@@ -49,8 +66,8 @@ impl Packs {
     }
 }
 
-/// Packs the weights of every `WasmlmBlockQ8MatMul` and `WasmlmBlockQ8Gather` node of `model`
-/// and cuts them from its inputs; the initializers that nothing reads any more are removed.
+/// Packs the weights of every `WasmlmBlockQ8MatMul`, `WasmlmBlockQ8Gather` and
+/// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs; the initializers that nothing reads any more are removed.
 /// An error names the node and what is wrong with its weights.
 pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     let mut packs = Packs::default();
@@ -62,21 +79,26 @@ pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     let index: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
     // the nodes by what they read, in the graph's order: a tied table's lookup and LM head are
     // packed once, and its bytes freed at once (not after every layer in between)
-    let mut groups: Vec<(Vec<String>, bool, Vec<usize>)> = vec![];
+    let mut groups: Vec<(Vec<String>, Kind, Vec<usize>)> = vec![];
     for (i, node) in graph.node.iter().enumerate() {
-        let nk = match node.op_type.as_str() {
-            gather::OP_TYPE => true,
-            blockq8::OP_TYPE => layout(node)? == "nk",
+        let kind = match node.op_type.as_str() {
+            gather::OP_TYPE => Kind::Blocks { nk: true },
+            blockq8::OP_TYPE => Kind::Blocks { nk: layout(node)? == "nk" },
+            super::OP_TYPE => Kind::Dynamic,
             _ => continue,
         };
         let sources = &node.input[1..];
-        if sources.is_empty() || sources.len() % 2 != 0 || (nk && sources.len() != 2) {
-            return Err(format!("node {:?} ({}): {} weight inputs, expected pairs of weights and scales",
-                               node.name, node.op_type, sources.len()));
+        let fits = match kind {
+            Kind::Blocks { nk } => !sources.is_empty() && sources.len() % 2 == 0 && (!nk || sources.len() == 2),
+            Kind::Dynamic => sources.len() == 3,
+        };
+        if !fits {
+            return Err(format!("node {:?} ({}): {} weight inputs, expected {}", node.name, node.op_type, sources.len(),
+                               if kind == Kind::Dynamic { "W, its zero point and scale" } else { "pairs of weights and scales" }));
         }
-        match groups.iter_mut().find(|g| g.0 == sources && g.1 == nk) {
+        match groups.iter_mut().find(|g| g.0 == sources && g.1 == kind) {
             Some(g) => g.2.push(i),
-            None => groups.push((sources.to_vec(), nk, vec![i])),
+            None => groups.push((sources.to_vec(), kind, vec![i])),
         }
     }
     // The graph's last products first. Which order leaves the fewest holes is the allocator's
@@ -84,13 +106,13 @@ pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     // in the graph's order, 177 in the reverse of the file's (the order the bytes were decoded
     // in), 174 in this one.
     groups.reverse();
-    for (sources, nk, members) in groups {
+    for (sources, kind, members) in groups {
         let first = &graph.node[members[0]];
         let what = |e: String| format!("node {:?} ({}): {e}", first.name, first.op_type);
         // an LM head's table that nothing else reads is packed in its own bytes
         let last = |name: &String| readers[name] == members.len();
         let owned = match index.get(&sources[0]) {
-            Some(&i) if nk && last(&sources[0]) && !graph.initializer[i].raw_data.is_empty() => {
+            Some(&i) if kind == (Kind::Blocks { nk: true }) && last(&sources[0]) && !graph.initializer[i].raw_data.is_empty() => {
                 Some(std::mem::take(&mut graph.initializer[i].raw_data))
             }
             _ => None,
@@ -98,8 +120,13 @@ pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
         let tensor = |name: &str| -> Result<&TensorProto, String> {
             index.get(name).map(|&i| &graph.initializer[i]).ok_or_else(|| what(format!("{name} is not an initializer")))
         };
-        let pairs = sources.chunks(2).map(|p| Ok((tensor(&p[0])?, tensor(&p[1])?))).collect::<Result<Vec<_>, String>>()?;
-        let weights = weights_of(&pairs, nk, owned).map_err(what)?;
+        let weights = match kind {
+            Kind::Blocks { nk } => {
+                let pairs = sources.chunks(2).map(|p| Ok((tensor(&p[0])?, tensor(&p[1])?))).collect::<Result<Vec<_>, String>>()?;
+                Packing::Blocks(weights_of(&pairs, nk, owned).map_err(what)?)
+            }
+            Kind::Dynamic => Packing::Dynamic(dynamic_of(tensor(&sources[0])?, tensor(&sources[1])?, tensor(&sources[2])?).map_err(what)?),
+        };
         for &i in &members {
             let node = &mut graph.node[i];
             node.input.truncate(1);
@@ -117,6 +144,45 @@ pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     }
     drop_unread(graph);
     Ok(packs)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Blocks { nk: bool },
+    Dynamic,
+}
+
+/// W (K, N) int8, its zero point and scale (one, or one per column) for the dynamic-quantization
+/// kernels ([`pack_for_best`]: the relaxed build's packing where the weights allow it).
+fn dynamic_of(w: &TensorProto, zp: &TensorProto, scale: &TensorProto) -> Result<DynWeights, String> {
+    if w.data_type != DataType::Int8 as i32 || w.dims.len() != 2 || w.dims.iter().any(|&d| d <= 0) {
+        return Err(format!("weights {} must be int8 (K, N), found type {} and shape {:?}", w.name, w.data_type, w.dims));
+    }
+    let (k, n) = (w.dims[0] as usize, w.dims[1] as usize);
+    let per_column = |t: &TensorProto, dt: DatumType| -> Result<Tensor, String> {
+        let v = load(t)?.cast_to_dt(dt).map_err(|e| format!("{}: {e}", t.name))?.into_owned();
+        if v.len() != 1 && v.len() != n {
+            return Err(format!("{}: {} values, expected one or one per column ({n})", t.name, v.len()));
+        }
+        Ok(v)
+    };
+    let zp = values::<i32>(&per_column(zp, i32::datum_type())?)?;
+    let scale = values::<f32>(&per_column(scale, f32::datum_type())?)?;
+    let loaded: Vec<i8>;
+    let bytes = if w.raw_data.is_empty() {
+        loaded = values::<i8>(&load(w)?)?;
+        &loaded[..]
+    } else if w.raw_data.len() == k * n {
+        as_i8(&w.raw_data)
+    } else {
+        return Err(format!("weights {}: {} bytes for shape {:?}", w.name, w.raw_data.len(), w.dims));
+    };
+    let (packed, kernel) = pack_for_best(bytes, k, n);
+    Ok(DynWeights { w: Arc::new(packed), zp: Arc::new(zp), scale: Arc::new(scale), kernel })
+}
+
+fn values<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>, String> {
+    t.try_as_plain_ram().and_then(|v| Ok(v.as_slice::<T>()?.to_vec())).map_err(|e| e.to_string())
 }
 
 fn layout(node: &NodeProto) -> Result<&str, String> {
@@ -153,11 +219,11 @@ fn weights_of(pairs: &[(&TensorProto, &TensorProto)], nk: bool, owned: Option<Ve
         let raw = owned.as_ref().unwrap_or(&q.raw_data);
         if raw.is_empty() {
             let t = load(q)?;
-            qs.push(t.try_as_plain_ram().and_then(|v| Ok(v.as_slice::<i8>()?.to_vec())).map_err(|e| format!("weights {}: {e}", q.name))?);
+            qs.push(values::<i8>(&t).map_err(|e| format!("weights {}: {e}", q.name))?);
         } else if raw.len() != n * kb * b {
             return Err(format!("weights {}: {} bytes for shape {:?}", q.name, raw.len(), q.dims));
         }
-        ss.push(scales.try_as_plain_ram().and_then(|v| Ok(v.as_slice::<f32>()?.to_vec())).map_err(|e| format!("scales {}: {e}", s.name))?);
+        ss.push(values::<f32>(&scales).map_err(|e| format!("scales {}: {e}", s.name))?);
         parts.push((n, kb));
     }
     let kb = parts[0].1;
@@ -238,13 +304,18 @@ pub fn parse(onnx: &tract_onnx::Onnx, mut proto: ModelProto) -> Result<Inference
 pub fn attach(model: &mut InferenceModel, mut packs: Packs) -> Result<(), String> {
     for id in 0..model.nodes.len() {
         let name = model.nodes[id].op.name();
-        if name != blockq8::OP_TYPE && name != gather::OP_TYPE {
+        if name != blockq8::OP_TYPE && name != gather::OP_TYPE && name != super::OP_TYPE {
             continue;
         }
         let label = model.outlet_label(OutletId::new(id, 0)).unwrap_or_default().to_string();
-        let weights = packs.0.remove(&label)
-            .ok_or_else(|| format!("node {:?} ({name}): its weights were not packed", model.nodes[id].name))?;
-        model.nodes[id].op = if name == gather::OP_TYPE { gather::expansion(weights) } else { blockq8::expansion(weights) };
+        let unpacked = || format!("node {:?} ({name}): its weights were not packed", model.nodes[id].name);
+        let op = match (packs.0.remove(&label), name.as_ref()) {
+            (Some(Packing::Blocks(w)), gather::OP_TYPE) => gather::expansion(w),
+            (Some(Packing::Blocks(w)), blockq8::OP_TYPE) => blockq8::expansion(w),
+            (Some(Packing::Dynamic(w)), super::OP_TYPE) => super::expansion(w),
+            _ => return Err(unpacked()),
+        };
+        model.nodes[id].op = op;
     }
     match packs.0.keys().next() {
         Some(left) => Err(format!("weights packed for {left:?}, a node the parsed model does not have")),
@@ -310,17 +381,48 @@ mod tests {
         let g = proto.graph.as_ref().unwrap();
         assert!(g.initializer.is_empty(), "{:?}", g.initializer.iter().map(|t| &t.name).collect::<Vec<_>>());
         assert!(g.node.iter().all(|n| n.input.len() == 1));
-        assert!(Arc::ptr_eq(&packs.0["e"].w, &packs.0["logits"].w));
+        let blocks = |name: &str| match &packs.0[name] {
+            Packing::Blocks(w) => w.clone(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert!(Arc::ptr_eq(&blocks("e").w, &blocks("logits").w));
         let i8s = |b: &[u8]| b.iter().map(|&x| x as i8).collect::<Vec<i8>>();
-        assert_eq!(packs.0["logits"].w.w, PackedI8::from_n_by_k(&i8s(&table), k, v).w);
+        assert_eq!(blocks("logits").w.w, PackedI8::from_n_by_k(&i8s(&table), k, v).w);
         let joined: Vec<i8> = (0..k).flat_map(|r| i8s(&a[r * 4..r * 4 + 4]).into_iter().chain(i8s(&b[r * 3..r * 3 + 3]))).collect();
-        assert_eq!(packs.0["ab"].w.w, PackedI8::from_k_by_n(&joined, k, 7).w);
+        assert_eq!(blocks("ab").w.w, PackedI8::from_k_by_n(&joined, k, 7).w);
         let (sa, sb) = (scales(8), scales(6));
-        assert_eq!(*packs.0["ab"].scales, panel_scales(k, 7, |c, blk| if c < 4 { sa[blk * 4 + c] } else { sb[blk * 3 + c - 4] }));
+        assert_eq!(*blocks("ab").scales, panel_scales(k, 7, |c, blk| if c < 4 { sa[blk * 4 + c] } else { sb[blk * 3 + c - 4] }));
 
         let mut bad = graph;
         bad.initializer.retain(|t| t.name != "bs");
         let e = pack(&mut model(bad)).unwrap_err();
         assert!(e.contains("\"ab\"") && e.contains("bs is not an initializer"), "{e}");
+    }
+
+    /// A dynamic-quantization product packs its weights as the kernels do, keeps its zero
+    /// point and scale (per tensor or per column), and refuses a scale of another length.
+    #[test]
+    fn dynamic_products_pack_their_weights() {
+        let (k, n) = (64usize, 5usize);
+        let w: Vec<u8> = (0..k * n).map(|i| (i as u64 * 2654435761).rotate_right(13) as u8).collect();
+        let graph = |scales: Vec<f32>| GraphProto {
+            node: vec![node(super::super::OP_TYPE, &["x", "w", "zp", "s"], "y")],
+            initializer: vec![
+                raw("w", DataType::Int8, &[k as i64, n as i64], w.clone()),
+                raw("zp", DataType::Int8, &[], vec![3]),
+                f32s("s", &[scales.len() as i64], &scales),
+            ],
+            input: vec![value("x", &[1, k as i64])],
+            output: vec![value("y", &[1, n as i64])],
+            ..Default::default()
+        };
+        let mut proto = model(graph(vec![0.5, 0.25, 0.125, 1.0, 2.0]));
+        let packs = pack(&mut proto).unwrap();
+        assert!(proto.graph.as_ref().unwrap().initializer.is_empty());
+        let Packing::Dynamic(d) = &packs.0["y"] else { panic!("{:?}", packs.0["y"]) };
+        let (want, kernel) = pack_for_best(&w.iter().map(|&b| b as i8).collect::<Vec<_>>(), k, n);
+        assert_eq!((&d.w.w, d.kernel, &d.zp[..], &d.scale[..]), (&want.w, kernel, &[3][..], &[0.5, 0.25, 0.125, 1.0, 2.0][..]));
+        let e = pack(&mut model(graph(vec![0.5, 0.25]))).unwrap_err();
+        assert!(e.contains("\"y\"") && e.contains("2 values, expected one or one per column (5)"), "{e}");
     }
 }
