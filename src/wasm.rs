@@ -71,7 +71,7 @@ pub fn check_kernels() -> Result<Vec<String>, JsError> {
 
 /// The largest ONNX file the wasm engine takes: wasm32's memory is 4 GiB at most, and a load
 /// holds up to ~2.5x its file (the default model: 174 MiB of memory for 137 MiB, its weights
-/// packed from the protobuf, qmatmul/packs.rs; an `ort-dynamic-qint8` file: 492 for 237).
+/// packed from the protobuf, qmatmul/packs.rs; an `ort-dynamic-qint8` file: 391 for 237).
 const MAX_WASM_FILE: u64 = 3 << 29; // 1.5 GiB
 
 /// A side file of external data in a JS `Uint8Array`: read a tensor at a time.
