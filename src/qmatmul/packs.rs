@@ -1,4 +1,4 @@
-//! The block weights packed straight from the protobuf, before tract reads it.
+//! The weights of our products packed straight from the protobuf, before tract reads it.
 //!
 //! Wasm memory never shrinks, so a load costs its peak. When tract read the weights, each was
 //! held three times over: the protobuf's bytes, tract's tensor of them (both until the protobuf
@@ -12,7 +12,8 @@
 //! [`super::rewrite`] made of several sibling products (a layer's q, k and v) lists each one's
 //! weights and scales, packed side by side without being joined first. The embedding lookup
 //! reads its rows from the LM head's packing when the two share the table (a tied embedding):
-//! one copy, where there were two.
+//! one copy, where there were two. The dynamic-quantization products (mod.rs) are packed the
+//! same way, one per node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,19 +57,10 @@ pub enum Packing {
 #[derive(Debug, Default)]
 pub struct Packs(HashMap<String, Packing>);
 
-impl Packs {
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// Packs the weights of every `WasmlmBlockQ8MatMul`, `WasmlmBlockQ8Gather` and
-/// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs; the initializers that nothing reads any more are removed.
-/// An error names the node and what is wrong with its weights.
+/// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs; the initializers that
+/// nothing reads any more are removed. An error names the node and what is wrong with its
+/// weights.
 pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     let mut packs = Packs::default();
     let Some(graph) = model.graph.as_mut() else { return Ok(packs) };
