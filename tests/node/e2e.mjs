@@ -279,9 +279,16 @@ async function main() {
     assert.equal(await benchRow.count(), 1, "the benchmark row is in the table");
     const cells = await benchRow.locator("td").allTextContents();
     log("bench row:", cells.join(" | "));
-    const [median] = cells[6].split(" / ").map(Number);
+    const heads = await page.locator("#baselines th").allTextContents();
+    const cell = (name) => {
+      assert.ok(heads.includes(name), `the table has a "${name}" column: ${heads.join(" | ")}`);
+      return cells[heads.indexOf(name)];
+    };
+    const [median] = cell("decode ms/token (median / p90)").split(" / ").map(Number);
     assert.ok(median > 0, "bench decode median is positive");
-    assert.match(cells[9], /× onnxruntime-web \(this browser\)/, "our row compares with the peer's");
+    const memory = Number(cell("wasm memory MiB"));
+    assert.ok(memory > 100 && memory < 1024, `the row reports the wasm memory: ${memory} MiB`);
+    assert.match(cell("wasm / native (decode)"), /× onnxruntime-web \(this browser\)/, "our row compares with the peer's");
     const peerRow = page.locator("#baselines tr.live", { hasText: "benchmark mode, peer" });
     assert.equal(await peerRow.count(), 1, "the peer row is in the table");
     const peerCells = await peerRow.locator("td").allTextContents();
