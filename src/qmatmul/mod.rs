@@ -68,23 +68,24 @@ pub fn register(onnx: &mut Onnx) {
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     // the weights come from packs::attach, once the model is parsed
     ensure!(node.input.len() == 1, "{OP_TYPE} takes x once its weights are packed (qmatmul/packs.rs)");
-    Ok((expand(DynQMatMulExpansion { weights: None }), vec![]))
+    Ok((expand(DynQMatMulExpansion { op: None }), vec![]))
 }
 
 /// The op for [`packs::attach`] to put in the parsed model.
-pub(crate) fn expansion(weights: packs::DynWeights) -> Box<dyn InferenceOp> {
-    expand(DynQMatMulExpansion { weights: Some(weights) })
+pub(crate) fn expansion(op: DynQMatMul) -> Box<dyn InferenceOp> {
+    expand(DynQMatMulExpansion { op: Some(op) })
 }
 
 /// The inference-level face of the op: x (…, K) f32 -> (…, N) f32.
 #[derive(Debug, Clone)]
 struct DynQMatMulExpansion {
-    weights: Option<packs::DynWeights>,
+    /// Built by [`packs::pack`], weights and all.
+    op: Option<DynQMatMul>,
 }
 
 impl DynQMatMulExpansion {
-    fn weights(&self) -> TractResult<&packs::DynWeights> {
-        self.weights.as_ref().with_context(|| format!("{OP_TYPE}: its weights were never attached"))
+    fn op(&self) -> TractResult<&DynQMatMul> {
+        self.op.as_ref().with_context(|| format!("{OP_TYPE}: its weights were never attached"))
     }
 }
 
@@ -101,7 +102,7 @@ impl Expansion for DynQMatMulExpansion {
     ) -> TractResult<()> {
         check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
-        let (k, n) = (self.weights()?.w.k as i64, self.weights()?.w.cols as i64);
+        let (k, n) = (self.op()?.w.k as i64, self.op()?.w.cols as i64);
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
@@ -116,11 +117,10 @@ impl Expansion for DynQMatMulExpansion {
     }
 
     fn wire(&self, prefix: &str, target: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let w = self.weights()?;
+        let op = self.op()?;
         let x = target.outlet_fact(inputs[0])?;
-        ensure!(x.shape.last() == Some(&w.w.k.to_dim()), "{prefix}: x's last axis must be K = {}, found {:?}", w.w.k, x.shape);
-        let op = DynQMatMul { w: w.w.clone(), w_zp: w.zp.clone(), w_scale: w.scale.clone(), kernel: w.kernel };
-        target.wire_node(prefix, op, &[inputs[0]])
+        ensure!(x.shape.last() == Some(&op.w.k.to_dim()), "{prefix}: x's last axis must be K = {}, found {:?}", op.w.k, x.shape);
+        target.wire_node(prefix, op.clone(), &[inputs[0]])
     }
 }
 

@@ -24,7 +24,8 @@ use tract_onnx::tract_hir::internal::InferenceModel;
 
 use super::blockq8::{self, panel_scales, BLOCK};
 use super::gather;
-use super::kernel::{pack_for_best, Kernel, PackedI8, PANEL};
+use super::kernel::{pack_for_best, PackedI8, PANEL};
+use super::DynQMatMul;
 use crate::proto::drop_unread;
 
 /// A product's weights as the block kernels read them, shared by every op that reads the same
@@ -36,21 +37,11 @@ pub struct BlockWeights {
     pub scales: Arc<Vec<f32>>,
 }
 
-/// A dynamic-quantization product's weights (`WasmlmDynQMatMul`, mod.rs), packed for the best
-/// kernel of the build.
-#[derive(Debug, Clone)]
-pub struct DynWeights {
-    pub w: Arc<PackedI8>,
-    /// One per tensor, or one per column.
-    pub zp: Arc<Vec<i32>>,
-    pub scale: Arc<Vec<f32>>,
-    pub kernel: Kernel,
-}
-
 #[derive(Debug, Clone)]
 pub enum Packing {
     Blocks(BlockWeights),
-    Dynamic(DynWeights),
+    /// The op itself: its weights packed for the best kernel of the build.
+    Dynamic(DynQMatMul),
 }
 
 /// Each packed node's weights, by the node's first output name.
@@ -146,7 +137,7 @@ enum Kind {
 
 /// W (K, N) int8, its zero point and scale (one, or one per column) for the dynamic-quantization
 /// kernels ([`pack_for_best`]: the relaxed build's packing where the weights allow it).
-fn dynamic_of(w: &TensorProto, zp: &TensorProto, scale: &TensorProto) -> Result<DynWeights, String> {
+fn dynamic_of(w: &TensorProto, zp: &TensorProto, scale: &TensorProto) -> Result<DynQMatMul, String> {
     if w.data_type != DataType::Int8 as i32 || w.dims.len() != 2 || w.dims.iter().any(|&d| d <= 0) {
         return Err(format!("weights {} must be int8 (K, N), found type {} and shape {:?}", w.name, w.data_type, w.dims));
     }
@@ -170,7 +161,7 @@ fn dynamic_of(w: &TensorProto, zp: &TensorProto, scale: &TensorProto) -> Result<
         return Err(format!("weights {}: {} bytes for shape {:?}", w.name, w.raw_data.len(), w.dims));
     };
     let (packed, kernel) = pack_for_best(bytes, k, n);
-    Ok(DynWeights { w: Arc::new(packed), zp: Arc::new(zp), scale: Arc::new(scale), kernel })
+    Ok(DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel })
 }
 
 fn values<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>, String> {
@@ -413,7 +404,7 @@ mod tests {
         assert!(proto.graph.as_ref().unwrap().initializer.is_empty());
         let Packing::Dynamic(d) = &packs.0["y"] else { panic!("{:?}", packs.0["y"]) };
         let (want, kernel) = pack_for_best(&w.iter().map(|&b| b as i8).collect::<Vec<_>>(), k, n);
-        assert_eq!((&d.w.w, d.kernel, &d.zp[..], &d.scale[..]), (&want.w, kernel, &[3][..], &[0.5, 0.25, 0.125, 1.0, 2.0][..]));
+        assert_eq!((&d.w.w, d.kernel, &d.w_zp[..], &d.w_scale[..]), (&want.w, kernel, &[3][..], &[0.5, 0.25, 0.125, 1.0, 2.0][..]));
         let e = pack(&mut model(graph(vec![0.5, 0.25]))).unwrap_err();
         assert!(e.contains("\"y\"") && e.contains("2 values, expected one or one per column (5)"), "{e}");
     }
