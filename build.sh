@@ -69,6 +69,12 @@ models() {
     say "bundle: $ref"
     if [[ $ref == "$DEFAULT_MODEL" ]]; then setup; py=$PY; else setup_torch; py=$PYT; fi
     (cd models && ../"$py" -m wasmlm_models bundle "$ref" --out "../build/models/$(basename "$ref")")
+    if [[ $ref == "$DEFAULT_MODEL" ]]; then
+      # llama.cpp's GGUF files of the same weights (gguf_files.py, ~10 s): the llama.cpp rows of
+      # the table and the page's wllama peer
+      say "llama.cpp's GGUF files of $ref, Q8_0 and Q4_1: build/models/$ref-gguf"
+      (cd models && ../"$py" -m wasmlm_models gguf "../build/models/$ref" --out "../build/models/$ref-gguf")
+    fi
   done
 }
 
@@ -99,8 +105,6 @@ baselines() {
   # GGUF and its Q8_0, measured by llama-cpp-python in the same protocol
   if [[ " ${MODELS[*]} " == *" $DEFAULT_MODEL "* ]]; then
     setup_llama
-    say "llama.cpp's GGUF files of $DEFAULT_MODEL, Q8_0 and Q4_1: build/models/$DEFAULT_MODEL-gguf"
-    (cd models && ../"$PY" -m wasmlm_models gguf "../build/models/$DEFAULT_MODEL" --out "../build/models/$DEFAULT_MODEL-gguf")
     (cd models && ../"$PYT" -m wasmlm_models baselines "../build/models/$DEFAULT_MODEL" --out ../build/baselines.json \
         --backends llama.cpp --gguf "../build/models/$DEFAULT_MODEL-gguf" --llama-python "../$LVENV/bin/python")
   fi
@@ -139,9 +143,10 @@ compare() {
 # site [DIR] [--files default|int8|all] [--table FILE]: the static site (default dist/): www/,
 # the wasm builds in build/pkg, each bundle's default file (--files int8: every INT8 file with a
 # KV cache; all: FP32 and no-cache too) with every file over $MAX_FILE_MIB MiB in parts, the
-# native table (default build/baselines.json), the benchmark prompt and onnxruntime-web (the
-# benchmark mode's optional peer). Every file is checked against the limit, and a default site
-# against $MAX_SITE_MB MB in all: any static host takes it.
+# native table (default build/baselines.json), the benchmark prompt, and the benchmark mode's
+# optional peers: onnxruntime-web, and wllama with the default model's Q8_0 GGUF. Every file is
+# checked against the limit, and a default site against $MAX_SITE_MB MB in all: any static host
+# takes it.
 MAX_SITE_MB=400
 site() {
   local out=dist table=build/baselines.json choice=default
@@ -156,10 +161,11 @@ site() {
   done
   say "site $out/: www, wasm builds, model files in parts of <= $MAX_FILE_MIB MiB, baselines"
   [[ -f build/pkg/sizes.json ]] || { echo "error: build/pkg is missing: run ./build.sh wasm" >&2; exit 1; }
-  local bundles=()
+  local bundles=() ggufs=()
   for ref in "${MODELS[@]}"; do
     if [[ -f "build/models/$ref/manifest.json" ]]; then bundles+=("../build/models/$ref")
-    else echo "note: build/models/$ref is not built: the site leaves it out" >&2; fi
+    else echo "note: build/models/$ref is not built: the site leaves it out" >&2; continue; fi
+    if [[ -f "build/models/$ref-gguf/gguf.json" ]]; then ggufs+=("../build/models/$ref-gguf"); fi
   done
   [[ ${#bundles[@]} -gt 0 ]] || { echo "error: no bundle is built: run ./build.sh models" >&2; exit 1; }
   rm -rf "$out.partial" && mkdir -p "$out.partial"
@@ -169,7 +175,7 @@ site() {
   # the context sweep reads ~2,100 tokens of it (~7,500 characters)
   head -c 16000 "$TEXT" > "$out.partial/bench-prompt.txt"
   (cd models && ../"$PY" -m wasmlm_models site "${bundles[@]}" --out "../$out.partial/models" \
-      --max-part-mib "$MAX_FILE_MIB" --files "$choice")
+      --max-part-mib "$MAX_FILE_MIB" --files "$choice" --gguf ${ggufs[@]+"${ggufs[@]}"})
   # onnxruntime-web's wasm build (pinned in tests/node/package-lock.json), run by the worker on
   # the same file in the benchmark mode
   node_packages
@@ -178,6 +184,12 @@ site() {
   cp "$ort/dist/ort.wasm.min.mjs" "$ort/dist/ort-wasm-simd-threaded.mjs" "$ort/dist/ort-wasm-simd-threaded.wasm" \
      "$ort/package.json" "$out.partial/ort/"
   [[ -f "$ort/LICENSE" ]] && cp "$ort/LICENSE" "$out.partial/ort/"
+  # wllama (llama.cpp in wasm, pinned there too), the other peer, on the GGUF of the same weights
+  local wl=tests/node/node_modules/@wllama/wllama
+  mkdir -p "$out.partial/wllama/single-thread" "$out.partial/wllama/multi-thread"
+  cp "$wl/esm/index.js" "$wl/package.json" "$wl/LICENCE" "$out.partial/wllama/"
+  cp "$wl/esm/single-thread/wllama.wasm" "$out.partial/wllama/single-thread/"
+  cp "$wl/esm/multi-thread/wllama.wasm" "$out.partial/wllama/multi-thread/"
   if [[ -f "$table" ]]; then
     cp "$table" "$out.partial/baselines.json"
     [[ -f "${table%.json}.md" ]] && cp "${table%.json}.md" "$out.partial/baselines.md"
@@ -203,7 +215,7 @@ node_packages() {
   local lock=tests/node/package-lock.json stamp=tests/node/node_modules/.lock-sha256 want
   want=$(sha256sum "$lock" | cut -d' ' -f1)
   [[ -f $stamp && "$(cat "$stamp")" == "$want" ]] && return 0
-  say "setup: npm ci in tests/node (onnxruntime-web, playwright-core, binaryen's wasm-opt; pinned)"
+  say "setup: npm ci in tests/node (onnxruntime-web, wllama, playwright-core, binaryen's wasm-opt; pinned)"
   # --ignore-scripts: no package here needs its install script (docs/decisions.md, "Python pipeline pins")
   (cd tests/node && npm ci --no-audit --no-fund --silent --ignore-scripts)
   echo "$want" > "$stamp"

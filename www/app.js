@@ -5,7 +5,7 @@
 import { presentRows, renderBaselines, renderBundles, renderComparison } from "./tables.js";
 import { TokenChart } from "./chart.js";
 import { WasmLM } from "./wasmlm.js";
-import { checkManifest } from "./protocol.js";
+import { checkManifest, Peer } from "./protocol.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -525,20 +525,19 @@ $("bench").onclick = async () => {
   $("bench-profile-table").hidden = true;
   setRunning("bench");
   state.abort = new AbortController();
-  state.peerPending = $("bench-peer").checked;
+  state.peersPending = [[Peer.ORT, "bench-peer-ort"], [Peer.WLLAMA, "bench-peer-wllama"]]
+    .filter(([, id]) => $(id).checked).map(([peer]) => peer);
   try {
     const r = await state.lm.bench(state.benchText, {
-      runs: Number($("bench-runs").value) || 5, peer: state.peerPending, profile: $("bench-profile").checked,
-      signal: state.abort.signal, onProgress: onBenchProgress, onRow: onBenchDone,
+      runs: Number($("bench-runs").value) || 5, peers: state.peersPending, profile: $("bench-profile").checked,
+      signal: state.abort.signal, onProgress: onBenchProgress, onRow: onBenchDone, onPeer: onPeerDone,
     });
     if (r.cancelled) $("bench-status").textContent = "cancelled";
-    else if (r.peer) onPeerDone(r.peer);
-    else if (r.peerError) $("bench-status").textContent += ` — onnxruntime-web: ${r.peerError}`;
   } catch (err) {
     $("bench-status").textContent = "";
     failed("bench", err);
   }
-  state.peerPending = false;
+  state.peersPending = [];
   setRunning(null);
 };
 
@@ -567,7 +566,7 @@ function onBenchDone(row) {
   a.href = URL.createObjectURL(new Blob([JSON.stringify(full, null, 2)], { type: "application/json" }));
   a.hidden = false;
   state.benchStatus = $("bench-status").textContent;
-  if (state.peerPending) $("bench-status").textContent += "; now onnxruntime-web on the same file…";
+  if (state.peersPending.length) $("bench-status").textContent += `; now ${state.peersPending.join(", then ")}…`;
 }
 
 // The per-op profile (engine.benchProfile): the 15 costliest ops of a decode step, then the rest.
@@ -627,18 +626,23 @@ function renderSweep(v) {
   table.hidden = false;
 }
 
-// The optional peer row: onnxruntime-web in this browser, same file, prompt and protocol, run
-// right after ours; the table then shows the ratio of the two.
-function onPeerDone(row) {
-  const { info, build } = state.loaded;
-  const full = { ...row, ...liveRowBase(info, build), backend: row.backend, kind: "benchmark mode, peer",
-    measured_at: new Date().toISOString() };
-  state.live = state.live.filter((r) => !(r.kind === full.kind && r.file === full.file && r.model === full.model))
-    .concat([full]);
-  renderTable();
-  const d = full.decode_ms_per_token;
-  $("bench-status").textContent = `${state.benchStatus}; onnxruntime-web: decode ${d.median} ms/token median, ` +
-    `prefill ${full.prefill_ms.median} ms`;
+// The optional peers' rows, each in this browser on the same model, prompt and protocol, run
+// right after ours (onnxruntime-web on the same file, wllama on its GGUF: row.file, row.peer_of);
+// the table then shows our ratio to each.
+function onPeerDone(peer, row, error) {
+  if (error) {
+    state.benchStatus += `; ${peer} failed: ${error}`;
+  } else {
+    const { info, build } = state.loaded;
+    const full = { ...liveRowBase(info, build), ...row, kind: "benchmark mode, peer", measured_at: new Date().toISOString() };
+    state.live = state.live.filter((r) => !(r.kind === full.kind && r.backend === full.backend && r.model === full.model &&
+      r.file === full.file && r.threads === full.threads)).concat([full]);
+    renderTable();
+    const d = full.decode_ms_per_token;
+    state.benchStatus += `; ${peer}: decode ${d.median} ms/token median, prefill ${full.prefill_ms.median} ms`;
+  }
+  const rest = state.peersPending.slice(state.peersPending.indexOf(peer) + 1);
+  $("bench-status").textContent = state.benchStatus + (rest.length ? `; now ${rest.join(", then ")}…` : "");
 }
 
 // ---- start --------------------------------------------------------------------------------

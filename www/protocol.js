@@ -44,8 +44,9 @@ export const Req = Object.freeze({
   /** {session} -> ok {}: free a session (not 0). */
   FREE: "free",
   /**
-   * {text, runs, peer, profile} -> benchProgress*, benchDone {row}, then with `peer` more
-   * benchProgress and peerDone {row} | peerError {message}; then ok {cancelled}.
+   * {text, runs, peers, profile} -> benchProgress*, benchDone {row}, then for each of `peers` (a
+   * list of Peer names, run in its order) more benchProgress and peerDone {peer, row} | peerError
+   * {peer, message}; then ok {cancelled}.
    */
   BENCH: "bench",
   /**
@@ -80,9 +81,9 @@ export const Msg = Object.freeze({
   BENCH_DONE: "bench-done",
   /** {step, of, label}: the context sweep's step `step` (from 0) of `of` is running. */
   SWEEP_PROGRESS: "sweep-progress",
-  /** {row}: onnxruntime-web's row on the same file, prompt and protocol. */
+  /** {peer, row}: a peer's row on the same model, prompt and protocol. */
   PEER_DONE: "peer-done",
-  /** {message} */
+  /** {peer, message}: that peer could not run; the next one still does. */
   PEER_ERROR: "peer-error",
   /**
    * {message, fatal, contextFull} (final). `fatal`: the engine cannot go on (a trap, a panic):
@@ -91,6 +92,13 @@ export const Msg = Object.freeze({
    */
   ERROR: "error",
 });
+
+/**
+ * The benchmark mode's peers, the browser engines people would pick: onnxruntime-web on the same
+ * ONNX file, and wllama (llama.cpp in wasm) on the site's GGUF of the same weights (the
+ * manifest's `peers.wllama`).
+ */
+export const Peer = Object.freeze({ ORT: "onnxruntime-web", WLLAMA: "wllama" });
 
 /** Why a generation stopped: done.reason. */
 export const StopReason = Object.freeze(["Eos", "StopString", "MaxTokens", "ContextFull", "Cancelled"]);
@@ -119,6 +127,10 @@ export function checkManifest(m, where = "manifest.json") {
       f.parts.forEach((p) => entry(p, `${f.name}'s parts`));
       if (f.parts.reduce((n, p) => n + p.bytes, 0) !== f.bytes) bad(`${f.name}: its parts' sizes do not add up to ${f.bytes}`);
     }
+  }
+  for (const [name, f] of Object.entries(m.peers ?? {})) {
+    entry(f, `peers.${name}`);
+    f.parts?.forEach((p) => entry(p, `peers.${name}'s parts`));
   }
   if (typeof m.default?.file !== "string" || !m.files.some((f) => f.name === m.default.file)) bad("no default file among its files");
   return m;

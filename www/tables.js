@@ -70,14 +70,17 @@ export function renderBaselines(container, machineEl, data, live = [], filter = 
   const ratio = (r) => {
     if (!(r.live || /wasm/.test(r.backend)) || !r.decode_ms_per_token) return "";
     const parts = [];
-    for (const [label, backend] of [["tract native", "tract native"], ["ORT", "onnxruntime"]]) {
+    for (const [label, backend] of [["tract native", "tract native"], ["ORT", "onnxruntime"], ["llama.cpp", "llama.cpp"]]) {
       const n = nativeMedian(data.rows, r, backend);
       if (n) parts.push(`${(r.decode_ms_per_token.median / n).toFixed(2)}\u00d7 ${label}`);
     }
-    // our benchmark row against the peer measured in this browser, on the same file
-    const peer = r.live && r.kind === "benchmark mode" &&
-      live.find((x) => /^onnxruntime-web/.test(x.backend) && x.model === r.model && x.file === r.file);
-    if (peer) parts.push(`${(r.decode_ms_per_token.median / peer.decode_ms_per_token.median).toFixed(2)}\u00d7 onnxruntime-web (this browser)`);
+    // our benchmark row against the peers measured in this browser on the same model (the same
+    // file, or for wllama its GGUF: peer_of)
+    const peers = r.live && r.kind === "benchmark mode" ? live.filter((x) => x.kind === "benchmark mode, peer" &&
+      x.model === r.model && (x.file === r.file || x.peer_of === r.file) && x.decode_ms_per_token) : [];
+    for (const p of peers) {
+      parts.push(`${(r.decode_ms_per_token.median / p.decode_ms_per_token.median).toFixed(2)}\u00d7 ${p.backend.split(" ")[0]} (this browser)`);
+    }
     return parts.join(", ") || "no native row for this file";
   };
   const keep = (r) => (!filter.model || r.model === filter.model) && (!filter.withPast || r.cache === "with_past");
@@ -104,7 +107,9 @@ export function renderComparison(container, data, live, loaded) {
     container.append(el("p", "Load a model: its rows show here.", "note"));
     return;
   }
-  const same = (r) => r.model === loaded.model && r.file === loaded.file && r.decode_ms_per_token && !r.error;
+  // (a peer's row measured on another form of the same weights names this file as `peer_of`)
+  const same = (r) => r.model === loaded.model && (r.file === loaded.file || r.peer_of === loaded.file) &&
+    r.decode_ms_per_token && !r.error;
   const rows = live.filter(same).map((r) => ({ ...r, live: true })).concat((data?.rows ?? []).filter(same));
   if (!rows.some((r) => r.live)) {
     container.append(el("p", "Send a message or run the benchmark: this browser's bars join the native ones.", "note"));

@@ -8,7 +8,7 @@
 //   console.log((await reply.done).stats);
 //
 // The protocol with the worker is protocol.js's; requests are queued and run one at a time.
-import { Req, Msg } from "./protocol.js";
+import { Req, Msg, Peer } from "./protocol.js";
 import { hubSource } from "./hub.js";
 
 /**
@@ -85,6 +85,8 @@ import { hubSource } from "./hub.js";
  */
 
 /** An error from the engine; `fatal`: the client is closed; `contextFull`: the cache is intact. */
+export { Peer };
+
 export class WasmLMError extends Error {
   constructor(message, { fatal = false, contextFull = false, during = "" } = {}) {
     super(message);
@@ -349,16 +351,22 @@ export class WasmLM {
 
   /**
    * The benchmark protocol on the loaded file (32-token prompt from `text`, 64 greedy tokens,
-   * a warm-up then `runs` runs), and with `peer` onnxruntime-web's right after.
-   * @returns {Promise<{cancelled: boolean, row?: object, peer?: object, peerError?: string}>}
+   * a warm-up then `runs` runs), then each of `peers` (Peer names: onnxruntime-web on the same
+   * file, wllama on the site's GGUF of the same weights) in the same protocol. `onRow(row)` gets
+   * our row and `onPeer(peer, row | undefined, error | undefined)` each peer's, as they come.
+   * @returns {Promise<{cancelled: boolean, row?: object, peers: Object<string, object>, peerErrors: Object<string, string>}>}
    */
-  async bench(text, { runs = 5, peer = false, profile = false, signal, onProgress, onRow } = {}) {
-    const out = { cancelled: false };
-    const r = await this.request({ type: Req.BENCH, text, runs, peer, profile }, {
+  async bench(text, { runs = 5, peers = [], profile = false, signal, onProgress, onRow, onPeer } = {}) {
+    const known = Object.values(Peer);
+    if (!Array.isArray(peers) || peers.some((p) => !known.includes(p))) {
+      throw new WasmLMError(`bench: peers must be a list of ${known.join(", ")}, not ${JSON.stringify(peers)}`);
+    }
+    const out = { cancelled: false, peers: {}, peerErrors: {} };
+    const r = await this.request({ type: Req.BENCH, text, runs, peers, profile }, {
       [Msg.BENCH_PROGRESS]: (m) => onProgress?.(m),
       [Msg.BENCH_DONE]: (m) => { out.row = m.row; onRow?.(m.row); },
-      [Msg.PEER_DONE]: (m) => { out.peer = m.row; },
-      [Msg.PEER_ERROR]: (m) => { out.peerError = m.message; },
+      [Msg.PEER_DONE]: (m) => { out.peers[m.peer] = m.row; onPeer?.(m.peer, m.row); },
+      [Msg.PEER_ERROR]: (m) => { out.peerErrors[m.peer] = m.message; onPeer?.(m.peer, undefined, m.message); },
     }, signal);
     return { ...out, cancelled: r.cancelled };
   }

@@ -6,7 +6,7 @@
 // (default: the manifest's default)}, {kind:"hub", repo, dtype?, revision?, endpoint?, context?}
 // (hub.js) or {kind:"user", name, onnx: Blob, tokenizer: Blob, config?: Blob, modelConfig?: Blob,
 // external?: Blob[] (named by their .name), context}.
-import { Req, Msg, PREFILL_CHUNK, checkManifest } from "./protocol.js";
+import { Req, Msg, Peer, PREFILL_CHUNK, checkManifest } from "./protocol.js";
 import { hubSource, resolveBase, onnxPath, externalDataPaths, configContext } from "./hub.js";
 
 const SIMD_PROBE = new Uint8Array([0, 97, 115, 109, 1, 0, 0, 0, 1, 5, 1, 96, 0, 1, 123, 3, 2, 1, 0, 10,
@@ -492,7 +492,7 @@ async function stream(session, begin) {
     context: engine.info.context });
 }
 
-async function bench({ text, runs = 5, peer = false, profile = false }) {
+async function bench({ text, runs = 5, peers = [], profile = false }) {
   if (!engine) throw new Error("no model loaded");
   if (!engine.info.has_cache) throw new Error("the benchmark mode measures graphs with a KV cache; pick a with_past file");
   const prompt = engine.benchPrompt(text);
@@ -514,12 +514,16 @@ async function bench({ text, runs = 5, peer = false, profile = false }) {
     row.profile = engine.benchProfile(prompt);
   }
   post({ type: Msg.BENCH_DONE, row });
-  if (!peer) return { cancelled: false };
-  try {
-    const peerRow = await peerBench(Array.from(prompt), runs);
-    if (peerRow) post({ type: Msg.PEER_DONE, row: peerRow });
-  } catch (err) {
-    post({ type: Msg.PEER_ERROR, message: err instanceof Error ? err.message : String(err) });
+  for (const peer of peers) {
+    if (current.cancelled) break;
+    try {
+      if (!PEER_BENCH[peer]) throw new Error(`no peer "${peer}": expected ${Object.values(Peer).join(" or ")}`);
+      if (!loaded) throw new Error("the peers run on the page's bundle files only, not on dropped files");
+      const row = await PEER_BENCH[peer](Array.from(prompt), runs);
+      if (row) post({ type: Msg.PEER_DONE, peer, row });
+    } catch (err) {
+      post({ type: Msg.PEER_ERROR, peer, message: err instanceof Error ? err.message : String(err) });
+    }
   }
   return { cancelled: current.cancelled };
 }
@@ -543,13 +547,39 @@ async function sweep({ text, rounds = 1 }) {
   }
 }
 
-// The peer: onnxruntime-web (its wasm backend, as many threads as ours, shipped in ort/ by build.sh dist) on
-// the very same file and prompt tokens, under the same protocol: one warm-up run, then `runs`
-// runs of the prompt and 63 greedy steps; the times are those of session.run. Its session is
-// released at the end (it holds its own copy of the weights).
+// The peers: the browser engines people would pick, each on the same prompt tokens under the same
+// protocol as ours: a warm-up run, then `runs` runs of the prompt and 63 greedy steps; the times
+// are those of the peer's own calls (the argmax outside them), summarized by the engine's own
+// statistics. Each peer is released at the end: it holds its own copy of the weights.
 const NEW_TOKENS = 64;
-async function peerBench(prompt, runs) {
-  if (!loaded) throw new Error("the peer runs on the page's bundle files only, not on dropped files");
+
+// A peer's runs, then its row: each run empties its cache (`begin`), then feeds the prompt and
+// NEW_TOKENS - 1 single tokens, each the one the call before chose; `step(ids)` resolves to
+// {ms: the timed call, next: the greedy token}.
+async function peerRuns(prompt, runs, backend, begin, step) {
+  const results = [];
+  for (let run = 0; run <= runs; run++) {
+    post({ type: Msg.BENCH_PROGRESS, run, of: runs, backend });
+    await yieldToEvents();
+    if (current.cancelled) return null;
+    await begin();
+    let ids = prompt;
+    const times = [];
+    for (let i = 0; i < NEW_TOKENS; i++) {
+      const { ms, next } = await step(ids);
+      times.push(ms);
+      ids = [next];
+    }
+    if (run > 0) results.push({ prefill_ms: times[0], steps_ms: times.slice(1) });
+  }
+  const row = engine.benchRow(results, prompt.length, backend);
+  for (const k of ["load_phases_ms", "int8_kernels", "fused_ops", "engine"]) delete row[k];
+  return row;
+}
+
+// onnxruntime-web (its wasm backend, as many threads as ours, shipped in ort/ by ./build.sh site)
+// on the very same ONNX file.
+async function ortBench(prompt, runs) {
   const ort = await import("./ort/ort.wasm.min.mjs").catch((err) => {
     throw new Error(`onnxruntime-web is not shipped with this page (ort/): ${err.message}`);
   });
@@ -568,42 +598,80 @@ async function peerBench(prompt, runs) {
       throw new Error(`${entry.name}: inputs ${session.inputNames.join(", ")}: only input_ids and the cache are fed`);
     }
     const backend = `onnxruntime-web ${ort.env.versions?.web ?? ""} wasm`.replace("  ", " ");
-    const results = [];
-    for (let run = 0; run <= runs; run++) {
-      post({ type: Msg.BENCH_PROGRESS, run, of: runs, backend });
-      await yieldToEvents();
-      if (current.cancelled) return null;
-      let past = Object.fromEntries(pastNames.map((n) =>
+    let past;
+    const begin = () => {
+      past = Object.fromEntries(pastNames.map((n) =>
         [n, new ort.Tensor("float32", new Float32Array(0), [1, arch.kv_heads, 0, arch.head_dim])]));
-      let ids = prompt;
-      const times = [];
-      for (let step = 0; step < NEW_TOKENS; step++) {
-        const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]), ...past };
-        const t = performance.now();
-        const out = await session.run(feeds);
-        times.push(performance.now() - t);
-        const logits = out.logits;
-        const vocab = logits.dims[2];
-        const offset = (logits.dims[1] - 1) * vocab;
-        let next = 0;
-        for (let i = 1; i < vocab; i++) if (logits.data[offset + i] > logits.data[offset + next]) next = i;
-        past = Object.fromEntries(pastNames.map((n) => [n, out[presentOf(n)]]));
-        ids = [next];
-      }
-      if (run > 0) results.push({ prefill_ms: times[0], steps_ms: times.slice(1) });
-    }
-    // summarized by the engine's own statistics, as the tract row
-    const row = engine.benchRow(results, prompt.length, backend);
-    row.load_ms = Math.round(loadMs * 10) / 10;
-    delete row.load_phases_ms;
-    delete row.int8_kernels;
-    delete row.fused_ops;
-    delete row.engine;
+    };
+    const step = async (ids) => {
+      const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]), ...past };
+      const t = performance.now();
+      const out = await session.run(feeds);
+      const ms = performance.now() - t;
+      past = Object.fromEntries(pastNames.map((n) => [n, out[presentOf(n)]]));
+      const logits = out.logits;
+      const vocab = logits.dims[2];
+      const offset = (logits.dims[1] - 1) * vocab;
+      let next = 0;
+      for (let i = 1; i < vocab; i++) if (logits.data[offset + i] > logits.data[offset + next]) next = i;
+      return { ms, next };
+    };
+    const row = await peerRuns(prompt, runs, backend, begin, step);
+    if (row) row.load_ms = Math.round(loadMs * 10) / 10;
     return row;
   } finally {
     await session.release();
   }
 }
+
+// wllama (llama.cpp in wasm, shipped in wllama/ by ./build.sh site) on the site's GGUF of the same
+// weights in llama.cpp's Q8_0 (the manifest's `peers.wllama`: gguf_files.py), as many threads as
+// ours where the page is isolated. Our token ids are fed as they are: the GGUF has the same
+// vocabulary.
+async function wllamaBench(prompt, runs) {
+  const { base, manifest } = loaded;
+  const gguf = manifest.peers?.wllama;
+  if (!gguf) throw new Error(`this site has no GGUF of ${manifest.id} for wllama (./build.sh site adds one for the default model)`);
+  const dir = new URL("./wllama/", self.location.href).href;
+  const { Wllama } = await import(`${dir}index.js`).catch((err) => {
+    throw new Error(`wllama is not shipped with this page (wllama/): ${err.message}`);
+  });
+  const version = await fetch(`${dir}package.json`).then((r) => r.json()).then((p) => p.version, () => "");
+  const w = new Wllama({ "single-thread/wllama.wasm": `${dir}single-thread/wllama.wasm`,
+    "multi-thread/wllama.wasm": `${dir}multi-thread/wllama.wasm` }, { suppressNativeLog: true });
+  const bytes = (await fetchEntry(base, gguf, await openCache())).bytes;
+  const t0 = performance.now();
+  try {
+    // wllama resolves its wasm paths against `document.baseURI` (it expects a page, not a worker):
+    // a stand-in for the load only, so that nothing else here sees a `document`
+    globalThis.document = { baseURI: self.location.href };
+    try {
+      await w.loadModel([new Blob([bytes].flat())], { n_threads: build.threadCount, n_ctx: engine.info.context });
+    } finally {
+      delete globalThis.document;
+    }
+    const loadMs = performance.now() - t0;
+    const backend = `wllama ${version} (llama.cpp) wasm, ${gguf.type ?? "GGUF"}`;
+    const begin = () => w.kvClear();
+    const step = async (ids) => {
+      const t = performance.now();
+      await w.decode(ids, {});
+      const ms = performance.now() - t;
+      const [top] = await w.getLogits(1);
+      return { ms, next: top.token };
+    };
+    const row = await peerRuns(prompt, runs, backend, begin, step);
+    if (row) {
+      Object.assign(row, { load_ms: Math.round(loadMs * 10) / 10, file: gguf.name, file_bytes: gguf.bytes,
+        peer_of: loaded.entry.name, precision: "int8", preset: gguf.type, threads: w.isMultithread() ? build.threadCount : 1 });
+    }
+    return row;
+  } finally {
+    await w.exit();
+  }
+}
+
+const PEER_BENCH = { [Peer.ORT]: ortBench, [Peer.WLLAMA]: wllamaBench };
 
 // The requests other than load, generate, chat and bench: each answers `ok` with its result.
 const simple = {

@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-part-mib", type=int, default=25, help="largest file the host accepts")
     s.add_argument("--files", choices=["default", "int8", "all"], default="default",
                    help="each bundle's default file (default), every INT8 file with a cache, or all")
+    s.add_argument("--gguf", type=Path, nargs="*", default=[],
+                   help="folders of `gguf`: the Q8_0 file goes with its model's bundle, for wllama")
     m = sub.add_parser("render", help="rewrite baselines.md from baselines.json")
     m.add_argument("table", type=Path)
     m.add_argument("--docs", type=Path, help="also write this page (docs/benchmarks.md): the table "
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "site":
         from . import site
         try:
-            site.build(args.bundles, args.out, args.max_part_mib << 20, args.files)
+            site.build(args.bundles, args.out, args.max_part_mib << 20, args.files, args.gguf)
         except (FileNotFoundError, ValueError, KeyError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

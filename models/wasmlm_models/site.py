@@ -5,6 +5,10 @@ file larger than `max_part` is written as `<name>.part-<k>` files of at most tha
 site's manifest.json is the bundle's, with only the files the site holds and, for a file in
 parts, `parts: [{name, bytes, sha256}]` in order; the file's own `bytes` and `sha256` stay, so
 the page checks each part and the engine the whole (docs/decisions.md, "Static hosting").
+
+With `gguf` folders (gguf_files.py), a bundle of the same model also gets the Q8_0 GGUF of its
+weights, in parts too, as the manifest's `peers.wllama`: the file the benchmark mode's wllama peer
+(llama.cpp in wasm) runs.
 """
 from __future__ import annotations
 
@@ -56,8 +60,32 @@ def place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def bundle_into(bundle: Path, out: Path, max_part: int = MAX_PART, choice: str = "default") -> dict:
-    """One bundle folder -> `out` (created); returns the site's manifest."""
+# The GGUF form the wllama peer runs: llama.cpp's 8-bit blocks of 32, the same format as the
+# default `q8b32` file's weights.
+PEER_GGUF = "Q8_0"
+
+
+def peer_gguf(gguf_dir: Path, model_id: str) -> tuple[Path, dict]:
+    """The Q8_0 file of a gguf folder written for `model_id`, checked, and its entry."""
+    listing = gguf_dir / "gguf.json"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing}: not a finished GGUF folder (python -m wasmlm_models gguf)")
+    meta = json.loads(listing.read_text())
+    if meta.get("model") != model_id:
+        raise ValueError(f"{gguf_dir} holds {meta.get('model')}'s GGUF files, not {model_id}'s")
+    entry = next((e for e in meta["files"] if e.get("type") == PEER_GGUF), None)
+    if entry is None:
+        raise ValueError(f"{listing}: no {PEER_GGUF} file")
+    src = gguf_dir / entry["name"]
+    if not src.is_file() or src.stat().st_size != entry["bytes"]:
+        raise ValueError(f"{src}: missing or not the size gguf.json gives: rebuild it")
+    return src, {k: entry[k] for k in ("name", "bytes", "sha256", "type")}
+
+
+def bundle_into(bundle: Path, out: Path, max_part: int = MAX_PART, choice: str = "default",
+                gguf_dir: Path | None = None) -> dict:
+    """One bundle folder -> `out` (created), with the wllama peer's GGUF from `gguf_dir` if
+    given; returns the site's manifest."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     kept = []
@@ -75,18 +103,36 @@ def bundle_into(bundle: Path, out: Path, max_part: int = MAX_PART, choice: str =
     if manifest["default"]["file"] not in {e["name"] for e in kept}:
         raise ValueError(f"{bundle}: the default file {manifest['default']['file']} is not among the site's files")
     site_manifest = {**manifest, "files": kept}
+    if gguf_dir is not None:
+        src, entry = peer_gguf(gguf_dir, manifest["id"])
+        if entry["bytes"] > max_part:
+            entry["parts"] = split(src, out, max_part)
+        else:
+            place(src, out / entry["name"])
+        site_manifest["peers"] = {"wllama": entry}
     files.write_json(out / "manifest.json", site_manifest)
     return site_manifest
 
 
-def build(bundles: list[Path], out: Path, max_part: int = MAX_PART, choice: str = "default") -> list[str]:
-    """Bundles -> `out/<id>/` each, and `out/index.json` listing them; returns the ids."""
+def build(bundles: list[Path], out: Path, max_part: int = MAX_PART, choice: str = "default",
+          gguf: list[Path] = ()) -> list[str]:
+    """Bundles -> `out/<id>/` each, and `out/index.json` listing them; returns the ids. Each
+    `gguf` folder goes with the bundle of its model, which must be among `bundles`."""
     ids = []
+    ggufs = {}
+    for g in gguf:
+        listing = g / "gguf.json"
+        if not listing.is_file():
+            raise FileNotFoundError(f"{listing}: not a finished GGUF folder (python -m wasmlm_models gguf)")
+        ggufs[json.loads(listing.read_text()).get("model")] = g
     for bundle in bundles:
         if not (bundle / "manifest.json").is_file():
             raise FileNotFoundError(f"{bundle}/manifest.json: not a built bundle (./build.sh models)")
         if choice not in CHOICES:
             raise ValueError(f"files: {choice!r}, expected one of {', '.join(CHOICES)}")
-        ids.append(bundle_into(bundle, out / bundle.name, max_part, choice)["id"])
+        model_id = json.loads((bundle / "manifest.json").read_text())["id"]
+        ids.append(bundle_into(bundle, out / bundle.name, max_part, choice, ggufs.pop(model_id, None))["id"])
+    if ggufs:
+        raise ValueError(f"GGUF folders of models the site does not hold: {', '.join(map(str, ggufs.values()))}")
     files.write_json(out / "index.json", {"models": [b.name for b in bundles]})
     return ids

@@ -64,3 +64,38 @@ def test_a_bundle_that_does_not_match_its_manifest_is_refused(tiny_bundles, tmp_
         site.build([bad], tmp_path / "site")
     with pytest.raises(FileNotFoundError, match="not a built bundle"):
         site.build([tmp_path / "missing"], tmp_path / "site")
+
+
+def gguf_folder(path, model, data=b"GGUF" + bytes(range(256)) * 3000):
+    """A folder as `python -m wasmlm_models gguf` writes it (the site step reads only its listing
+    and copies the bytes, so any bytes do)."""
+    path.mkdir(parents=True)
+    (path / "model.q8_0.gguf").write_bytes(data)
+    entry = {"name": "model.q8_0.gguf", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "type": "Q8_0"}
+    (path / "gguf.json").write_text(json.dumps({"model": model, "files": [entry]}))
+    return path
+
+
+def test_the_wllama_peer_gets_the_gguf_of_its_model_in_parts(tiny_bundles, tmp_path):
+    g = gguf_folder(tmp_path / "tiny-llama-gguf", "tiny-llama")
+    max_part = 256 << 10
+    site.build([tiny_bundles["tiny-llama"], tiny_bundles["tiny-gpt2"]], tmp_path / "site", max_part, gguf=[g])
+    m = json.loads((tmp_path / "site" / "tiny-llama" / "manifest.json").read_text())
+    peer = m["peers"]["wllama"]
+    assert peer["type"] == "Q8_0" and len(peer["parts"]) == 3
+    whole = b"".join((tmp_path / "site" / "tiny-llama" / p["name"]).read_bytes() for p in peer["parts"])
+    assert whole == (g / "model.q8_0.gguf").read_bytes()
+    assert hashlib.sha256(whole).hexdigest() == peer["sha256"] and len(whole) == peer["bytes"]
+    assert "peers" not in json.loads((tmp_path / "site" / "tiny-gpt2" / "manifest.json").read_text())
+
+
+def test_a_gguf_folder_that_does_not_fit_is_refused(tiny_bundles, tmp_path):
+    other = gguf_folder(tmp_path / "other", "smollm2-135m")
+    with pytest.raises(ValueError, match="GGUF folders of models the site does not hold"):
+        site.build([tiny_bundles["tiny-llama"]], tmp_path / "a", gguf=[other])
+    cut = gguf_folder(tmp_path / "cut", "tiny-llama")
+    (cut / "model.q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="not the size gguf.json gives"):
+        site.build([tiny_bundles["tiny-llama"]], tmp_path / "b", gguf=[cut])
+    with pytest.raises(FileNotFoundError, match="not a finished GGUF folder"):
+        site.build([tiny_bundles["tiny-llama"]], tmp_path / "c", gguf=[tmp_path / "missing"])

@@ -3,8 +3,9 @@
 // special headers; every file at most 25 MiB, the model in parts), load the default model (SmolLM2
 // INT8 with past) through the page, ask "What is the capital of France?" in chat mode, and check
 // that "Paris" streams into the output, that the per-token timings are positive, that the live
-// row and the benchmark row land in the baseline table (then the peer's, onnxruntime-web on the
-// same file in the same browser, with our ratio to it), that generated markup ("<b>") shows as
+// row and the benchmark row land in the baseline table (then the peers': onnxruntime-web on the
+// same file and wllama on the site's GGUF of the same weights, in the same browser, with our ratio
+// to each), that generated markup ("<b>") shows as
 // text, that a reload loads the model from the Cache API, and that the threaded build runs once
 // the page's service worker has made it cross-origin isolated. A screenshot goes to
 // $WASMLM_SCREENSHOT (default tests/out/e2e.png).
@@ -266,15 +267,18 @@ async function main() {
     assert.ok((await page.innerText("#output")).includes("<b>"), "the tag shows as text");
 
     // 3. Benchmark mode: the native bench's protocol; its row lands in the table, then the
-    //    peer's (onnxruntime-web in this browser, same file), and our row names the ratio.
+    //    peers' (in this browser: onnxruntime-web on the same file, wllama on the GGUF of the
+    //    same weights), and our row names the ratio to each.
     await page.fill("#bench-runs", "3");
-    await page.check("#bench-peer");
+    await page.check("#bench-peer-ort");
+    await page.check("#bench-peer-wllama");
     await page.click("#bench");
     await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
     await page.waitForFunction(() => !document.querySelector("#bench").disabled, null, { timeout: 600_000 });
     const benchStatus = await page.textContent("#bench-status");
     log("bench:", benchStatus);
-    assert.doesNotMatch(benchStatus, /onnxruntime-web: (?!decode)/, "the peer ran without error");
+    assert.doesNotMatch(benchStatus, /failed/, "the peers ran without error");
+    assert.match(benchStatus, /onnxruntime-web: decode \d.*wllama: decode \d/, "both peers ran, in order");
     const benchRow = page.locator("#baselines tr.live", { hasText: "benchmark mode)" });
     assert.equal(await benchRow.count(), 1, "the benchmark row is in the table");
     const cells = await benchRow.locator("td").allTextContents();
@@ -288,13 +292,18 @@ async function main() {
     assert.ok(median > 0, "bench decode median is positive");
     const memory = Number(cell("wasm memory MiB"));
     assert.ok(memory > 100 && memory < 1024, `the row reports the wasm memory: ${memory} MiB`);
-    assert.match(cell("wasm / native (decode)"), /× onnxruntime-web \(this browser\)/, "our row compares with the peer's");
-    const peerRow = page.locator("#baselines tr.live", { hasText: "benchmark mode, peer" });
-    assert.equal(await peerRow.count(), 1, "the peer row is in the table");
-    const peerCells = await peerRow.locator("td").allTextContents();
-    log("peer row:", peerCells.join(" | "));
-    assert.match(peerCells[1], /^onnxruntime-web/);
-    assert.ok(Number(peerCells[6].split(" / ")[0]) > 0, "peer decode median is positive");
+    assert.match(cell("wasm / native (decode)"), /× onnxruntime-web \(this browser\), .*× wllama \(this browser\)/,
+      "our row compares with each peer's");
+    const peerRows = page.locator("#baselines tr.live", { hasText: "benchmark mode, peer" });
+    assert.equal(await peerRows.count(), 2, "the two peer rows are in the table");
+    for (const [i, backend] of [[0, /^onnxruntime-web .*wasm \(this browser/], [1, /^wllama \S+ \(llama\.cpp\) wasm, Q8_0 \(this browser/]]) {
+      const peerCells = await peerRows.nth(i).locator("td").allTextContents();
+      log("peer row:", peerCells.join(" | "));
+      const peerCell = (name) => peerCells[heads.indexOf(name)];
+      assert.match(peerCell("backend"), backend);
+      assert.ok(Number(peerCell("decode ms/token (median / p90)").split(" / ")[0]) > 0, "peer decode median is positive");
+      assert.ok(Number(peerCell("prefill or no-cache ms").split(" / ")[0]) > 0, "peer prefill median is positive");
+    }
 
     // ... and the bars compare this browser's rows with the native ones of the same file
     const bars = await page.$$eval("#comparison figure", (fs) => fs.map((f) => ({
@@ -306,6 +315,7 @@ async function main() {
     assert.equal(bars.length, 2, "a decode chart and a prefill chart");
     assert.ok(bars.every((b) => b.live >= 1 && b.labels.some((l) => /^tract native/.test(l))),
       "each chart has this browser's bars beside the native ones");
+    assert.ok(bars[0].labels.some((l) => /^wllama .*this browser/.test(l)), "the decode chart has wllama's bar (its GGUF of this file)");
     assert.ok(!(await page.isVisible("#baselines table")), "the full table is collapsed");
 
     await page.screenshot({ path: screenshot, fullPage: true });
@@ -413,7 +423,8 @@ async function main() {
     const again = await generate(page, "What is the capital of France?", 16);
     log(`answer, ?build=${other}:`, JSON.stringify(again));
     assert.equal(again.text, paris.text, "the threaded and single-threaded builds give the same greedy text");
-    await page.uncheck("#bench-peer");
+    await page.uncheck("#bench-peer-ort");
+    await page.uncheck("#bench-peer-wllama");
     await page.check("#bench-profile");
     await page.click("#bench");
     await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
