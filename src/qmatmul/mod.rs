@@ -63,6 +63,7 @@ pub fn register(onnx: &mut Onnx) {
     onnx.op_register.insert(OP_TYPE, build);
     onnx.op_register.insert(blockq8::OP_TYPE, blockq8::build);
     onnx.op_register.insert(gather::OP_TYPE, gather::build);
+    onnx.op_register.insert(gather::F32_OP_TYPE, gather::build);
 }
 
 fn build(_ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {

@@ -13,7 +13,8 @@
 //! weights and scales, packed side by side without being joined first. The embedding lookup
 //! reads its rows from the LM head's packing when the two share the table (a tied embedding):
 //! one copy, where there were two. The dynamic-quantization products (mod.rs) are packed the
-//! same way, one per node.
+//! same way, one per node, and a lookup in a large FP32 table that nothing else reads takes the
+//! table's bytes out of the protobuf (gather.rs).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::InferenceModel;
 
 use super::blockq8::{self, panel_scales, BLOCK};
-use super::gather;
+use super::gather::{self, Table};
 use super::kernel::{pack_for_best, PackedI8, PANEL};
 use super::DynQMatMul;
 use crate::proto::drop_unread;
@@ -42,6 +43,8 @@ pub enum Packing {
     Blocks(BlockWeights),
     /// The op itself: its weights packed for the best kernel of the build.
     Dynamic(DynQMatMul),
+    /// A lookup's own table.
+    Table(Table),
 }
 
 /// Each packed node's weights, by the node's first output name.
@@ -49,17 +52,36 @@ pub enum Packing {
 pub struct Packs(HashMap<String, Packing>);
 
 /// Packs the weights of every `WasmlmBlockQ8MatMul`, `WasmlmBlockQ8Gather` and
-/// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs; the initializers that
-/// nothing reads any more are removed. An error names the node and what is wrong with its
+/// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs, and makes each `Gather` of
+/// a large FP32 table that only it reads a `WasmlmF32Gather` holding the table's bytes; the
+/// initializers that nothing reads any more are removed. An error names the node and what is wrong with its
 /// weights.
 pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     let mut packs = Packs::default();
     let Some(graph) = model.graph.as_mut() else { return Ok(packs) };
+    // dead nodes first: a table that only a dead node also reads (MatMulNBits files keep the LM
+    // head's `Transpose` of the embedding) is then the lookup's alone
+    drop_unread(graph);
     let mut readers: HashMap<String, usize> = HashMap::new();
     for name in graph.node.iter().flat_map(|n| &n.input).chain(graph.output.iter().map(|o| &o.name)) {
         *readers.entry(name.clone()).or_default() += 1;
     }
     let index: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    // lookups in large FP32 tables that nothing else reads: the table's bytes move out of the
+    // protobuf into the op (gather.rs), never copied
+    for node in graph.node.iter_mut() {
+        let Some(table) = f32_table(node, &index, &readers, &graph.initializer) else { continue };
+        let (rows, k) = (graph.initializer[table].dims[0] as usize, graph.initializer[table].dims[1] as usize);
+        let bytes = std::mem::take(&mut graph.initializer[table].raw_data);
+        *node = NodeProto {
+            name: std::mem::take(&mut node.name),
+            op_type: gather::F32_OP_TYPE.into(),
+            input: vec![node.input[1].clone()],
+            output: std::mem::take(&mut node.output),
+            ..Default::default()
+        };
+        packs.0.insert(node.output[0].clone(), Packing::Table(Table::F32 { bytes: Arc::new(bytes), rows, k }));
+    }
     // the nodes by what they read, in the graph's order: a tied table's lookup and LM head are
     // packed once, and its bytes freed at once (not after every layer in between)
     let mut groups: Vec<(Vec<String>, Kind, Vec<usize>)> = vec![];
@@ -127,6 +149,22 @@ pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     }
     drop_unread(graph);
     Ok(packs)
+}
+
+/// The initializer a `Gather` node looks up along axis 0, if it is an FP32 table (rank 2, its
+/// bytes raw, at least [`gather::F32_MIN_BYTES`]) that nothing else reads.
+fn f32_table(node: &NodeProto, index: &HashMap<String, usize>, readers: &HashMap<String, usize>,
+             initializers: &[TensorProto]) -> Option<usize> {
+    let axis = node.attribute.iter().find(|a| a.name == "axis").map_or(0, |a| a.i);
+    if node.op_type != "Gather" || !node.domain.is_empty() || node.input.len() != 2 || !(axis == 0 || axis == -2) {
+        return None;
+    }
+    let &i = index.get(&node.input[0])?;
+    let t = &initializers[i];
+    let size = t.dims.iter().try_fold(4usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)));
+    let fits = t.data_type == DataType::Float as i32 && t.dims.len() == 2 && t.external_data.is_empty()
+        && t.raw_data.len() >= gather::F32_MIN_BYTES && size == Some(t.raw_data.len());
+    (fits && readers.get(&node.input[0]) == Some(&1)).then_some(i)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,13 +325,14 @@ pub fn parse(onnx: &tract_onnx::Onnx, mut proto: ModelProto) -> Result<Inference
 pub fn attach(model: &mut InferenceModel, mut packs: Packs) -> Result<(), String> {
     for id in 0..model.nodes.len() {
         let name = model.nodes[id].op.name();
-        if name != blockq8::OP_TYPE && name != gather::OP_TYPE && name != super::OP_TYPE {
+        if ![blockq8::OP_TYPE, gather::OP_TYPE, gather::F32_OP_TYPE, super::OP_TYPE].contains(&name.as_ref()) {
             continue;
         }
         let label = model.outlet_label(OutletId::new(id, 0)).unwrap_or_default().to_string();
         let unpacked = || format!("node {:?} ({name}): its weights were not packed", model.nodes[id].name);
         let op = match (packs.0.remove(&label), name.as_ref()) {
-            (Some(Packing::Blocks(w)), gather::OP_TYPE) => gather::expansion(w),
+            (Some(Packing::Blocks(w)), gather::OP_TYPE) => gather::expansion(Table::Blocks(w)),
+            (Some(Packing::Table(t)), gather::F32_OP_TYPE) => gather::expansion(t),
             (Some(Packing::Blocks(w)), blockq8::OP_TYPE) => blockq8::expansion(w),
             (Some(Packing::Dynamic(w)), super::OP_TYPE) => super::expansion(w),
             _ => return Err(unpacked()),
@@ -407,5 +446,53 @@ mod tests {
         assert_eq!((&d.w.w, d.kernel, &d.w_zp[..], &d.w_scale[..]), (&want.w, kernel, &[3][..], &[0.5, 0.25, 0.125, 1.0, 2.0][..]));
         let e = pack(&mut model(graph(vec![0.5, 0.25]))).unwrap_err();
         assert!(e.contains("\"y\"") && e.contains("2 values, expected one or one per column (5)"), "{e}");
+    }
+
+    /// A large FP32 table's lookup takes the initializer's bytes (the same bytes, not a copy,
+    /// and gone from the protobuf), a table a dead node also reads is the lookup's alone once the
+    /// dead node is dropped; a table another live node reads, a small one or another axis stays
+    /// tract's `Gather`.
+    #[test]
+    fn fp32_tables_move_into_their_lookup() {
+        let (v, k) = (4096usize, 64usize);
+        let values: Vec<f32> = (0..v * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let gather = |axis: Option<i64>| {
+            let mut n = node("Gather", &["t", "ids"], "e");
+            if let Some(axis) = axis {
+                n.attribute.push(AttributeProto {
+                    name: "axis".into(),
+                    r#type: tract_onnx::pb::attribute_proto::AttributeType::Int as i32,
+                    i: axis,
+                    ..Default::default()
+                });
+            }
+            n
+        };
+        let graph = |nodes: Vec<NodeProto>, rows: usize| GraphProto {
+            node: nodes,
+            initializer: vec![f32s("t", &[rows as i64, k as i64], &values[..rows * k])],
+            input: vec![value("ids", &[1])],
+            output: vec![value("e", &[1, k as i64])],
+            ..Default::default()
+        };
+        // read by the lookup and a dead Transpose
+        let mut proto = model(graph(vec![gather(None), node("Transpose", &["t"], "dead")], v));
+        let packs = pack(&mut proto).unwrap();
+        let g = proto.graph.as_ref().unwrap();
+        assert!(g.initializer.is_empty() && g.node.len() == 1);
+        assert_eq!((g.node[0].op_type.as_str(), &g.node[0].input[..]), (gather::F32_OP_TYPE, &["ids".to_string()][..]));
+        let Packing::Table(Table::F32 { bytes, rows, k: cols }) = &packs.0["e"] else { panic!("{:?}", packs.0["e"]) };
+        assert_eq!((*rows, *cols), (v, k));
+        assert_eq!(**bytes, values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        assert!(pack(&mut model(graph(vec![gather(Some(-2))], v))).unwrap().0.contains_key("e"));
+        // left to tract: another live reader, another axis, a table under the size
+        let mut read_twice = graph(vec![gather(None), node("Transpose", &["t"], "tt")], v);
+        read_twice.output.push(value("tt", &[k as i64, v as i64]));
+        for g in [read_twice, graph(vec![gather(Some(1))], v), graph(vec![gather(None)], 8)] {
+            let mut proto = model(g);
+            assert!(pack(&mut proto).unwrap().0.is_empty());
+            assert_eq!(proto.graph.as_ref().unwrap().node[0].op_type, "Gather");
+            assert!(!proto.graph.as_ref().unwrap().initializer[0].raw_data.is_empty());
+        }
     }
 }
