@@ -285,7 +285,7 @@ impl Kernel {
         let part = Panels { w, part };
         match self {
             Kernel::Scalar => {
-                part.each(acc, |r, panel, out| {
+                part.each(acc, &|r, panel, out| {
                     let x = &xq[r * kp..(r + 1) * kp];
                     for (kc, chunk) in panel.chunks_exact(PANEL * K_ALIGN).enumerate() {
                         let x = &x[kc * K_ALIGN..(kc + 1) * K_ALIGN];
@@ -294,21 +294,24 @@ impl Kernel {
                             out[j] += s;
                         }
                     }
-                });
+                }, None);
             }
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Kernel::Simd128 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
-                part.each(acc, |r, panel, out| unsafe { simd128::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
+                let row = |r: usize| &a[(r - r0) * kp..(r - r0 + 1) * kp];
+                // a prefill's rows two by two: each weight widened once for both
+                part.each(acc, &|r, panel, out| unsafe { simd128::dot4(row(r), panel, out) },
+                          Some((ROWS, &|r, panel, outs| unsafe { simd128::dot4xr::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
-                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
+                part.each(acc, &|r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, None);
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => {
-                part.each(acc, |r, panel, out| unsafe { x86::dot4_vnni(&xq[r * kp..(r + 1) * kp], panel, out) });
+                part.each(acc, &|r, panel, out| unsafe { x86::dot4_vnni(&xq[r * kp..(r + 1) * kp], panel, out) }, None);
                 // Σ (x - zp) w = Σ x w - zp Σ w
                 let z = xzp as i32;
                 if z != 0 {
@@ -324,7 +327,7 @@ impl Kernel {
                 let (k, r0) = (w.k, part.part.rows.start);
                 // x - 128 as i8
                 let a: Vec<i8> = xq_rows.iter().map(|&v| (v ^ 0x80) as i8).collect();
-                part.each(acc, |r, panel, out| unsafe { relaxed::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) });
+                part.each(acc, &|r, panel, out| unsafe { relaxed::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, None);
                 let fix = w.relaxed.as_ref().unwrap();
                 let lo = fix.at.partition_point(|&(c, _)| (c as usize) < c0);
                 let hi = fix.at.partition_point(|&(c, _)| (c as usize) < c0 + width);
@@ -357,6 +360,10 @@ impl Part {
     }
 }
 
+/// Rows per call of the SIMD128 kernel in a prefill.
+#[allow(dead_code)]
+const ROWS: usize = 4;
+
 #[allow(dead_code)]
 fn centered_i16(xq: &[u8], xzp: u8) -> Vec<i16> {
     xq.iter().map(|&v| v as i16 - xzp as i16).collect()
@@ -368,27 +375,50 @@ struct Panels<'a> {
     part: Part,
 }
 
+/// A panel's row products, [`Panels::each`]'s: `dot4(r, panel, out)` adds row r's into `out`.
+type Dot4<'f> = &'f dyn Fn(usize, &[i8], &mut [i32; PANEL]);
+/// Rows r.. at once (as many as `outs`), the weights read (and widened) once for all.
+type Dot4xR<'f> = &'f dyn Fn(usize, &[i8], &mut [[i32; PANEL]]);
+
 impl Panels<'_> {
     /// Panel by panel, rows inside: a panel's weights stay in L1 while every row of a prefill
     /// passes over them. `dot4(r, panel, out)` adds into `out` (zeroed here), `r` counted in the
-    /// whole product; `acc` is the part's rows by its width.
-    fn each(&self, acc: &mut [i32], dot4: impl Fn(usize, &[i8], &mut [i32; PANEL])) {
+    /// whole product; `acc` is the part's rows by its width. With `(g, dot4xr)`, rows go `g` at
+    /// a time (the rest through `dot4`).
+    fn each(&self, acc: &mut [i32], dot4: Dot4, grouped: Option<(usize, Dot4xR)>) {
         let n = self.part.width(self.w.cols);
         let c0 = self.part.panels.start * PANEL;
         for p in self.part.panels.clone() {
             let panel = self.w.panel(p);
             let c = p * PANEL - c0;
             let take = (n - c).min(PANEL);
-            for (i, r) in self.part.rows.clone().enumerate() {
-                let mut out = [0i32; PANEL];
-                dot4(r, panel, &mut out);
+            let mut store = |i: usize, out: &[i32; PANEL]| {
                 if take == PANEL {
                     // a fixed-size store: a slice of variable length is a memcpy call per panel
                     let dst: &mut [i32; PANEL] = (&mut acc[i * n + c..i * n + c + PANEL]).try_into().unwrap();
-                    *dst = out;
+                    *dst = *out;
                 } else {
                     acc[i * n + c..i * n + c + take].copy_from_slice(&out[..take]);
                 }
+            };
+            let rows = self.part.rows.clone();
+            let mut r = rows.start;
+            if let Some((g, dot4xr)) = grouped {
+                let mut outs = [[0i32; PANEL]; 4];
+                while r + g <= rows.end {
+                    let outs = &mut outs[..g];
+                    outs.iter_mut().for_each(|o| *o = [0; PANEL]);
+                    dot4xr(r, panel, outs);
+                    for (i, out) in outs.iter().enumerate() {
+                        store(r + i - rows.start, out);
+                    }
+                    r += g;
+                }
+            }
+            for r in r..rows.end {
+                let mut out = [0i32; PANEL];
+                dot4(r, panel, &mut out);
+                store(r - rows.start, &out);
             }
         }
     }
@@ -423,6 +453,37 @@ mod simd128 {
         }
         for j in 0..PANEL {
             out[j] = lane_sum(acc[j]);
+        }
+    }
+
+    /// [`dot4`] of `R` rows at once: each weight is loaded and widened once for all of them.
+    #[inline]
+    pub unsafe fn dot4xr<const R: usize>(a: [&[i16]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
+        let kp = a[0].len();
+        debug_assert!(a.iter().all(|a| a.len() == kp) && out.len() == R);
+        let ap = a.map(|a| a.as_ptr());
+        let mut wp = panel.as_ptr();
+        let mut acc = [[i32x4_splat(0); PANEL]; R];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                let x: [(v128, v128); R] =
+                    std::array::from_fn(|r| (v128_load(ap[r].add(k + sub) as *const v128), v128_load(ap[r].add(k + sub + 8) as *const v128)));
+                for j in 0..PANEL {
+                    let w0 = i16x8_load_extend_i8x8(wp.add(j * K_ALIGN + sub));
+                    let w1 = i16x8_load_extend_i8x8(wp.add(j * K_ALIGN + sub + 8));
+                    for r in 0..R {
+                        acc[r][j] = i32x4_add(acc[r][j], i32x4_add(i32x4_dot_i16x8(x[r].0, w0), i32x4_dot_i16x8(x[r].1, w1)));
+                    }
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..R {
+            for j in 0..PANEL {
+                out[r][j] = lane_sum(acc[r][j]);
+            }
         }
     }
 
