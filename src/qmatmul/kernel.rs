@@ -300,7 +300,7 @@ impl Kernel {
             Kernel::Simd128 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
                 let row = |r: usize| &a[(r - r0) * kp..(r - r0 + 1) * kp];
-                // a prefill's rows two by two: each weight widened once for both
+                // a prefill's rows ROWS at a time: each weight widened once for all of them
                 part.each(acc, &|r, panel, out| unsafe { simd128::dot4(row(r), panel, out) },
                           Some((ROWS, &|r, panel, outs| unsafe { simd128::dot4xr::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
             }
@@ -360,8 +360,8 @@ impl Part {
     }
 }
 
-/// Rows per call of the SIMD128 kernel in a prefill.
-#[allow(dead_code)]
+/// Rows per call of a grouped kernel (SIMD128's, in a prefill), and the most [`Panels::each`]
+/// takes.
 const ROWS: usize = 4;
 
 #[allow(dead_code)]
@@ -404,7 +404,8 @@ impl Panels<'_> {
             let rows = self.part.rows.clone();
             let mut r = rows.start;
             if let Some((g, dot4xr)) = grouped {
-                let mut outs = [[0i32; PANEL]; 4];
+                assert!(g <= ROWS, "groups of {g} rows, at most {ROWS}");
+                let mut outs = [[0i32; PANEL]; ROWS];
                 while r + g <= rows.end {
                     let outs = &mut outs[..g];
                     outs.iter_mut().for_each(|o| *o = [0; PANEL]);
