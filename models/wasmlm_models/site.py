@@ -65,17 +65,26 @@ def place(src: Path, dst: Path) -> None:
 PEER_GGUF = "Q8_0"
 
 
-def peer_gguf(gguf_dir: Path, model_id: str) -> tuple[Path, dict]:
-    """The Q8_0 file of a gguf folder written for `model_id`, checked, and its entry."""
+def gguf_listing(gguf_dir: Path) -> dict:
+    """A gguf folder's gguf.json (written last: without it the folder is not finished)."""
     listing = gguf_dir / "gguf.json"
     if not listing.is_file():
         raise FileNotFoundError(f"{listing}: not a finished GGUF folder (python -m wasmlm_models gguf)")
-    meta = json.loads(listing.read_text())
+    return json.loads(listing.read_text())
+
+
+def peer_gguf(gguf_dir: Path, manifest: dict) -> tuple[Path, dict]:
+    """The Q8_0 file of a gguf folder written from the bundle's source, checked, and its entry."""
+    meta = gguf_listing(gguf_dir)
+    model_id = manifest["id"]
     if meta.get("model") != model_id:
         raise ValueError(f"{gguf_dir} holds {meta.get('model')}'s GGUF files, not {model_id}'s")
+    if meta.get("source", {}).get("sha256") != manifest.get("provenance", {}).get("sha256"):
+        raise ValueError(f"{gguf_dir} was written from another source than {model_id}'s bundle: "
+                         "rebuild it (./build.sh models)")
     entry = next((e for e in meta["files"] if e.get("type") == PEER_GGUF), None)
     if entry is None:
-        raise ValueError(f"{listing}: no {PEER_GGUF} file")
+        raise ValueError(f"{gguf_dir / 'gguf.json'}: no {PEER_GGUF} file")
     src = gguf_dir / entry["name"]
     if not src.is_file() or src.stat().st_size != entry["bytes"]:
         raise ValueError(f"{src}: missing or not the size gguf.json gives: rebuild it")
@@ -104,7 +113,7 @@ def bundle_into(bundle: Path, out: Path, max_part: int = MAX_PART, choice: str =
         raise ValueError(f"{bundle}: the default file {manifest['default']['file']} is not among the site's files")
     site_manifest = {**manifest, "files": kept}
     if gguf_dir is not None:
-        src, entry = peer_gguf(gguf_dir, manifest["id"])
+        src, entry = peer_gguf(gguf_dir, manifest)
         if entry["bytes"] > max_part:
             entry["parts"] = split(src, out, max_part)
         else:
@@ -121,10 +130,7 @@ def build(bundles: list[Path], out: Path, max_part: int = MAX_PART, choice: str 
     ids = []
     ggufs = {}
     for g in gguf:
-        listing = g / "gguf.json"
-        if not listing.is_file():
-            raise FileNotFoundError(f"{listing}: not a finished GGUF folder (python -m wasmlm_models gguf)")
-        ggufs[json.loads(listing.read_text()).get("model")] = g
+        ggufs[gguf_listing(g).get("model")] = g
     for bundle in bundles:
         if not (bundle / "manifest.json").is_file():
             raise FileNotFoundError(f"{bundle}/manifest.json: not a built bundle (./build.sh models)")

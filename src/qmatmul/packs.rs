@@ -54,8 +54,8 @@ pub struct Packs(HashMap<String, Packing>);
 /// Packs the weights of every `WasmlmBlockQ8MatMul`, `WasmlmBlockQ8Gather` and
 /// `WasmlmDynQMatMul` node of `model` and cuts them from its inputs, and makes each `Gather` of
 /// a large FP32 table that only it reads a `WasmlmF32Gather` holding the table's bytes; the
-/// initializers that nothing reads any more are removed. An error names the node and what is wrong with its
-/// weights.
+/// initializers that nothing reads any more are removed. An error names the node and what is
+/// wrong with its weights.
 pub fn pack(model: &mut ModelProto) -> Result<Packs, String> {
     let mut packs = Packs::default();
     let Some(graph) = model.graph.as_mut() else { return Ok(packs) };

@@ -66,13 +66,17 @@ def test_a_bundle_that_does_not_match_its_manifest_is_refused(tiny_bundles, tmp_
         site.build([tmp_path / "missing"], tmp_path / "site")
 
 
-def gguf_folder(path, model, data=b"GGUF" + bytes(range(256)) * 3000):
+def gguf_folder(path, model, data=b"GGUF" + bytes(range(256)) * 3000, source=None):
     """A folder as `python -m wasmlm_models gguf` writes it (the site step reads only its listing
-    and copies the bytes, so any bytes do)."""
+    and copies the bytes, so any bytes do). `source`: the sha256 of what it was written from
+    (the tiny bundles' provenance has none)."""
     path.mkdir(parents=True)
     (path / "model.q8_0.gguf").write_bytes(data)
     entry = {"name": "model.q8_0.gguf", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "type": "Q8_0"}
-    (path / "gguf.json").write_text(json.dumps({"model": model, "files": [entry]}))
+    listing = {"model": model, "files": [entry]}
+    if source:
+        listing["source"] = {"sha256": source}
+    (path / "gguf.json").write_text(json.dumps(listing))
     return path
 
 
@@ -97,5 +101,8 @@ def test_a_gguf_folder_that_does_not_fit_is_refused(tiny_bundles, tmp_path):
     (cut / "model.q8_0.gguf").write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="not the size gguf.json gives"):
         site.build([tiny_bundles["tiny-llama"]], tmp_path / "b", gguf=[cut])
+    stale = gguf_folder(tmp_path / "stale", "tiny-llama", source="0" * 64)
+    with pytest.raises(ValueError, match="written from another source"):
+        site.build([tiny_bundles["tiny-llama"]], tmp_path / "d", gguf=[stale])
     with pytest.raises(FileNotFoundError, match="not a finished GGUF folder"):
         site.build([tiny_bundles["tiny-llama"]], tmp_path / "c", gguf=[tmp_path / "missing"])
