@@ -19,6 +19,8 @@ const state = {
   running: null, // "generate" | "bench" | "load" | "restore"
   events: [],
   benchText: null,
+  peersPending: [], // the benchmark's peers still to run
+  benchLoading: null, // the peer whose file is downloading
 };
 const chart = new TokenChart($("chart"));
 
@@ -542,8 +544,16 @@ $("bench").onclick = async () => {
 };
 
 function onBenchProgress(p) {
-  $("bench-status").textContent = `${p.backend}: ` + (p.run === 0 ? "warm-up run…"
-    : p.run === "profile" ? "timing each op…" : `run ${p.run} of ${p.of}…`);
+  const status = $("bench-status");
+  if (p.file) {
+    const mb = (n) => (n / 1e6).toFixed(0);
+    status.textContent = `${state.benchLoading}: ${p.cached ? "reading" : "downloading"} ${p.file}, ` +
+      `${mb(p.loaded)} of ${mb(p.total)} MB…`;
+    return;
+  }
+  if (p.run === "load") state.benchLoading = p.backend;
+  status.textContent = `${p.backend}: ` + (p.run === 0 ? "warm-up run…" : p.run === "profile" ? "timing each op…"
+    : p.run === "load" ? "loading…" : `run ${p.run} of ${p.of}…`);
 }
 
 function onBenchDone(row) {

@@ -75,7 +75,10 @@ export const Msg = Object.freeze({
   DONE: "done",
   /** {...result}: a request other than load, generate and chat succeeded (final). */
   OK: "ok",
-  /** {run, of, backend}: run 0 is the warm-up, run "profile" the per-op timing. */
+  /**
+   * {run, of, backend}: run 0 is the warm-up, run "profile" the per-op timing, run "load" a
+   * peer's download and load (its file's download sends progress messages meanwhile).
+   */
   BENCH_PROGRESS: "bench-progress",
   /** {row}: this engine's benchmark row, in baselines.json's format. */
   BENCH_DONE: "bench-done",

@@ -353,7 +353,9 @@ export class WasmLM {
    * The benchmark protocol on the loaded file (32-token prompt from `text`, 64 greedy tokens,
    * a warm-up then `runs` runs), then each of `peers` (Peer names: onnxruntime-web on the same
    * file, wllama on the site's GGUF of the same weights) in the same protocol. `onRow(row)` gets
-   * our row and `onPeer(peer, row | undefined, error | undefined)` each peer's, as they come.
+   * our row and `onPeer(peer, row | undefined, error | undefined)` each peer's, as they come;
+   * `onProgress` gets {run, of, backend} per run ("load": a peer's download and load), and
+   * {file, loaded, total, cached} while a peer's file downloads.
    * @returns {Promise<{cancelled: boolean, row?: object, peers: Object<string, object>, peerErrors: Object<string, string>}>}
    */
   async bench(text, { runs = 5, peers = [], profile = false, signal, onProgress, onRow, onPeer } = {}) {
@@ -363,7 +365,9 @@ export class WasmLM {
     }
     const out = { cancelled: false, peers: {}, peerErrors: {} };
     const r = await this.request({ type: Req.BENCH, text, runs, peers, profile }, {
-      [Msg.BENCH_PROGRESS]: (m) => onProgress?.(m),
+      [Msg.BENCH_PROGRESS]: (m) => onProgress?.({ run: m.run, of: m.of, backend: m.backend }),
+      // a peer's file: {file, loaded, total, cached}
+      [Msg.PROGRESS]: (m) => onProgress?.({ file: m.file, loaded: m.loaded, total: m.total, cached: m.cached }),
       [Msg.BENCH_DONE]: (m) => { out.row = m.row; onRow?.(m.row); },
       [Msg.PEER_DONE]: (m) => { out.peers[m.peer] = m.row; onPeer?.(m.peer, m.row); },
       [Msg.PEER_ERROR]: (m) => { out.peerErrors[m.peer] = m.message; onPeer?.(m.peer, undefined, m.message); },

@@ -587,6 +587,7 @@ async function ortBench(prompt, runs) {
   ort.env.wasm.wasmPaths = new URL("./ort/", self.location.href).href;
   const { base, entry, manifest } = loaded;
   const arch = manifest.architecture;
+  post({ type: Msg.BENCH_PROGRESS, run: "load", of: runs, backend: Peer.ORT });
   const onnx = joined((await fetchEntry(base, entry, await openCache())).bytes);
   const t0 = performance.now();
   const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
@@ -638,7 +639,9 @@ async function wllamaBench(prompt, runs) {
   });
   const version = await fetch(`${dir}package.json`).then((r) => r.json()).then((p) => p.version, () => "");
   const w = new Wllama({ "single-thread/wllama.wasm": `${dir}single-thread/wllama.wasm`,
-    "multi-thread/wllama.wasm": `${dir}multi-thread/wllama.wasm` }, { suppressNativeLog: true });
+    "multi-thread/wllama.wasm": `${dir}multi-thread/wllama.wasm` },
+    { suppressNativeLog: true, logger: { debug() {}, log() {}, warn: console.warn, error: console.error } });
+  post({ type: Msg.BENCH_PROGRESS, run: "load", of: runs, backend: Peer.WLLAMA });
   const bytes = (await fetchEntry(base, gguf, await openCache())).bytes;
   const t0 = performance.now();
   try {
