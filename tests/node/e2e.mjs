@@ -272,11 +272,20 @@ async function main() {
     await page.fill("#bench-runs", "3");
     await page.check("#bench-peer-ort");
     await page.check("#bench-peer-wllama");
+    // every text the status shows while it runs (the peers' downloads among them)
+    await page.evaluate(() => {
+      const el = document.querySelector("#bench-status");
+      window.__benchTexts = [];
+      new MutationObserver(() => window.__benchTexts.push(el.textContent)).observe(el, { childList: true, characterData: true, subtree: true });
+    });
     await page.click("#bench");
     await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600_000 });
     await page.waitForFunction(() => !document.querySelector("#bench").disabled, null, { timeout: 600_000 });
     const benchStatus = await page.textContent("#bench-status");
     log("bench:", benchStatus);
+    const benchTexts = await page.evaluate(() => window.__benchTexts);
+    assert.ok(benchTexts.some((t) => /^wllama: downloading model\.q8_0\.gguf, \d+ of 145 MB…$/.test(t)),
+      `the page said how far wllama's GGUF had downloaded: ${benchTexts.filter((t) => /wllama/.test(t)).slice(0, 3).join(" | ")}`);
     assert.doesNotMatch(benchStatus, /failed/, "the peers ran without error");
     assert.match(benchStatus, /onnxruntime-web: decode \d.*wllama: decode \d/, "both peers ran, in order");
     const benchRow = page.locator("#baselines tr.live", { hasText: "benchmark mode)" });
