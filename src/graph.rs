@@ -270,7 +270,7 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     refuse_own_ops(&proto)?;
     bound_constant_shapes(&proto)?;
     pow::cube_powers(&mut proto);
-    normalize::unpack_qkv(&mut proto);
+    normalize::group_query_attention(&mut proto);
     normalize::half_gemms(&mut proto);
     let (dynamic, (blocks, block_lookups), nbits) = if prep.int8_kernels {
         (qmatmul::rewrite::fuse(&mut proto), qmatmul::rewrite::fuse_blocks(&mut proto), {
@@ -398,6 +398,7 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
     phases.mark("into_typed");
     typed.declutter().map_err(opt)?;
     if prep.fused_ops {
+        fused::sdpa::move_scales(&mut typed).map_err(opt)?;
         fused::matmul::absorb_kv_repeats(&mut typed).map_err(opt)?;
         fused::rope::fuse(&mut typed).map_err(opt)?;
         fused::attention::fuse(&mut typed).map_err(opt)?;

@@ -1,8 +1,8 @@
 //! The session handle's operations (src/session.rs) on the three places a cache can live: the
-//! attention ops' states (tiny Llama with past: `cache_in_ops`, the plan without past inputs or
-//! present outputs), the graph's present outputs fed
-//! back (tiny GPT-2 with past, whose attention keeps its `Concat`s) and no cache at all (a
-//! no-past file, which sees every token each time).
+//! attention ops' states (tiny Llama and GPT-2 with past: `cache_in_ops`, the plan without past
+//! inputs or present outputs), the graph's present outputs fed back (tiny GPT-2 with past on
+//! tract's own nodes, `fused_ops` off, whose attention keeps its `Concat`s) and no cache at all
+//! (a no-past file, which sees every token each time).
 mod common;
 
 use common::*;
@@ -11,23 +11,25 @@ use wasmlm::{Engine, Prepare, Session};
 const PROMPT: [u32; 7] = [510, 2317, 314, 260, 3575, 282, 4649];
 const MORE: [u32; 5] = [17, 99, 1024, 7, 300];
 
-fn load(model: &str, file: &str) -> Engine {
-    Engine::from_dir(&bundle(model), Some(file), Prepare::default()).unwrap()
+fn load(model: &str, file: &str, fused_ops: bool) -> Engine {
+    Engine::from_dir(&bundle(model), Some(file), Prepare { fused_ops, ..Prepare::default() }).unwrap()
 }
 
 /// Every kind of cache, with what it is.
 fn engines() -> Vec<(String, Engine)> {
     let cases = [
-        ("tiny-llama", "model.with_past.onnx"),
-        ("tiny-llama", "model.with_past.int8.onnx"),
-        ("tiny-gpt2", "model.with_past.onnx"),
-        ("tiny-llama", "model.onnx"),
+        ("tiny-llama", "model.with_past.onnx", true),
+        ("tiny-llama", "model.with_past.int8.onnx", true),
+        ("tiny-gpt2", "model.with_past.onnx", true),
+        ("tiny-gpt2", "model.with_past.onnx", false),
+        ("tiny-llama", "model.onnx", true),
     ];
-    let out: Vec<(String, Engine)> = cases.iter().map(|(m, f)| (format!("{m} {f}"), load(m, f))).collect();
+    let out: Vec<(String, Engine)> =
+        cases.iter().map(|&(m, f, fused)| (format!("{m} {f} (fused ops: {fused})"), load(m, f, fused))).collect();
     // the cases above cover each store: held against the graphs' own flags
     let in_ops: Vec<bool> = out.iter().map(|(_, e)| e.graph.cache_in_ops()).collect();
     let cached: Vec<bool> = out.iter().map(|(_, e)| e.graph.conv.has_cache()).collect();
-    assert_eq!((in_ops, cached), (vec![true, true, false, false], vec![true, true, true, false]));
+    assert_eq!((in_ops, cached), (vec![true, true, true, false, false], vec![true, true, true, true, false]));
     // one owner: where the ops keep the cache, the plan has no past inputs nor present outputs
     for (what, e) in &out {
         let (ins, outs) = (e.graph.plan.model().inputs.len(), e.graph.plan.model().outputs.len());
@@ -100,8 +102,8 @@ fn a_snapshot_restores_the_same_next_logits() {
 
 #[test]
 fn a_snapshot_is_refused_for_another_model_or_damaged_bytes() {
-    let llama = load("tiny-llama", "model.with_past.onnx");
-    let llama_int8 = load("tiny-llama", "model.with_past.int8.onnx");
+    let llama = load("tiny-llama", "model.with_past.onnx", true);
+    let llama_int8 = load("tiny-llama", "model.with_past.int8.onnx", true);
     let mut s = llama.session().unwrap();
     s.prefill(&PROMPT).unwrap();
     let bytes = s.snapshot().unwrap();
@@ -115,7 +117,7 @@ fn a_snapshot_is_refused_for_another_model_or_damaged_bytes() {
     };
     // the same model's other file: another sha256
     refused(&llama_int8, &bytes, "another model file");
-    refused(&load("tiny-gpt2", "model.with_past.onnx"), &bytes, "another model file");
+    refused(&load("tiny-gpt2", "model.with_past.onnx", true), &bytes, "another model file");
     let mut flipped = bytes.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 1;
@@ -184,7 +186,7 @@ fn turn_by_turn_equals_all_at_once() {
 /// Past the context: a clear error, and the cache as it was (it goes on as if nothing happened).
 #[test]
 fn a_full_context_is_refused_with_the_cache_intact() {
-    let engine = load("tiny-llama", "model.with_past.onnx");
+    let engine = load("tiny-llama", "model.with_past.onnx", true);
     let mut s = Session::new(engine.graph.clone(), engine.sha256.clone(), 10).unwrap();
     s.prefill(&PROMPT).unwrap();
     let mut twin = s.fork();

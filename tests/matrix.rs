@@ -217,6 +217,23 @@ fn render(cells: &[(Value, Outcome)], greedy: usize) -> String {
                   same one at k steps (a near tie rounded the other way once). –: the exporter does not make \
                   that form. Attention: on the engine's attention core with the cache kept in place (the fast \
                   path), on the core, or on its products only.").unwrap();
+    // cells whose reference is not ONNX Runtime on the file as it is (matrix.py), by exporter
+    let mut references: Vec<(String, Vec<String>)> = vec![];
+    for (c, _) in cells {
+        if let Some(r) = c["reference"].as_str() {
+            let ename = EXPORTER.iter().find(|e| c["exporter"] == e.0).map_or("", |e| e.1);
+            let form = FORM.iter().find(|f| c["form"] == f.0).map_or("", |f| f.1);
+            let what = format!("{ename}'s {form}");
+            match references.iter_mut().find(|(x, _)| x == r) {
+                Some((_, list)) if list.contains(&what) => {}
+                Some((_, list)) => list.push(what),
+                None => references.push((r.to_string(), vec![what])),
+            }
+        }
+    }
+    for (r, list) in &references {
+        writeln!(md, "Held to {r}: {}.", list.join(", ")).unwrap();
+    }
     if !not_made.is_empty() {
         let list: Vec<String> = not_made.iter().map(|(why, names)| format!("{} ({why})", names.join(", "))).collect();
         writeln!(md, "Not made: {}.", list.join("; ")).unwrap();

@@ -19,6 +19,13 @@ the packages' versions, the tokenizer) are the same.
   converter, the cache in FP16 too), q8 (`quantize_dynamic`, QInt8 per tensor: transformers.js's
   "quantized"), MatMulNBits 4 and 8 bits, symmetric, blocks of 32 and 128 (q4 is 4 bits in 32),
   and q4f16 (q4, then FP16). genai's forms are its builder's own: fp32, fp16, int4 b32 and b128.
+
+The reference is ONNX Runtime on the file, with one exception. A `MatMulNBits` with
+`accuracy_level` 2-4 lets ONNX Runtime compute at lower precision (the genai builder writes 4:
+its activations quantized to INT8 in each weight block, which moves its logits by ~1e-2 of their
+range from its own FP32 product). Such a cell's reference is ONNX Runtime on a copy of the file
+with `accuracy_level` 0: the same weights in the arithmetic the operator defines
+(`"reference"` in the cell says so).
 """
 from __future__ import annotations
 
@@ -212,6 +219,40 @@ def ort_greedy(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np
     return tokens, np.stack(rows)
 
 
+def _lowered_precision(path: Path) -> bool:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type == "MatMulNBits" and a.name == "accuracy_level" and a.i >= 2
+               for n in model.graph.node for a in n.attribute)
+
+
+def _defined_precision(path: Path) -> Path:
+    """A copy of `path` beside it (so its external data still resolves) whose MatMulNBits nodes
+    have `accuracy_level` 0."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    for n in model.graph.node:
+        for a in n.attribute:
+            if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    copy = path.with_name(path.stem + ".accuracy0.onnx")
+    onnx.save(model, str(copy))
+    return copy
+
+
+def reference(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray, str | None]:
+    """`ort_greedy` on the file, or on its defined-precision copy (module doc); with a note of
+    which."""
+    if not _lowered_precision(path):
+        return (*ort_greedy(path, prompt, steps), None)
+    copy = _defined_precision(path)
+    try:
+        return (*ort_greedy(copy, prompt, steps),
+                "ONNX Runtime with MatMulNBits' accuracy_level set to 0 (the file asks for INT8 activations)")
+    finally:
+        copy.unlink(missing_ok=True)
+
+
 # The matrix -----------------------------------------------------------------------------------
 
 def _make(family: str, exporter: str, form: str, hf: Path, folder: Path, made: dict) -> Path:
@@ -292,7 +333,9 @@ def build(out: Path, tokenizer: Path, families=FAMILIES, exporters=EXPORTERS) ->
                     traceback.print_exc(file=sys.stderr)
                 if "file" in cell:
                     try:
-                        cell["ort_greedy"], rows = ort_greedy(out / cell["file"], PROMPT, GREEDY)
+                        cell["ort_greedy"], rows, note = reference(out / cell["file"], PROMPT, GREEDY)
+                        if note:
+                            cell["reference"] = note
                         logits = Path(cell["file"] + ".ort-logits.f32")
                         with atomic_path(out / logits) as tmp:
                             rows.astype("<f4").tofile(tmp)

@@ -29,7 +29,8 @@
 use tract_onnx::tract_core::broadcast::multi_broadcast;
 use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::math::{Add, Mul};
+use tract_onnx::tract_core::ops::logic::Iff;
+use tract_onnx::tract_core::ops::math::{add, Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_onnx::tract_hir::internal::*;
 
@@ -71,13 +72,25 @@ enum Kv {
     Concat(usize, OutletId, OutletId),
 }
 
+/// Where the mask comes from.
+enum Mask {
+    /// Added to the scaled scores.
+    Added(OutletId),
+    /// GPT-2's: the scaled scores replaced by `low` where `keep` is false, then `added` added
+    /// (with a past), `Where(keep, x, low) + added`. The op takes it as `x + (Where(keep, 0, low)
+    /// + added)`: the same values where `keep` is true (`0 + m` is `m`), and scores far below the
+    /// softmax's `exp` range where it is false (low is -1e30 or below), whose weights are 0
+    /// either way.
+    Replaced { keep: OutletId, low: OutletId, added: Option<OutletId> },
+}
+
 struct Found {
     softmax: usize,
     av: usize,
     q: OutletId,
     k: Kv,
     v: Kv,
-    mask: OutletId,
+    mask: Mask,
     scale: f32,
     group: usize,
 }
@@ -124,7 +137,21 @@ pub fn fuse(model: &mut TypedModel) -> TractResult<usize> {
                 }
             }
         }
-        let mask = tap(f.mask)?;
+        let mask = match f.mask {
+            Mask::Added(m) => tap(m)?,
+            Mask::Replaced { keep, low, added } => {
+                let (keep, low) = (tap(keep)?, tap(low)?);
+                let added = added.map(&mut tap).transpose()?;
+                let name = &model.node(f.softmax).name;
+                let rank = patch.outlet_fact(low)?.rank();
+                let zero = patch.add_const(format!("{name}.mask.zero"), tensor0(0f32).broadcast_into_rank(rank)?)?;
+                let hidden = patch.wire_node(format!("{name}.mask.hidden"), Iff, &[keep, zero, low])?[0];
+                match added {
+                    Some(added) => patch.wire_node(format!("{name}.mask"), add(), &[hidden, added])?[0],
+                    None => hidden,
+                }
+            }
+        };
         let inputs: TVec<OutletId> = std::iter::once(q).chain(kv).chain([mask]).collect();
         let name = &model.node(f.softmax).name;
         let op = Attention { group: f.group, scale: f.scale, cache };
@@ -169,20 +196,39 @@ fn find(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     if av.inputs[0] != out {
         return Ok(None);
     }
-    // Add(Mul(Q Kᵀ, scale), mask), either operand order
+    // Add(Mul(Q Kᵀ, scale), mask), or [Add(]Where(keep, Mul(Q Kᵀ, scale), low)[, mask)]; either
+    // operand order
     let add = model.node(node.inputs[0].node);
-    if !bin(add.id).is_some_and(|b| b.0.is::<Add>()) || !only_reader(node.inputs[0]) {
+    if !only_reader(node.inputs[0]) {
         return Ok(None);
     }
-    let is_mul = |o: OutletId| bin(o.node).is_some_and(|b| b.0.is::<Mul>()) && only_reader(o);
-    let (mul, mask) = match (is_mul(add.inputs[0]), is_mul(add.inputs[1])) {
-        (true, _) => (model.node(add.inputs[0].node), add.inputs[1]),
-        (_, true) => (model.node(add.inputs[1].node), add.inputs[0]),
-        _ => return Ok(None),
-    };
     let scalar = |o: OutletId| -> Option<f32> {
         let k = model.outlet_fact(o).ok()?.konst.clone()?;
         (k.len() == 1 && k.datum_type() == f32::datum_type()).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
+    };
+    let is_mul = |o: OutletId| bin(o.node).is_some_and(|b| b.0.is::<Mul>()) && only_reader(o);
+    // Where(keep, x, low) read once, x a Mul read once, low a constant -1e30 or below: (x, keep, low)
+    let replaced = |o: OutletId| -> Option<(OutletId, OutletId, OutletId)> {
+        let w = model.node(o.node);
+        let low = w.inputs.get(2).copied()?;
+        let far_below = scalar(low).is_some_and(|x| x <= -1e30);
+        (w.op_is::<Iff>() && only_reader(o) && is_mul(w.inputs[1]) && far_below).then_some((w.inputs[1], w.inputs[0], low))
+    };
+    let (mul, mask) = if !bin(add.id).is_some_and(|b| b.0.is::<Add>()) {
+        match replaced(node.inputs[0]) {
+            Some((x, keep, low)) => (model.node(x.node), Mask::Replaced { keep, low, added: None }),
+            None => return Ok(None),
+        }
+    } else {
+        match (is_mul(add.inputs[0]), is_mul(add.inputs[1])) {
+            (true, _) => (model.node(add.inputs[0].node), Mask::Added(add.inputs[1])),
+            (_, true) => (model.node(add.inputs[1].node), Mask::Added(add.inputs[0])),
+            _ => match (replaced(add.inputs[0]), replaced(add.inputs[1])) {
+                (Some((x, keep, low)), _) => (model.node(x.node), Mask::Replaced { keep, low, added: Some(add.inputs[1]) }),
+                (_, Some((x, keep, low))) => (model.node(x.node), Mask::Replaced { keep, low, added: Some(add.inputs[0]) }),
+                _ => return Ok(None),
+            },
+        }
     };
     let is_qk = |o: OutletId| {
         model.node(o.node).op_as::<ActMatMul>() == Some(&ActMatMul { trans_b: true, group }) && only_reader(o)
@@ -196,17 +242,39 @@ fn find(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     let (q, k, v) = (qk.inputs[0], qk.inputs[1], av.inputs[1]);
     // shapes our op takes: rank 4, one batch for all, H = group x kv heads, a mask that
     // broadcasts to the scores, all f32
-    let (qf, kf, vf, mf) = (fact(q)?, fact(k)?, fact(v)?, fact(mask)?);
-    if [qf, kf, vf, mf].iter().any(|f| f.datum_type != f32::datum_type()) || [qf, kf, vf].iter().any(|f| f.rank() != 4) {
+    let masks = match mask {
+        Mask::Added(m) => vec![fact(m)?],
+        Mask::Replaced { keep, added, .. } => {
+            let mut parts = vec![fact(keep)?];
+            if let Some(a) = added {
+                parts.push(fact(a)?);
+            }
+            parts
+        }
+    };
+    let (qf, kf, vf) = (fact(q)?, fact(k)?, fact(v)?);
+    // an added mask is f32; a replacing one's `keep` is bool
+    let types_fit = masks.iter().enumerate().all(|(i, f)| {
+        let bool_keep = i == 0 && matches!(mask, Mask::Replaced { .. });
+        f.datum_type == if bool_keep { bool::datum_type() } else { f32::datum_type() }
+    });
+    if [qf, kf, vf].iter().any(|f| f.datum_type != f32::datum_type() || f.rank() != 4) || !types_fit {
         return Ok(None);
     }
     let (qs, ks, vs) = (&qf.shape, &kf.shape, &vf.shape);
     let heads_fit = qs[1] == ks[1].clone() * group && vs[1] == ks[1];
-    if qs[0] != ks[0] || vs[0] != ks[0] || !heads_fit || qs[3] != ks[3] || vs[2] != ks[2] || mf.rank() > 4 {
+    if qs[0] != ks[0] || vs[0] != ks[0] || !heads_fit || qs[3] != ks[3] || vs[2] != ks[2] {
         return Ok(None);
     }
+    // each part of the mask broadcasts to the scores; the parts of a replacing mask, combined by
+    // our Where and Add, are of the scores' rank as tract's binary ops need
     let scores_shape = scores.shape.to_tvec();
-    if multi_broadcast(&[scores_shape.clone(), mf.shape.to_tvec()]).ok() != Some(scores_shape) {
+    let fits = |f: &TypedFact| multi_broadcast(&[scores_shape.clone(), f.shape.to_tvec()]).ok() == Some(scores_shape.clone());
+    let ranks_fit = match mask {
+        Mask::Added(_) => masks[0].rank() <= 4,
+        Mask::Replaced { low, .. } => masks.iter().all(|f| f.rank() == 4) && fact(low)?.rank() == 4,
+    };
+    if !ranks_fit || !masks.iter().all(|f| fits(f)) {
         return Ok(None);
     }
     // the cache's Concats along the sequence axis of a graph input read by nothing else, taken

@@ -129,12 +129,10 @@ impl tract_onnx::tract_hir::ops::expandable::Expansion for Expansion {
 /// ```
 ///
 /// which tract's own einsum absorbed, but which our product would get materialized (SmolLM2: 60
-/// `MultiBroadcastTo` per token). Such a product reads x instead, with `group` set. Returns how
+/// `MultiBroadcastTo` per token), or, with one key/value head, a broadcast of that head
+/// ([`single_head_broadcast`]). Such a product reads x instead, with `group` set. Returns how
 /// many products were changed.
 pub fn absorb_kv_repeats(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
-    use tract_onnx::tract_core::ops::change_axes::AxisOp;
-    let only_reader = |m: &TypedModel, o: OutletId| m.outlet_successors(o).len() == 1 && !m.output_outlets().unwrap_or(&[]).contains(&o);
     let mut found = vec![];
     for node in &model.nodes {
         let Some(op) = node.op_as::<ActMatMul>() else { continue };
@@ -143,25 +141,8 @@ pub fn absorb_kv_repeats(model: &mut TypedModel) -> TractResult<usize> {
         if op.group != 1 || rank < 3 || model.outlet_fact(node.inputs[0])?.rank() != rank || !only_reader(model, b) {
             continue;
         }
-        let reshape = model.node(b.node);
-        let Some(AxisOp::Reshape(at, from, to)) = reshape.op_as::<AxisOp>() else { continue };
-        let group = from.get(1).and_then(|g| g.to_usize().ok());
-        let merges_heads = *at == rank - 3 && from.len() == 2 && to.len() == 1 && to[0] == from[0].clone() * from[1].clone();
-        let (Some(group), true) = (group, merges_heads) else { continue };
-        let broadcast = model.node(reshape.inputs[0].node);
-        if broadcast.op_as::<MultiBroadcastTo>().is_none() || !only_reader(model, reshape.inputs[0]) {
-            continue;
-        }
-        let add = model.node(broadcast.inputs[0].node);
-        if add.op_as::<AxisOp>() != Some(&AxisOp::Add(at + 1)) || !only_reader(model, broadcast.inputs[0]) {
-            continue;
-        }
-        // the broadcast only repeats the new axis: (…, kv, 1, L, d) -> (…, kv, group, L, d)
-        let (before, after) = (model.outlet_fact(add.id.into())?.shape.to_tvec(), model.outlet_fact(broadcast.id.into())?.shape.to_tvec());
-        let repeats_only = before.len() == after.len()
-            && before.iter().zip(&after).enumerate().all(|(d, (x, y))| if d == at + 1 { x.is_one() && *y == group.to_dim() } else { x == y });
-        if repeats_only {
-            found.push((node.id, op.trans_b, group, add.inputs[0]));
+        if let Some((group, x)) = repeat(model, b, rank).or_else(|| single_head_broadcast(model, b, rank)) {
+            found.push((node.id, op.trans_b, group, x));
         }
     }
     for &(id, trans_b, group, x) in &found {
@@ -175,6 +156,68 @@ pub fn absorb_kv_repeats(model: &mut TypedModel) -> TractResult<usize> {
     }
     model.compact()?;
     Ok(found.len())
+}
+
+/// `Reshape(heads: [kv, group] -> [kv * group])(MultiBroadcastTo(AddAxis(heads + 1)(x)))`: x and
+/// the group.
+fn repeat(model: &TypedModel, b: OutletId, rank: usize) -> Option<(usize, OutletId)> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    let reshape = model.node(b.node);
+    let Some(AxisOp::Reshape(at, from, to)) = reshape.op_as::<AxisOp>() else { return None };
+    let group = from.get(1).and_then(|g| g.to_usize().ok())?;
+    let merges_heads = *at == rank - 3 && from.len() == 2 && to.len() == 1 && to[0] == from[0].clone() * from[1].clone();
+    let broadcast = model.node(reshape.inputs[0].node);
+    if !merges_heads || broadcast.op_as::<MultiBroadcastTo>().is_none() || !only_reader(model, reshape.inputs[0]) {
+        return None;
+    }
+    let add = model.node(broadcast.inputs[0].node);
+    if add.op_as::<AxisOp>() != Some(&AxisOp::Add(at + 1)) || !only_reader(model, broadcast.inputs[0]) {
+        return None;
+    }
+    // the broadcast only repeats the new axis: (…, kv, 1, L, d) -> (…, kv, group, L, d)
+    let (before, after) = (model.outlet_fact(add.id.into()).ok()?.shape.to_tvec(), model.outlet_fact(broadcast.id.into()).ok()?.shape.to_tvec());
+    let repeats_only = before.len() == after.len()
+        && before.iter().zip(&after).enumerate().all(|(d, (x, y))| if d == at + 1 { x.is_one() && *y == group.to_dim() } else { x == y });
+    repeats_only.then_some((group, add.inputs[0]))
+}
+
+/// One key/value head for all query heads (Gemma's multi-query attention): tract drops the
+/// `Reshape` of [`repeat`] and broadcasts the heads axis itself, `MultiBroadcastTo(heads: 1 ->
+/// group)(y)`, where y is x behind axis changes that cancel out (`AddAxis`, then `RmAxis` of
+/// another unit axis). x and the group.
+fn single_head_broadcast(model: &TypedModel, b: OutletId, rank: usize) -> Option<(usize, OutletId)> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    let broadcast = model.node(b.node);
+    broadcast.op_as::<MultiBroadcastTo>()?;
+    let y = broadcast.inputs[0];
+    let (before, after) = (model.outlet_fact(y).ok()?.shape.to_tvec(), model.outlet_fact(b).ok()?.shape.to_tvec());
+    let heads = rank - 3;
+    let group = after.get(heads)?.to_usize().ok()?;
+    let repeats_only = before.len() == after.len()
+        && before.iter().zip(&after).enumerate().all(|(d, (x, y))| if d == heads { x.is_one() } else { x == y });
+    if !repeats_only || group < 2 || !only_reader(model, y) {
+        return None;
+    }
+    // back through axis changes, to the earliest outlet of y's shape (which may be a graph
+    // output too: the cache's Concat)
+    let (mut x, mut at) = (y, y);
+    while let Some(AxisOp::Add(_) | AxisOp::Rm(_)) = model.node(at.node).op_as::<AxisOp>() {
+        let input = model.node(at.node).inputs[0];
+        if model.outlet_successors(input).len() != 1 {
+            break;
+        }
+        at = input;
+        if model.outlet_fact(at).ok()?.shape.to_tvec() == before {
+            x = at;
+        }
+    }
+    Some((group, x))
+}
+
+fn only_reader(m: &TypedModel, o: OutletId) -> bool {
+    m.outlet_successors(o).len() == 1 && !m.output_outlets().unwrap_or(&[]).contains(&o)
 }
 
 /// `C = A B` (or `A Bᵀ`), batch axes broadcast; A is (…, M, K), B (…, K, N) or (…, N, K).

@@ -1,6 +1,6 @@
 //! Ops of our own for what tract runs as many small nodes: attention's products of two
 //! computed tensors ([`matmul`]), GPT-2's tanh GELU ([`gelu`]), Llama's rotary embedding
-//! ([`rope`]) and Llama's attention core with its key/value cache ([`attention`]).
+//! ([`rope`]) and the attention core with its key/value cache ([`attention`]).
 //!
 //! The first two are found in the ONNX protobuf before tract sees it, as the INT8 products are
 //! (crate::qmatmul), the rotary embedding (by tract-transformers' rules) and the attention core

@@ -1,90 +1,112 @@
 //! PyTorch's `scaled_dot_product_attention` as its ONNX exporter writes it (transformers' default
 //! attention, so Optimum's and transformers.js's files), brought to the shape the attention core
-//! ([`super::attention`]) is found in, on the protobuf before tract reads it:
+//! ([`super::attention`]) is found in:
 //!
 //! ```text
 //! MatMul(Mul(Q, √s), Mul(Transpose(K), √s))  ->  Mul(MatMul(Q, Transpose(K)), √s·√s)
 //! Where(IsNaN(Softmax(x)), 0, Softmax(x))     ->  Softmax(x)
 //! ```
 //!
-//! The first moves the scale, split between the two operands, after the product: one scale of
-//! the scores, as the eager attention our own exports use writes it (the product then reads K
-//! transposed, [`super::matmul`]). In floating point the two orders round differently; the
-//! scores stay within the FP32 parity bound (`tests/matrix.rs` holds these files to ONNX
-//! Runtime's logits at 1e-4 of their range).
+//! The first ([`move_scales`]) moves the scale, split between the two operands, after the
+//! product: one scale of the scores, as the eager attention our own exports use writes it (the
+//! product then reads K transposed, [`super::matmul::ActMatMul`]). It runs on the typed model,
+//! after tract's declutter, where √s is a constant even when the file computes it from the head
+//! size's shape (GPT-2's export: `Sqrt(1 / Sqrt(Cast(Shape(q)[-1])))`). In floating point the two
+//! orders round differently; the scores stay within the FP32 parity bound (`tests/matrix.rs`
+//! holds these files to ONNX Runtime's logits at 1e-4 of their range).
 //!
 //! The second drops the guard for rows that are all masked: a softmax of a row whose every score
 //! is -inf is NaN, and the guard makes it 0. The engine feeds an attention mask of ones and the
 //! graph's mask is causal, so every row sees at least its own position, and the guard never
 //! fires; without it, the softmax feeds the product of the values directly, as the attention core
-//! needs.
+//! needs. It is made on the protobuf before tract reads it ([`rewrite`]).
 
 use std::collections::HashMap;
 
-use tract_onnx::pb::{tensor_proto::DataType, GraphProto, ModelProto, NodeProto, TensorProto};
+use tract_onnx::pb::{GraphProto, ModelProto};
+use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::math::{mul, Mul};
+use tract_onnx::tract_hir::internal::*;
 
-use crate::proto::{default_domain, drop_unread, replace_nodes, scalar_constants, Index};
+use super::matmul::ActMatMul;
+use crate::proto::{default_domain, drop_unread, scalar_constants, Index};
 
-/// Both rewrites; returns (scales moved, guards dropped).
-pub fn rewrite(model: &mut ModelProto) -> (usize, usize) {
-    let Some(graph) = model.graph.as_mut() else { return (0, 0) };
-    let scales = move_scales(graph);
+/// The guards' rewrite, on the protobuf; returns how many guards were dropped.
+pub fn rewrite(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else { return 0 };
     let guards = drop_nan_guards(graph);
-    if scales + guards > 0 {
+    if guards > 0 {
         drop_unread(graph);
     }
-    (scales, guards)
+    guards
 }
 
-fn move_scales(graph: &mut GraphProto) -> usize {
-    let constants = scalar_constants(graph);
-    let index = Index::new(graph);
-    // (node, Q, Kᵀ, the scales' product)
-    let mut found: Vec<(usize, String, String, f32)> = vec![];
-    for (i, n) in graph.node.iter().enumerate() {
-        if n.op_type != "MatMul" || !default_domain(n) || n.input.len() != 2 {
+/// On the typed model: each product `ActMatMul(Mul(Q, a), Mul(Kᵀ, b))` of scalar constants a and
+/// b, where Kᵀ swaps K's last two axes (or is a broadcast of such a swap along the heads, as tract
+/// writes one key/value head repeated), becomes `Mul(ActMatMul(Q, K, trans_b), a·b)`. Returns how
+/// many.
+pub fn move_scales(model: &mut TypedModel) -> TractResult<usize> {
+    let only_reader = |o: OutletId| model.outlet_successors(o).len() == 1 && !model.output_outlets().unwrap_or(&[]).contains(&o);
+    // x · c for a one-element f32 constant c, read by the product only: (x, c)
+    let scaled = |o: OutletId| -> Option<(OutletId, f32)> {
+        let m = model.node(o.node);
+        let bin = m.op_as::<TypedBinOp>()?;
+        if !bin.0.is::<Mul>() || bin.1.is_some() || !only_reader(o) {
+            return None;
+        }
+        let konst = |i: usize| {
+            let k = model.outlet_fact(m.inputs[i]).ok()?.konst.clone()?;
+            (k.len() == 1 && k.datum_type() == f32::datum_type()).then(|| k.cast_to_scalar::<f32>().ok()).flatten()
+        };
+        match (konst(0), konst(1)) {
+            (None, Some(c)) => Some((m.inputs[0], c)),
+            (Some(c), None) => Some((m.inputs[1], c)),
+            _ => None,
+        }
+    };
+    let mut found = vec![];
+    for node in &model.nodes {
+        if node.op_as::<ActMatMul>() != Some(&ActMatMul { trans_b: false, group: 1 }) {
             continue;
         }
-        // x · c for a one-element constant c, read by this MatMul only: (x, c)
-        let scaled = |name: &str| -> Option<(String, f32)> {
-            let m = index.producer(name).filter(|m| m.op_type == "Mul" && default_domain(m) && index.read_once(name))?;
-            match (constants.get(&m.input[0]), constants.get(&m.input[1])) {
-                (None, Some(&c)) => Some((m.input[0].clone(), c)),
-                (Some(&c), None) => Some((m.input[1].clone(), c)),
-                _ => None,
-            }
-        };
-        let (Some((q, a)), Some((kt, b))) = (scaled(&n.input[0]), scaled(&n.input[1])) else { continue };
-        let swaps_last_two = index.producer(&kt).is_some_and(|t| {
-            let perm = t.attribute.iter().find(|a| a.name == "perm").map(|a| a.ints.clone()).unwrap_or_default();
-            let r = perm.len();
-            t.op_type == "Transpose" && r >= 2 && perm[..r - 2].iter().enumerate().all(|(i, &p)| p == i as i64)
-                && perm[r - 2..] == [r as i64 - 1, r as i64 - 2]
-        });
+        let (Some((q, a)), Some((kt, b))) = (scaled(node.inputs[0]), scaled(node.inputs[1])) else { continue };
+        // Kᵀ, or a broadcast of its heads (one key/value head for all: Gemma)
+        let rank = model.outlet_fact(kt)?.rank();
+        let broadcast = model.node(kt.node).op_as::<MultiBroadcastTo>().map(|b| b.shape.clone());
+        let swapped = if broadcast.is_some() { model.node(kt.node).inputs[0] } else { kt };
+        let last_two = |x: usize, y: usize| rank >= 2 && x.min(y) == rank - 2 && x.max(y) == rank - 1;
+        let swap = model.node(swapped.node);
+        let swaps_last_two = matches!(swap.op_as::<AxisOp>(), Some(AxisOp::Move(x, y)) if last_two(*x, *y));
         let scale = a * b;
-        if swaps_last_two && scale.is_finite() {
-            found.push((i, q, kt, scale));
+        if swaps_last_two && only_reader(kt) && only_reader(swapped) && scale.is_finite() {
+            // the broadcast's shape, for K: its last two axes swapped back
+            let shape = broadcast.map(|s| {
+                let mut dims = s.to_tvec();
+                dims.swap(rank - 2, rank - 1);
+                ShapeFact::from_dims(dims)
+            });
+            found.push((node.id, q, swap.inputs[0], shape, scale));
         }
     }
-    let count = found.len();
-    let mut replace = HashMap::new();
-    for (i, q, kt, scale) in found {
-        let n = &graph.node[i];
-        let p = if n.name.is_empty() { n.output[0].clone() } else { n.name.clone() };
-        let (product, c) = (format!("{p}.unscaled"), format!("{p}.scale"));
-        graph.initializer.push(TensorProto {
-            name: c.clone(),
-            data_type: DataType::Float as i32,
-            float_data: vec![scale],
-            ..Default::default()
-        });
-        replace.insert(i, vec![
-            NodeProto { name: product.clone(), op_type: "MatMul".into(), input: vec![q, kt], output: vec![product.clone()], ..Default::default() },
-            NodeProto { name: p, op_type: "Mul".into(), input: vec![product, c], output: n.output.clone(), ..Default::default() },
-        ]);
+    for (id, q, k, shape, scale) in &found {
+        let (id, scale) = (*id, *scale);
+        let name = model.node(id).name.clone();
+        let rank = model.outlet_fact(OutletId::new(id, 0))?.rank();
+        let mut patch = TypedModelPatch::default();
+        let (q, mut k) = (patch.tap_model(model, *q)?, patch.tap_model(model, *k)?);
+        if let Some(shape) = shape {
+            k = patch.wire_node(format!("{name}.keys"), MultiBroadcastTo { shape: shape.clone() }, &[k])?[0];
+        }
+        let product = patch.wire_node(format!("{name}.unscaled"), ActMatMul { trans_b: true, group: 1 }, &[q, k])?[0];
+        let c = patch.add_const(format!("{name}.scale"), tensor0(scale).broadcast_into_rank(rank)?)?;
+        let y = patch.wire_node(format!("{name}.scaled"), mul(), &[product, c])?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
     }
-    replace_nodes(graph, replace);
-    count
+    model.compact()?;
+    Ok(found.len())
 }
 
 fn drop_nan_guards(graph: &mut GraphProto) -> usize {
@@ -120,7 +142,7 @@ fn drop_nan_guards(graph: &mut GraphProto) -> usize {
 mod tests {
     use super::super::test_proto::*;
     use super::*;
-    use tract_onnx::prelude::*;
+    use tract_onnx::pb::{tensor_proto::DataType, TensorProto};
 
     /// softmax(Q·√s (Kᵀ·√s) + mask), guarded, times V, as the exporter writes it; Q (2, 4, 8), K
     /// and V (2, 5, 8), a causal-like mask (every row sees a key). With `guard_read_elsewhere`,
@@ -162,8 +184,12 @@ mod tests {
         })
     }
 
-    fn run(proto: &ModelProto) -> Vec<f32> {
-        let model = tract_onnx::onnx().model_for_proto_model(proto).unwrap().into_optimized().unwrap().into_runnable().unwrap();
+    fn run(proto: ModelProto) -> Vec<f32> {
+        run_typed(tract_onnx::onnx().model_for_proto_model(&proto).unwrap().into_typed().unwrap())
+    }
+
+    fn run_typed(model: TypedModel) -> Vec<f32> {
+        let model = model.into_optimized().unwrap().into_runnable().unwrap();
         let t = |shape: &[usize], f: &dyn Fn(usize) -> f32| {
             let n = shape.iter().product();
             tract_ndarray::ArrayD::from_shape_vec(shape, (0..n).map(f).collect()).unwrap().into_tvalue()
@@ -180,15 +206,28 @@ mod tests {
         out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
     }
 
+    /// The protobuf through tract with our products, decluttered.
+    fn typed(mut proto: ModelProto) -> TypedModel {
+        let mut onnx = tract_onnx::onnx();
+        super::super::register(&mut onnx);
+        super::super::rewrite(&mut proto);
+        let mut model = onnx.model_for_proto_model(&proto).unwrap().into_typed().unwrap();
+        model.declutter().unwrap();
+        model
+    }
+
     #[test]
-    fn the_scale_moves_after_the_product_and_the_guard_goes() {
+    fn the_guard_goes_and_the_scale_moves_after_the_product() {
         let original = sdpa(false);
         let mut proto = original.clone();
-        assert_eq!(rewrite(&mut proto), (1, 1));
-        let g = proto.graph.as_ref().unwrap();
-        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
-        assert_eq!(ops, ["Transpose", "MatMul", "Mul", "Add", "Softmax", "MatMul"]);
-        let (a, b) = (run(&original), run(&proto));
+        assert_eq!(rewrite(&mut proto), 1);
+        let ops: Vec<&str> = proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Transpose", "Mul", "Mul", "MatMul", "Add", "Softmax", "MatMul"]);
+        let mut model = typed(proto);
+        assert_eq!(move_scales(&mut model).unwrap(), 1);
+        let products: Vec<&ActMatMul> = model.nodes.iter().filter_map(|n| n.op_as::<ActMatMul>()).collect();
+        assert_eq!(products, [&ActMatMul { trans_b: true, group: 1 }, &ActMatMul { trans_b: false, group: 1 }]);
+        let (a, b) = (run(original), run_typed(model));
         let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(d < 1e-5, "{d}");
     }
@@ -196,6 +235,6 @@ mod tests {
     #[test]
     fn a_guard_the_caller_reads_stays() {
         let mut proto = sdpa(true);
-        assert_eq!(rewrite(&mut proto), (1, 0));
+        assert_eq!(rewrite(&mut proto), 0);
     }
 }

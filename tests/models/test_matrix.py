@@ -54,3 +54,23 @@ def test_the_past_runner_feeds_optimum_files_as_the_matrix_does(tiny_bundles, tm
     assert runner.ins[1] == "past_key_values.0.key" and runner.outs[1] == "present.0.key"
     tokens, _ = matrix.ort_greedy(file, matrix.PROMPT, 8)
     assert greedy_ort(runner, np.asarray(matrix.PROMPT, np.int64), 8) == tokens
+
+
+def test_a_file_that_lowers_its_precision_is_held_to_the_operators_arithmetic(tiny_bundles, tmp_path):
+    """MatMulNBits with accuracy_level 4 (the genai builder's): the reference is ONNX Runtime on a
+    copy at accuracy_level 0, which differs from ONNX Runtime on the file as it is, and the copy
+    is gone afterwards; a file at the default level is its own reference."""
+    from wasmlm_models import nbits
+    src = tiny_bundles["tiny-llama"] / "model.with_past.onnx"
+    lowered, exact = tmp_path / "lowered.onnx", tmp_path / "exact.onnx"
+    nbits.quantize(src, lowered, 4, 32, symmetric=True, accuracy_level=4)
+    nbits.quantize(src, exact, 4, 32, symmetric=True, accuracy_level=None)
+    tokens, rows, note = matrix.reference(lowered, matrix.PROMPT, 4)
+    assert note and "accuracy_level" in note
+    want_tokens, want_rows = matrix.ort_greedy(exact, matrix.PROMPT, 4)
+    assert tokens == want_tokens
+    np.testing.assert_array_equal(rows, want_rows)
+    _, as_is = matrix.ort_greedy(lowered, matrix.PROMPT, 4)
+    assert np.abs(as_is - rows).max() > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exact.onnx", "lowered.onnx"]
+    assert matrix.reference(exact, matrix.PROMPT, 4)[2] is None
