@@ -545,6 +545,27 @@ benchmarks() {
   baselines
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json --docs ../docs/benchmarks.md --command "$cmd")
   echo "docs/benchmarks.md written"
+  browser_files "$cmd"
+}
+
+# docs/browser-files.md: every file with a KV cache in INT8 or INT4 of the bundles (ours, and
+# those `baselines` made: ONNX Runtime's MatMulNBits forms, Optimum's q8 and q4) in the page's
+# benchmark mode in headless Chromium, each page build, the files in turn within each round.
+browser_files() {
+  wasm "${PAGE_FLAVOURS[@]}"
+  chromium_setup
+  node_packages
+  local saved=("${MODELS[@]}") ref kind
+  for ref in "${saved[@]}"; do
+    for kind in nbits optimum; do
+      [[ -f "build/models/$ref-$kind/manifest.json" ]] && MODELS+=("$ref-$kind")
+    done
+  done
+  site build/files-site --files all --table none
+  MODELS=("${saved[@]}")
+  say "every INT8 and INT4 file in headless Chromium, builds ${PAGE_FLAVOURS[*]}"
+  node tests/node/files-report.mjs build/files-site --rounds 3 --runs 3 --builds "${PAGE_FLAVOURS[@]}" \
+    --out docs/browser-files.md --command "$1"
 }
 
 # docs/context.md: the context sweep natively (1 and 2 threads) and in headless Chromium (each
@@ -585,7 +606,8 @@ usage: ./build.sh [COMMAND]
                    (PyTorch, bitsandbytes, ONNX Runtime, llama.cpp, tract native), then tract wasm and
                    onnxruntime-web in Node
   native-rows      only the default file's ONNX Runtime and tract native rows (1, 2 threads)
-  benchmarks       baselines, then docs/benchmarks.md
+  benchmarks       baselines, then docs/benchmarks.md and docs/browser-files.md (Chromium)
+  browser-files    only docs/browser-files.md: each quantized file of the bundles baselines made
   compare [N]      tract native vs ONNX Runtime in N alternating rounds (build/compare.md)
   context [N]      docs/context.md: the context sweep natively and in headless Chromium, N rounds
   site [DIR] [--files default|int8|all] [--table FILE]
@@ -609,6 +631,7 @@ case "$cmd" in
   native-rows) setup; native_rows build/baselines.json ./target/release/wasmlm 1 2 ;;
   baselines) setup; models; engine; wasm simd; baselines ;;
   benchmarks) setup; models; engine; wasm simd; benchmarks ;;
+  browser-files) setup; models; browser_files "${WASMLM_MODELS:+WASMLM_MODELS='$WASMLM_MODELS' }./build.sh browser-files" ;;
   bench-wasm) setup; bench_wasm ;;
   compare) setup; engine; compare "$@" ;;
   context) setup; context_report "$@" ;;
