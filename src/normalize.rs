@@ -45,7 +45,7 @@ pub fn group_query_attention(model: &mut ModelProto) -> usize {
     let mut consts = vec![];
     let mut expanded = 0;
     for (i, n) in graph.node.iter().enumerate() {
-        if n.op_type != "GroupQueryAttention" || n.domain != "com.microsoft" || n.input.is_empty() {
+        if n.op_type != "GroupQueryAttention" || n.domain != "com.microsoft" || n.input.is_empty() || n.output.is_empty() {
             continue;
         }
         let int = |name: &str, default: i64| n.attribute.iter().find(|a| a.name == name).map_or(default, |a| a.i);
@@ -59,9 +59,7 @@ pub fn group_query_attention(model: &mut ModelProto) -> usize {
         let mut nodes = vec![];
         let (q, k, v) = match (input(1), input(2)) {
             (Some(k), Some(v)) => (n.input[0].clone(), k, v),
-            _ => {
-                unpack(&p, &n.input[0], h, hkv, &mut nodes, &mut consts)
-            }
+            _ => unpack(&p, &n.input[0], h, hkv, &mut nodes, &mut consts),
         };
         let past = (input(3), input(4));
         let past_decl = past.0.as_deref().and_then(|x| declared.get(x));

@@ -184,7 +184,7 @@ fn find(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
         return Ok(None);
     }
     // every link of the chain read by the next one only
-    let only_reader = |o: OutletId| model.outlet_successors(o).len() == 1 && !model.output_outlets().unwrap_or(&[]).contains(&o);
+    let only_reader = |o: OutletId| super::only_reader(model, o);
     let bin = |id: usize| model.node(id).op_as::<TypedBinOp>().filter(|b| b.1.is_none_or(|t| t == f32::datum_type()));
     // Softmax -> A V
     let out = OutletId::new(node.id, 0);

@@ -18,6 +18,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::matmul::{compute_shapes, MatMulInference};
 
+use super::only_reader;
 use crate::proto::{default_domain, drop_unread, Index};
 
 /// The op name [`rewrite`] writes.
@@ -214,10 +215,6 @@ fn single_head_broadcast(model: &TypedModel, b: OutletId, rank: usize) -> Option
         }
     }
     Some((group, x))
-}
-
-fn only_reader(m: &TypedModel, o: OutletId) -> bool {
-    m.outlet_successors(o).len() == 1 && !m.output_outlets().unwrap_or(&[]).contains(&o)
 }
 
 /// `C = A B` (or `A Bᵀ`), batch axes broadcast; A is (…, M, K), B (…, K, N) or (…, N, K).

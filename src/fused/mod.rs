@@ -17,7 +17,7 @@ pub mod rows;
 pub mod sdpa;
 
 use tract_onnx::pb::ModelProto;
-use tract_onnx::prelude::{TypedModel, TypedNode};
+use tract_onnx::prelude::{OutletId, TypedModel, TypedNode};
 use tract_onnx::Onnx;
 
 /// Makes `onnx` understand the ops [`rewrite`] writes.
@@ -31,6 +31,12 @@ pub fn register(onnx: &mut Onnx) {
 pub fn rewrite(model: &mut ModelProto) -> (usize, usize) {
     sdpa::rewrite(model);
     (matmul::rewrite(model), gelu::rewrite(model))
+}
+
+/// Whether `o` is read by one node and is not a graph output: a link of a chain a fusion may
+/// take in.
+pub(crate) fn only_reader(model: &TypedModel, o: OutletId) -> bool {
+    model.outlet_successors(o).len() == 1 && !model.output_outlets().unwrap_or(&[]).contains(&o)
 }
 
 /// How many of a plan's nodes are our ops.

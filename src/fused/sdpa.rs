@@ -48,7 +48,7 @@ pub fn rewrite(model: &mut ModelProto) -> usize {
 /// writes one key/value head repeated), becomes `Mul(ActMatMul(Q, K, trans_b), a·b)`. Returns how
 /// many.
 pub fn move_scales(model: &mut TypedModel) -> TractResult<usize> {
-    let only_reader = |o: OutletId| model.outlet_successors(o).len() == 1 && !model.output_outlets().unwrap_or(&[]).contains(&o);
+    let only_reader = |o: OutletId| super::only_reader(model, o);
     // x · c for a one-element f32 constant c, read by the product only: (x, c)
     let scaled = |o: OutletId| -> Option<(OutletId, f32)> {
         let m = model.node(o.node);
