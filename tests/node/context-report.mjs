@@ -5,15 +5,10 @@
 // `./build.sh context` runs it. A measurement, not a test.
 //
 //   node tests/node/context-report.mjs SITE --rounds N --native FILE… --builds B… --out FILE --command TEXT
-import { spawn } from "node:child_process";
 import { readFileSync, writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
-import { dirname, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { openSite } from "./site-browser.mjs";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const repo = resolve(here, "../..");
 const args = process.argv.slice(2);
 const list = (name) => { const out = []; let i; while ((i = args.indexOf(name)) >= 0) { args.splice(i, 1); while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]); } return out; };
 const native = list("--native");
@@ -28,22 +23,14 @@ if (!site || !out || !(rounds >= 1) || builds.length === 0) {
 }
 const log = (...a) => console.error(`[context ${new Date().toISOString().slice(11, 19)}]`, ...a);
 
-// `./build.sh serve`: the isolation headers, so that the threaded build runs
-const port = 8700 + Math.floor(Math.random() * 200);
-const server = spawn("bash", [resolve(repo, "build.sh"), "serve", site], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, PORT: String(port) } });
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--headless", "--no-sandbox", "--disable-gpu"] });
+const served = await openSite(site);
+const { browser, name: browserName } = served;
 const results = [];
-let browserName = "";
 try {
-  for (let i = 0; i < 100; i++) {
-    try { if ((await fetch(`http://127.0.0.1:${port}/index.html`)).ok) break; } catch { /* not up yet */ }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  browserName = `Chromium ${browser.version()}`;
   for (const build of builds) {
     const page = await browser.newPage();
     page.on("console", (m) => { if (m.type() === "error") log("console:", m.text()); });
-    await page.goto(`http://127.0.0.1:${port}/index.html?isolate=0`);
+    await page.goto(`${served.url}/index.html?isolate=0`);
     log(`${build}: loading, then the sweep (${rounds} round(s))`);
     const r = await page.evaluate(async ({ build, rounds }) => {
       const { WasmLM } = await import("./wasmlm.js");
@@ -73,8 +60,7 @@ try {
     await page.close();
   }
 } finally {
-  await browser.close();
-  server.kill();
+  await served.close();
 }
 for (const f of [...native].reverse()) {
   const v = JSON.parse(readFileSync(f, "utf8"));

@@ -6,15 +6,10 @@
 // measurement, not a test.
 //
 //   node tests/node/files-report.mjs SITE --rounds N --runs R --builds B… --out FILE --command TEXT
-import { spawn } from "node:child_process";
 import { writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
-import { dirname, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { openSite } from "./site-browser.mjs";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const repo = resolve(here, "../..");
 const args = process.argv.slice(2);
 const list = (name) => { const out = []; let i; while ((i = args.indexOf(name)) >= 0) { args.splice(i, 1); while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]); } return out; };
 const builds = list("--builds");
@@ -30,21 +25,14 @@ if (!site || !out || !(rounds >= 1) || !(runs >= 1) || builds.length === 0) {
 const log = (...a) => console.error(`[files ${new Date().toISOString().slice(11, 19)}]`, ...a);
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
 
-const port = 8700 + Math.floor(Math.random() * 200);
-const server = spawn("bash", [resolve(repo, "build.sh"), "serve", site], { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, PORT: String(port) } });
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--headless", "--no-sandbox", "--disable-gpu"] });
+const served = await openSite(site);
+const { browser, name: browserName } = served;
 const tables = [];
-let browserName = "";
 try {
-  for (let i = 0; i < 100; i++) {
-    try { if ((await fetch(`http://127.0.0.1:${port}/index.html`)).ok) break; } catch { /* not up yet */ }
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  browserName = `Chromium ${browser.version()}`;
   for (const build of builds) {
     const page = await browser.newPage();
     page.on("console", (m) => { if (m.type() === "error") log("console:", m.text()); });
-    await page.goto(`http://127.0.0.1:${port}/index.html?isolate=0`);
+    await page.goto(`${served.url}/index.html?isolate=0`);
     // the site's files: each bundle's INT8 and INT4 files with a cache, the first bundle's
     // default file first (the reference of the ratios)
     const files = await page.evaluate(async () => {
@@ -94,8 +82,7 @@ try {
     await page.close();
   }
 } finally {
-  await browser.close();
-  server.kill();
+  await served.close();
 }
 
 const lines = [
