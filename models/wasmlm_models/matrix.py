@@ -219,36 +219,34 @@ def ort_greedy(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np
     return tokens, np.stack(rows)
 
 
-def _lowered_precision(path: Path) -> bool:
+def _defined_precision(path: Path) -> tuple[Path, int] | None:
+    """If a MatMulNBits node of `path` lets ONNX Runtime lower its precision (`accuracy_level`
+    2-4), a copy beside it (so its external data still resolves) with every `accuracy_level` 0,
+    and the highest level the file asked for; otherwise None."""
     import onnx
     model = onnx.load(str(path), load_external_data=False)
-    return any(n.op_type == "MatMulNBits" and a.name == "accuracy_level" and a.i >= 2
-               for n in model.graph.node for a in n.attribute)
-
-
-def _defined_precision(path: Path) -> Path:
-    """A copy of `path` beside it (so its external data still resolves) whose MatMulNBits nodes
-    have `accuracy_level` 0."""
-    import onnx
-    model = onnx.load(str(path), load_external_data=False)
-    for n in model.graph.node:
-        for a in n.attribute:
-            if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
+    levels = [a for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    asked = max((a.i for a in levels), default=0)
+    if asked < 2:
+        return None
+    for a in levels:
+        a.i = 0
     copy = path.with_name(path.stem + ".accuracy0.onnx")
     onnx.save(model, str(copy))
-    return copy
+    return copy, asked
 
 
 def reference(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray, str | None]:
     """`ort_greedy` on the file, or on its defined-precision copy (module doc); with a note of
     which."""
-    if not _lowered_precision(path):
+    lowered = _defined_precision(path)
+    if lowered is None:
         return (*ort_greedy(path, prompt, steps), None)
-    copy = _defined_precision(path)
+    copy, asked = lowered
     try:
         return (*ort_greedy(copy, prompt, steps),
-                "ONNX Runtime with MatMulNBits' accuracy_level set to 0 (the file asks for INT8 activations)")
+                f"ONNX Runtime with MatMulNBits' accuracy_level set to 0 (the file asks for {asked}: "
+                f"{ {2: 'FP16', 3: 'BF16', 4: 'INT8'}.get(asked, 'lower-precision')} activations)")
     finally:
         copy.unlink(missing_ok=True)
 

@@ -66,7 +66,7 @@ def test_a_file_that_lowers_its_precision_is_held_to_the_operators_arithmetic(ti
     nbits.quantize(src, lowered, 4, 32, symmetric=True, accuracy_level=4)
     nbits.quantize(src, exact, 4, 32, symmetric=True, accuracy_level=None)
     tokens, rows, note = matrix.reference(lowered, matrix.PROMPT, 4)
-    assert note and "accuracy_level" in note
+    assert note and "accuracy_level" in note and "asks for 4: INT8 activations" in note
     want_tokens, want_rows = matrix.ort_greedy(exact, matrix.PROMPT, 4)
     assert tokens == want_tokens
     np.testing.assert_array_equal(rows, want_rows)
