@@ -10,8 +10,10 @@
 //! Only products whose rows are computed one from one row of the input take the cut, so every
 //! logit is the one the whole product gives: [`BlockQ8MatMul`] (each row quantized on its own)
 //! and tract's float `EinSum` whose input row axis maps to the output's. `quantize_dynamic`'s
-//! products (`DynQMatMul`) quantize the whole input with one scale, which a cut would change:
-//! they are left as they are, as is any other producer (the plan then gives every position).
+//! products ([`DynQMatMul`]) quantize the whole input with one scale, which cutting their input
+//! would change: they keep their input and compute its last row only, quantized with the scale
+//! of the whole (`DynQMatMul::last_row`). Any other producer is left as it is (the plan then
+//! gives every position).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::InOut;
@@ -19,6 +21,7 @@ use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use crate::qmatmul::blockq8::BlockQ8MatMul;
+use crate::qmatmul::DynQMatMul;
 
 /// Cut the product that gives `logits` to the last position; false when its producer is not
 /// one whose rows are independent, or the graph gives one position already.
@@ -30,6 +33,15 @@ pub fn cut(model: &mut TypedModel, logits: OutletId) -> TractResult<bool> {
     }
     let x = node.inputs[0];
     let x_rank = model.outlet_fact(x)?.rank();
+    if let Some(op) = node.op_as::<DynQMatMul>().filter(|op| !op.last_row && x_rank == rank) {
+        if model.outlet_fact(x)?.shape[x_rank - 2].is_one() {
+            return Ok(false);
+        }
+        let op = DynQMatMul { last_row: true, ..op.clone() };
+        model.node_mut(logits.node).op = Box::new(op);
+        model.refresh_output_facts()?;
+        return Ok(true);
+    }
     let row_wise = node.op_is::<BlockQ8MatMul>() && x_rank == rank
         || node.op_as::<EinSum>().is_some_and(|e| {
             e.q_params.is_none()

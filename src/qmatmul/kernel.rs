@@ -11,6 +11,9 @@
 //! - wasm relaxed SIMD (the `relaxed-simd` build): `i32x4.relaxed_dot_i8x16_i7x16_add_s`
 //!   (16 products), for weights within [-64, 64] (`quantize_dynamic`'s reduce_range): see
 //!   [`PackedI8::into_relaxed`].
+//!
+//! A prefill's rows go four at a time on SIMD128, relaxed SIMD and AVX-512 VNNI, each weight
+//! loaded (and widened) once for the four.
 
 /// Weights of one product in panels of [`PANEL`] columns: K padded with zeros to a multiple of
 /// [`K_ALIGN`], and within a panel the columns interleaved by chunks of [`K_ALIGN`] bytes, so a
@@ -285,7 +288,7 @@ impl Kernel {
         let part = Panels { w, part };
         match self {
             Kernel::Scalar => {
-                part.each(acc, &|r, panel, out| {
+                part.each(acc, |r, panel, out| {
                     let x = &xq[r * kp..(r + 1) * kp];
                     for (kc, chunk) in panel.chunks_exact(PANEL * K_ALIGN).enumerate() {
                         let x = &x[kc * K_ALIGN..(kc + 1) * K_ALIGN];
@@ -294,24 +297,27 @@ impl Kernel {
                             out[j] += s;
                         }
                     }
-                }, None);
+                }, ONE_BY_ONE);
             }
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Kernel::Simd128 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
                 let row = |r: usize| &a[(r - r0) * kp..(r - r0 + 1) * kp];
                 // a prefill's rows ROWS at a time: each weight widened once for all of them
-                part.each(acc, &|r, panel, out| unsafe { simd128::dot4(row(r), panel, out) },
-                          Some((ROWS, &|r, panel, outs| unsafe { simd128::dot4xr::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
+                part.each(acc, |r, panel, out| unsafe { simd128::dot4(row(r), panel, out) },
+                          Some((ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { simd128::dot4xr::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
-                part.each(acc, &|r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, None);
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, ONE_BY_ONE);
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => {
-                part.each(acc, &|r, panel, out| unsafe { x86::dot4_vnni(&xq[r * kp..(r + 1) * kp], panel, out) }, None);
+                let row = |r: usize| &xq[r * kp..(r + 1) * kp];
+                // a prefill's rows ROWS at a time: each weight loaded once for all of them
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_vnni(row(r), panel, out) },
+                          Some((ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_vnni::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
                 // Σ (x - zp) w = Σ x w - zp Σ w
                 let z = xzp as i32;
                 if z != 0 {
@@ -327,7 +333,10 @@ impl Kernel {
                 let (k, r0) = (w.k, part.part.rows.start);
                 // x - 128 as i8
                 let a: Vec<i8> = xq_rows.iter().map(|&v| (v ^ 0x80) as i8).collect();
-                part.each(acc, &|r, panel, out| unsafe { relaxed::dot4(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, None);
+                let row = |r: usize| &a[(r - r0) * kp..(r - r0 + 1) * kp];
+                // a prefill's rows ROWS at a time: each weight loaded once for all of them
+                part.each(acc, |r, panel, out| unsafe { relaxed::dot4(row(r), panel, out) },
+                          Some((ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { relaxed::dot4xr::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
                 let fix = w.relaxed.as_ref().unwrap();
                 let lo = fix.at.partition_point(|&(c, _)| (c as usize) < c0);
                 let hi = fix.at.partition_point(|&(c, _)| (c as usize) < c0 + width);
@@ -360,8 +369,8 @@ impl Part {
     }
 }
 
-/// Rows per call of a grouped kernel (SIMD128's, in a prefill), and the most [`Panels::each`]
-/// takes.
+/// Rows per call of a grouped kernel (a prefill's, on SIMD128, relaxed SIMD and AVX-512 VNNI),
+/// and the most [`Panels::each`] takes.
 const ROWS: usize = 4;
 
 #[allow(dead_code)]
@@ -375,17 +384,25 @@ struct Panels<'a> {
     part: Part,
 }
 
-/// A panel's row products, [`Panels::each`]'s: `dot4(r, panel, out)` adds row r's into `out`.
-type Dot4<'f> = &'f dyn Fn(usize, &[i8], &mut [i32; PANEL]);
-/// Rows r.. at once (as many as `outs`), the weights read (and widened) once for all.
-type Dot4xR<'f> = &'f dyn Fn(usize, &[i8], &mut [[i32; PANEL]]);
+/// [`Panels::each`] without a grouped kernel.
+#[allow(dead_code)]
+const ONE_BY_ONE: Option<(usize, fn(usize, &[i8], &mut [[i32; PANEL]]))> = None;
 
 impl Panels<'_> {
     /// Panel by panel, rows inside: a panel's weights stay in L1 while every row of a prefill
     /// passes over them. `dot4(r, panel, out)` adds into `out` (zeroed here), `r` counted in the
     /// whole product; `acc` is the part's rows by its width. With `(g, dot4xr)`, rows go `g` at
-    /// a time (the rest through `dot4`).
-    fn each(&self, acc: &mut [i32], dot4: Dot4, grouped: Option<(usize, Dot4xR)>) {
+    /// a time (the rest through `dot4`), the weights read (and widened) once for the `g`.
+    ///
+    /// The kernels are generic, not `&dyn Fn`: each one's loop is compiled into its own `each`,
+    /// a direct call. As indirect calls (one per panel and row group), V8 (Chromium 156) left a
+    /// prefill's products slow in the relaxed-SIMD build by its inlining and tiering guesses: 1.7x
+    /// on Optimum's q8 file after an unrelated change elsewhere in the module.
+    fn each<D, G>(&self, acc: &mut [i32], dot4: D, grouped: Option<(usize, G)>)
+    where
+        D: Fn(usize, &[i8], &mut [i32; PANEL]),
+        G: Fn(usize, &[i8], &mut [[i32; PANEL]]),
+    {
         let n = self.part.width(self.w.cols);
         let c0 = self.part.panels.start * PANEL;
         for p in self.part.panels.clone() {
@@ -403,7 +420,8 @@ impl Panels<'_> {
             };
             let rows = self.part.rows.clone();
             let mut r = rows.start;
-            if let Some((g, dot4xr)) = grouped {
+            if let Some((g, dot4xr)) = &grouped {
+                let g = *g;
                 assert!(g <= ROWS, "groups of {g} rows, at most {ROWS}");
                 let mut outs = [[0i32; PANEL]; ROWS];
                 while r + g <= rows.end {
@@ -529,6 +547,36 @@ mod relaxed {
             out[j] = super::simd128::lane_sum(acc[j]);
         }
     }
+
+    /// [`dot4`] of `R` rows at once: each weight is loaded once for all of them.
+    #[inline]
+    #[target_feature(enable = "relaxed-simd")]
+    pub unsafe fn dot4xr<const R: usize>(a: [&[i8]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
+        let kp = a[0].len();
+        debug_assert!(a.iter().all(|a| a.len() == kp) && out.len() == R);
+        let ap = a.map(|a| a.as_ptr());
+        let mut wp = panel.as_ptr();
+        let mut acc = [[i32x4_splat(0); PANEL]; R];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                let x: [v128; R] = std::array::from_fn(|r| v128_load(ap[r].add(k + sub) as *const v128));
+                for j in 0..PANEL {
+                    let vw = v128_load(wp.add(j * K_ALIGN + sub) as *const v128);
+                    for r in 0..R {
+                        acc[r][j] = i32x4_relaxed_dot_i8x16_i7x16_add(x[r], vw, acc[r][j]);
+                    }
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..R {
+            for j in 0..PANEL {
+                out[r][j] = super::simd128::lane_sum(acc[r][j]);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -587,6 +635,33 @@ mod x86 {
         }
         for j in 0..PANEL {
             out[j] = _mm512_reduce_add_epi32(acc[j]);
+        }
+    }
+
+    /// [`dot4_vnni`] of `R` rows at once: each weight is loaded once for all of them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4xr_vnni<const R: usize>(x: [&[u8]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
+        let kp = x[0].len();
+        debug_assert!(x.iter().all(|x| x.len() == kp) && out.len() == R);
+        let xp = x.map(|x| x.as_ptr());
+        let mut wp = panel.as_ptr();
+        let mut acc = [[_mm512_setzero_si512(); PANEL]; R];
+        let mut k = 0;
+        while k < kp {
+            let vx: [__m512i; R] = std::array::from_fn(|r| _mm512_loadu_si512(xp[r].add(k) as *const _));
+            for j in 0..PANEL {
+                let vw = _mm512_loadu_si512(wp.add(j * K_ALIGN) as *const _);
+                for r in 0..R {
+                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], vx[r], vw);
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..R {
+            for j in 0..PANEL {
+                out[r][j] = _mm512_reduce_add_epi32(acc[r][j]);
+            }
         }
     }
 }

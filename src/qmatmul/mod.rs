@@ -134,11 +134,15 @@ pub struct DynQMatMul {
     pub w_zp: Arc<Vec<i32>>,
     pub w_scale: Arc<Vec<f32>>,
     pub kernel: Kernel,
+    /// Only the last row of x's second-last axis is computed (src/last_row.rs): x is still
+    /// quantized as a whole (its scale and zero point over every row), so that row's results are
+    /// the ones the whole product gives; the output's second-last axis is 1.
+    pub last_row: bool,
 }
 
 impl PartialEq for DynQMatMul {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.w, &other.w) && self.kernel == other.kernel
+        Arc::ptr_eq(&self.w, &other.w) && self.kernel == other.kernel && self.last_row == other.last_row
     }
 }
 impl Eq for DynQMatMul {}
@@ -149,7 +153,8 @@ impl Op for DynQMatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("K={} N={} kernel={}", self.w.k, self.w.cols, self.kernel.name())])
+        let last = if self.last_row { " last row" } else { "" };
+        Ok(vec![format!("K={} N={} kernel={}{last}", self.w.k, self.w.cols, self.kernel.name())])
     }
 
     op_as_typed_op!();
@@ -163,16 +168,32 @@ impl EvalOp for DynQMatMul {
         let xs = x.try_as_plain_ram()?;
         let xs = xs.as_slice::<f32>()?;
         let (k, kp, n) = (self.w.k, self.w.kp, self.w.cols);
-        let rows = xs.len() / k;
         let (scale, zp) = dynamic_quantization(xs);
+        // the rows computed: every row, or the last of each run along the second-last axis
+        let every = xs.chunks_exact(k);
+        let taken: Vec<&[f32]> = match (self.last_row, x.rank()) {
+            (false, _) => every.collect(),
+            (true, rank) if rank >= 2 && x.shape()[rank - 2] > 0 => {
+                every.skip(x.shape()[rank - 2] - 1).step_by(x.shape()[rank - 2]).collect()
+            }
+            (true, _) => bail!("{OP_TYPE} on the last row of x of shape {:?}", x.shape()),
+        };
+        let rows = taken.len();
         let mut xq = vec![zp; rows * kp];
-        for (src, dst) in xs.chunks_exact(k).zip(xq.chunks_exact_mut(kp)) {
+        for (src, dst) in taken.into_iter().zip(xq.chunks_exact_mut(kp)) {
             quantize(src, scale, zp, &mut dst[..k]);
         }
         let mut acc = vec![0i32; rows * n];
         let (w, kernel) = (&*self.w, self.kernel);
         split::split(rows, n, w.w.len(), &mut acc, |part, acc| kernel.run_part(&xq, zp, w, part, acc));
-        let mut y = product_output(&x, n)?;
+        let mut y = if self.last_row {
+            let mut shape: TVec<usize> = x.shape().into();
+            let rank = shape.len();
+            (shape[rank - 2], shape[rank - 1]) = (1, n);
+            unsafe { Tensor::uninitialized::<f32>(&shape)? }
+        } else {
+            product_output(&x, n)?
+        };
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
@@ -202,7 +223,15 @@ impl EvalOp for DynQMatMul {
 
 impl TypedOp for DynQMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        product_facts(inputs[0], &self.w)
+        let mut facts = product_facts(inputs[0], &self.w)?;
+        if self.last_row {
+            let rank = facts[0].rank();
+            ensure!(rank >= 2, "{OP_TYPE} on the last row of x of rank {rank}");
+            let mut shape: TVec<TDim> = facts[0].shape.to_tvec();
+            shape[rank - 2] = 1.to_dim();
+            facts[0] = f32::fact(&shape);
+        }
+        Ok(facts)
     }
 
     as_op!();

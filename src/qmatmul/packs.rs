@@ -199,7 +199,7 @@ fn dynamic_of(w: &TensorProto, zp: &TensorProto, scale: &TensorProto) -> Result<
         return Err(format!("weights {}: {} bytes for shape {:?}", w.name, w.raw_data.len(), w.dims));
     };
     let (packed, kernel) = pack_for_best(bytes, k, n);
-    Ok(DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel })
+    Ok(DynQMatMul { w: Arc::new(packed), w_zp: Arc::new(zp), w_scale: Arc::new(scale), kernel, last_row: false })
 }
 
 fn values<T: Datum + Copy>(t: &Tensor) -> Result<Vec<T>, String> {
