@@ -9,7 +9,8 @@
 //! has its own, written with `core::arch::wasm32`. They compute the same operations in the same
 //! order (the dot product's eight lanes and their sum `((0+4)+(1+5))+((2+6)+(3+7))`; the values'
 //! sums in key order; `exp` as [`exp_le0`]): the same bits, checked by [`check`] in the wasm
-//! tests. No FMA: relaxed SIMD's `madd` may or may not fuse, by machine.
+//! tests. No FMA: relaxed SIMD's `madd` may or may not fuse, by machine. Natively LLVM leaves the
+//! softmax's `exp` loop scalar, so x86_64 has an SSE2 softmax of its own, checked the same way.
 
 /// `out[j] = q · k[j]` for each row `k[j]` (of `q.len()` values) of `k`.
 #[inline(always)]
@@ -74,7 +75,12 @@ pub fn softmax(x: &mut [f32]) {
     unsafe {
         simd::softmax(x)
     }
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: every x86_64 CPU has SSE2.
+    unsafe {
+        sse2::softmax(x)
+    }
+    #[cfg(not(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64")))]
     softmax_portable(x)
 }
 
@@ -150,14 +156,18 @@ const POLY: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_
 #[inline(always)]
 pub fn exp_le0(x: f32) -> f32 {
     let xc = if x < EXP_LO { EXP_LO } else { x };
-    let n = (xc * std::f32::consts::LOG2_E + SHIFT) - SHIFT;
+    let t = xc * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = POLY[0];
     for c in &POLY[1..] {
         p = p * r + c;
     }
     let e = (p * r) * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // n as an integer, from t's low bits (t = n + 1.5·2²³ exactly, n in [-126, 0]): no
+    // float-to-int conversion, whose saturation kept LLVM from vectorizing the softmax natively
+    let n_int = t.to_bits().wrapping_sub(SHIFT.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     if x < EXP_LO { 0.0 } else { e * scale }
 }
 
@@ -301,9 +311,89 @@ mod simd {
     }
 }
 
+/// [`super::softmax_portable`] on x86_64's SSE2 (every x86_64 CPU has it), as the wasm build's:
+/// LLVM leaves the portable loop scalar there (a decode step's softmax after a 1,024-token past
+/// was a sixth of its time natively).
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use core::arch::x86_64::*;
+
+    use super::{lanes_sum, max_of, EXP_LO, LN2_HI, LN2_LO, POLY, SHIFT};
+
+    /// [`super::exp_le0`] on four lanes, the same operations in the same order.
+    #[inline(always)]
+    unsafe fn exp4(x: __m128) -> __m128 {
+        let lo = _mm_set1_ps(EXP_LO);
+        // if x < lo { lo } else { x }, NaN kept
+        let below = _mm_cmplt_ps(x, lo);
+        let xc = _mm_or_ps(_mm_and_ps(below, lo), _mm_andnot_ps(below, x));
+        let shift = _mm_set1_ps(SHIFT);
+        let t = _mm_add_ps(_mm_mul_ps(xc, _mm_set1_ps(std::f32::consts::LOG2_E)), shift);
+        let n = _mm_sub_ps(t, shift);
+        let r = _mm_sub_ps(_mm_sub_ps(xc, _mm_mul_ps(n, _mm_set1_ps(LN2_HI))), _mm_mul_ps(n, _mm_set1_ps(LN2_LO)));
+        let mut p = _mm_set1_ps(POLY[0]);
+        for c in &POLY[1..] {
+            p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(*c));
+        }
+        let e = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_mul_ps(p, r), r), r), _mm_set1_ps(1.0));
+        let n_int = _mm_sub_epi32(_mm_castps_si128(t), _mm_set1_epi32(SHIFT.to_bits() as i32));
+        let scale = _mm_castsi128_ps(_mm_slli_epi32::<23>(_mm_add_epi32(n_int, _mm_set1_epi32(127))));
+        _mm_andnot_ps(below, _mm_mul_ps(e, scale))
+    }
+
+    /// [`super::softmax_portable`]: its eight lanes as two vectors.
+    pub unsafe fn softmax(x: &mut [f32]) {
+        let n8 = x.len() / 8 * 8;
+        let xp = x.as_mut_ptr();
+        let (mut m0, mut m1) = (_mm_set1_ps(f32::NEG_INFINITY), _mm_set1_ps(f32::NEG_INFINITY));
+        let mut i = 0;
+        while i < n8 {
+            // maxps(c, m) = if c > m { c } else { m }: the portable loop's
+            m0 = _mm_max_ps(_mm_loadu_ps(xp.add(i)), m0);
+            m1 = _mm_max_ps(_mm_loadu_ps(xp.add(i + 4)), m1);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm_storeu_ps(lanes.as_mut_ptr(), m0);
+        _mm_storeu_ps(lanes.as_mut_ptr().add(4), m1);
+        let max = max_of(&x[n8..], &lanes);
+        let vmax = _mm_set1_ps(max);
+        let (mut s0, mut s1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        i = 0;
+        while i < n8 {
+            let e0 = exp4(_mm_sub_ps(_mm_loadu_ps(xp.add(i)), vmax));
+            let e1 = exp4(_mm_sub_ps(_mm_loadu_ps(xp.add(i + 4)), vmax));
+            _mm_storeu_ps(xp.add(i), e0);
+            _mm_storeu_ps(xp.add(i + 4), e1);
+            s0 = _mm_add_ps(s0, e0);
+            s1 = _mm_add_ps(s1, e1);
+            i += 8;
+        }
+        _mm_storeu_ps(lanes.as_mut_ptr(), s0);
+        _mm_storeu_ps(lanes.as_mut_ptr().add(4), s1);
+        let mut total = lanes_sum(lanes);
+        for t in &mut x[n8..] {
+            *t = super::exp_le0(*t - max);
+            total += *t;
+        }
+        let r = total.recip();
+        let vr = _mm_set1_ps(r);
+        let n4 = x.len() / 4 * 4;
+        i = 0;
+        while i < n4 {
+            _mm_storeu_ps(xp.add(i), _mm_mul_ps(_mm_loadu_ps(xp.add(i)), vr));
+            i += 4;
+        }
+        for x in &mut x[n4..] {
+            *x *= r;
+        }
+    }
+}
+
 /// This build's loops against the portable ones, bitwise, on random rows (keys of 8 to 72 values,
-/// 1 to 37 of them, masked scores): the names of the loops checked (none natively: there the
-/// portable loops are the only ones), or the first difference. Run by the wasm tests.
+/// 1 to 37 of them, masked scores): the names of the loops checked (natively, x86_64's softmax
+/// only; elsewhere the portable loops are the only ones), or the first difference. Run by the
+/// wasm tests and by this module's test natively.
 pub fn check() -> Result<Vec<&'static str>, String> {
     let mut seed = 11u64;
     let mut rnd = move || {
@@ -314,6 +404,9 @@ pub fn check() -> Result<Vec<&'static str>, String> {
     let mut checked = vec![];
     if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
         checked = vec!["simd128 scores", "simd128 mix", "simd128 softmax"];
+    }
+    if cfg!(target_arch = "x86_64") {
+        checked = vec!["sse2 softmax"];
     }
     for d in [8, 16, 24, 64, 72] {
         for l in [1, 3, 4, 5, 8, 13, 37] {
@@ -345,4 +438,13 @@ pub fn check() -> Result<Vec<&'static str>, String> {
         }
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_targets_loops_equal_the_portable_ones() {
+        let want: &[&str] = if cfg!(target_arch = "x86_64") { &["sse2 softmax"] } else { &[] };
+        assert_eq!(super::check().unwrap(), want);
+    }
 }
