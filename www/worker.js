@@ -593,22 +593,30 @@ async function ortBench(prompt, runs) {
   const session = await ort.InferenceSession.create(onnx, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   const loadMs = performance.now() - t0;
   try {
-    const pastNames = session.inputNames.filter((n) => n !== "input_ids");
+    // Optimum's and transformers.js's exports also take the mask and the positions (int64)
+    const extra = ["attention_mask", "position_ids"].filter((n) => session.inputNames.includes(n));
+    const pastNames = session.inputNames.filter((n) => n !== "input_ids" && !extra.includes(n));
     const presentOf = (name) => name.replace("past_key_values.", "present.").replace("past_", "present_");
     if (pastNames.some((n) => !/^past_(key|value)_\d+$|^past_key_values\.\d+\.(key|value)$/.test(n))) {
-      throw new Error(`${entry.name}: inputs ${session.inputNames.join(", ")}: only input_ids and the cache are fed`);
+      throw new Error(`${entry.name}: inputs ${session.inputNames.join(", ")}: only input_ids, attention_mask, ` +
+        "position_ids and the cache are fed");
     }
     const backend = `onnxruntime-web ${ort.env.versions?.web ?? ""} wasm`.replace("  ", " ");
-    let past;
+    let past, length;
     const begin = () => {
       past = Object.fromEntries(pastNames.map((n) =>
         [n, new ort.Tensor("float32", new Float32Array(0), [1, arch.kv_heads, 0, arch.head_dim])]));
+      length = 0;
     };
+    const int64 = (values) => new ort.Tensor("int64", BigInt64Array.from(values, BigInt), [1, values.length]);
     const step = async (ids) => {
-      const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(ids.map(BigInt)), [1, ids.length]), ...past };
+      const feeds = { input_ids: int64(ids), ...past };
+      if (extra.includes("attention_mask")) feeds.attention_mask = int64(new Array(length + ids.length).fill(1));
+      if (extra.includes("position_ids")) feeds.position_ids = int64(ids.map((_, i) => length + i));
       const t = performance.now();
       const out = await session.run(feeds);
       const ms = performance.now() - t;
+      length += ids.length;
       past = Object.fromEntries(pastNames.map((n) => [n, out[presentOf(n)]]));
       const logits = out.logits;
       const vocab = logits.dims[2];

@@ -1,7 +1,9 @@
 // Every INT8 file of a site (ours and other exporters', e.g. the Optimum bundle's q8 and q4) in
 // the page's benchmark mode, in headless Chromium: one page per wasm build, each file loaded
 // through the client module as an embedding page would (WasmLM.load + lm.bench), the files in
-// turn within each round so that their ratios to the default file are taken side by side:
+// turn within each round so that their ratios to the default file are taken side by side. Each
+// INT8 file also runs in onnxruntime-web, the benchmark mode's peer on the same file, right after
+// ours in the same round: the prefill ratio between the two is taken per round.
 // docs/browser-files.md, with the machine and the date. `./build.sh benchmarks` runs it. A
 // measurement, not a test.
 //
@@ -53,16 +55,23 @@ try {
     const decode = files.map(() => []);
     const prefill = files.map(() => []);
     const ratios = files.map(() => []);
+    const ortPrefill = files.map(() => []);
+    const ortRatios = files.map(() => []);
     let buildInfo = null;
     for (let round = 0; round < rounds; round++) {
       for (const [i, f] of files.entries()) {
         const r = await page.evaluate(async ({ f, build, runs }) => {
           const { WasmLM } = await import("./wasmlm.js");
           const text = await (await fetch("bench-prompt.txt")).text();
+          const { Peer } = await import("./protocol.js");
           const lm = await WasmLM.load({ kind: "bundle", base: `models/${f.model}/`, file: f.file }, { build });
           try {
-            const { row } = await lm.bench(text, { runs });
-            return { decode: row.decode_ms_per_token.median, prefill: row.prefill_ms.median, build: lm.build };
+            const peers = f.precision === "int8" ? [Peer.ORT] : [];
+            const { row, peers: rows, peerErrors } = await lm.bench(text, { runs, peers });
+            const ort = rows[Peer.ORT];
+            if (peers.length && !ort) throw new Error(`onnxruntime-web on ${f.file}: ${peerErrors[Peer.ORT] ?? "no row"}`);
+            return { decode: row.decode_ms_per_token.median, prefill: row.prefill_ms.median, build: lm.build,
+                     ortPrefill: ort?.prefill_ms.median };
           } finally {
             lm.terminate();
           }
@@ -70,14 +79,21 @@ try {
         buildInfo = r.build;
         decode[i].push(r.decode);
         prefill[i].push(r.prefill);
-        log(`${build} round ${round + 1}: ${f.model}/${f.file} ${r.decode.toFixed(2)} ms/token`);
+        if (r.ortPrefill !== undefined) {
+          ortPrefill[i].push(r.ortPrefill);
+          ortRatios[i].push(r.prefill / r.ortPrefill);
+        }
+        const ort = r.ortPrefill === undefined ? "" : `, prefill ${r.prefill.toFixed(0)} ms against onnxruntime-web's ${r.ortPrefill.toFixed(0)}`;
+        log(`${build} round ${round + 1}: ${f.model}/${f.file} ${r.decode.toFixed(2)} ms/token${ort}`);
       }
       for (const i of files.keys()) ratios[i].push(decode[i].at(-1) / decode[0].at(-1));
     }
     const threads = buildInfo?.threadCount ?? 1;
     tables.push({
       where: `${browserName}, ${buildInfo?.simd === "none" ? "no SIMD" : buildInfo?.simd} build, ${threads} thread${threads > 1 ? "s" : ""}`,
-      rows: files.map((f, i) => ({ ...f, decode: median(decode[i]), prefill: median(prefill[i]), ratio: median(ratios[i]) })),
+      rows: files.map((f, i) => ({ ...f, decode: median(decode[i]), prefill: median(prefill[i]), ratio: median(ratios[i]),
+                                   ortPrefill: ortPrefill[i].length ? median(ortPrefill[i]) : null,
+                                   ortRatio: ortRatios[i].length ? median(ortRatios[i]) : null })),
     });
     await page.close();
   }
@@ -93,13 +109,18 @@ const lines = [
     `INT4, our bundles' and other exporters' (the Optimum bundle: transformers.js's \`model_quantized.onnx\` and ` +
     `\`model_q4.onnx\`), loaded by the client module and run in the page's benchmark mode (\`lm.bench\`: a 32-token ` +
     `prefill and 63 greedy steps, ${runs} run(s) after a warm-up, median). ${rounds} round(s), the files in turn ` +
-    "within each; a file's ratio is its decode over the first file's in the same round (median over rounds).",
+    "within each; a file's ratio is its decode over the first file's in the same round (median over rounds). Each INT8 " +
+    "file then runs in onnxruntime-web (the benchmark mode's peer, the same file and protocol) in the same round; the " +
+    "prefill ratio is ours over onnxruntime-web's, per round, median over rounds.",
   "",
 ];
 for (const t of tables) {
-  lines.push(`${t.where}:`, "", "| bundle | file | preset | decode ms/token | ratio to the first | 32-token prefill ms |", "|---|---|---|---|---|---|");
+  lines.push(`${t.where}:`, "",
+             "| bundle | file | preset | decode ms/token | ratio to the first | 32-token prefill ms | onnxruntime-web's prefill ms | prefill / onnxruntime-web's |",
+             "|---|---|---|---|---|---|---|---|");
   for (const r of t.rows) {
-    lines.push(`| ${r.model} | ${r.file} | ${r.preset} | ${r.decode.toFixed(2)} | ${r.ratio.toFixed(3)}x | ${r.prefill.toFixed(0)} |`);
+    const ort = r.ortPrefill === null ? "| | " : `| ${r.ortPrefill.toFixed(0)} | ${r.ortRatio.toFixed(3)}x `;
+    lines.push(`| ${r.model} | ${r.file} | ${r.preset} | ${r.decode.toFixed(2)} | ${r.ratio.toFixed(3)}x | ${r.prefill.toFixed(0)} ${ort}|`);
   }
   lines.push("");
 }
