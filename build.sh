@@ -546,6 +546,7 @@ benchmarks() {
   (cd models && ../"$PY" -m wasmlm_models render ../build/baselines.json --docs ../docs/benchmarks.md --command "$cmd")
   echo "docs/benchmarks.md written"
   browser_files "$cmd"
+  browser_memory "$cmd"
 }
 
 # docs/browser-files.md: every file with a KV cache in INT8 or INT4 of the bundles (ours, and
@@ -566,6 +567,21 @@ browser_files() {
   say "every INT8 and INT4 file in headless Chromium, builds ${PAGE_FLAVOURS[*]}"
   node tests/node/files-report.mjs build/files-site --rounds 3 --runs 3 --builds "${PAGE_FLAVOURS[@]}" \
     --out docs/browser-files.md --command "$1"
+}
+
+# docs/browser-memory.md: the renderer's memory with the default model loaded by the client
+# module, against wllama with the site's Q8_0 GGUF of the same weights, in headless Chromium.
+browser_memory() {
+  wasm "${PAGE_FLAVOURS[@]}"
+  chromium_setup
+  node_packages
+  local saved=("${MODELS[@]}")
+  MODELS=("$DEFAULT_MODEL")
+  site build/memory-site --table none
+  MODELS=("${saved[@]}")
+  say "the renderer's memory in headless Chromium: builds ${PAGE_FLAVOURS[*]}, then wllama"
+  node tests/node/memory-report.mjs build/memory-site --rounds 3 --builds "${PAGE_FLAVOURS[@]}" \
+    --out docs/browser-memory.md --command "$1"
 }
 
 # docs/context.md: the context sweep natively (1 and 2 threads) and in headless Chromium (each
@@ -606,8 +622,10 @@ usage: ./build.sh [COMMAND]
                    (PyTorch, bitsandbytes, ONNX Runtime, llama.cpp, tract native), then tract wasm and
                    onnxruntime-web in Node
   native-rows      only the default file's ONNX Runtime and tract native rows (1, 2 threads)
-  benchmarks       baselines, then docs/benchmarks.md and docs/browser-files.md (Chromium)
+  benchmarks       baselines, then docs/benchmarks.md, docs/browser-files.md and
+                   docs/browser-memory.md (Chromium)
   browser-files    only docs/browser-files.md: each quantized file of the bundles baselines made
+  browser-memory   only docs/browser-memory.md: the page's memory against wllama's
   compare [N]      tract native vs ONNX Runtime in N alternating rounds (build/compare.md)
   context [N]      docs/context.md: the context sweep natively and in headless Chromium, N rounds
   site [DIR] [--files default|int8|all] [--table FILE]
@@ -632,6 +650,7 @@ case "$cmd" in
   baselines) setup; models; engine; wasm simd; baselines ;;
   benchmarks) setup; models; engine; wasm simd; benchmarks ;;
   browser-files) setup; models; browser_files "${WASMLM_MODELS:+WASMLM_MODELS='$WASMLM_MODELS' }./build.sh browser-files" ;;
+  browser-memory) setup; models "$DEFAULT_MODEL"; browser_memory "./build.sh browser-memory" ;;
   bench-wasm) setup; bench_wasm ;;
   compare) setup; engine; compare "$@" ;;
   context) setup; context_report "$@" ;;
