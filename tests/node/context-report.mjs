@@ -7,10 +7,10 @@
 //   node tests/node/context-report.mjs SITE --rounds N --native FILE… --builds B… --out FILE --command TEXT
 import { readFileSync, writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
-import { openSite } from "./site-browser.mjs";
+import { openSite, options, logger } from "./site-browser.mjs";
 
 const args = process.argv.slice(2);
-const list = (name) => { const out = []; let i; while ((i = args.indexOf(name)) >= 0) { args.splice(i, 1); while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]); } return out; };
+const list = options(args);
 const native = list("--native");
 const builds = list("--builds");
 const rounds = Number(list("--rounds")[0] ?? 1);
@@ -21,7 +21,7 @@ if (!site || !out || !(rounds >= 1) || builds.length === 0) {
   console.error("usage: node context-report.mjs SITE --rounds N --native FILE… --builds B… --out FILE --command TEXT");
   process.exit(2);
 }
-const log = (...a) => console.error(`[context ${new Date().toISOString().slice(11, 19)}]`, ...a);
+const log = logger("context");
 
 const served = await openSite(site);
 const { browser, name: browserName } = served;

@@ -10,10 +10,10 @@
 //   node tests/node/files-report.mjs SITE --rounds N --runs R --builds B… --out FILE --command TEXT
 import { writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
-import { openSite } from "./site-browser.mjs";
+import { openSite, options, logger, median } from "./site-browser.mjs";
 
 const args = process.argv.slice(2);
-const list = (name) => { const out = []; let i; while ((i = args.indexOf(name)) >= 0) { args.splice(i, 1); while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]); } return out; };
+const list = options(args);
 const builds = list("--builds");
 const rounds = Number(list("--rounds")[0] ?? 3);
 const runs = Number(list("--runs")[0] ?? 3);
@@ -24,8 +24,7 @@ if (!site || !out || !(rounds >= 1) || !(runs >= 1) || builds.length === 0) {
   console.error("usage: node files-report.mjs SITE --rounds N --runs R --builds B… --out FILE --command TEXT");
   process.exit(2);
 }
-const log = (...a) => console.error(`[files ${new Date().toISOString().slice(11, 19)}]`, ...a);
-const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
+const log = logger("files");
 
 const served = await openSite(site);
 const { browser, name: browserName } = served;

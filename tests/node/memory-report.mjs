@@ -10,10 +10,10 @@
 //   node tests/node/memory-report.mjs SITE --rounds N --builds B… --out FILE --command TEXT
 import { readFileSync, writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
-import { openSite } from "./site-browser.mjs";
+import { openSite, options, logger, median } from "./site-browser.mjs";
 
 const args = process.argv.slice(2);
-const list = (name) => { const out = []; let i; while ((i = args.indexOf(name)) >= 0) { args.splice(i, 1); while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]); } return out; };
+const list = options(args);
 const builds = list("--builds");
 const rounds = Number(list("--rounds")[0] ?? 3);
 const out = list("--out")[0];
@@ -23,8 +23,7 @@ if (!site || !out || !(rounds >= 1) || builds.length === 0) {
   console.error("usage: node memory-report.mjs SITE --rounds N --builds B… --out FILE --command TEXT");
   process.exit(2);
 }
-const log = (...a) => console.error(`[memory ${new Date().toISOString().slice(11, 19)}]`, ...a);
-const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const m = s.length >> 1; return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; };
+const log = logger("memory");
 const MiB = 2 ** 20;
 const SETTLE_MS = 5000;
 const N_CTX = 2048; // wllama's context (it allocates its cache for all of it; ours grows with use)

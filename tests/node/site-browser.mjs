@@ -1,6 +1,6 @@
 // A built site served by `./build.sh serve` (the isolation headers, so that the threaded build
-// runs) and headless Chromium to open it: what the measurement scripts (context-report.mjs,
-// files-report.mjs) share.
+// runs) and headless Chromium to open it, and the command line, log and median the measurement
+// scripts (context-report.mjs, files-report.mjs, memory-report.mjs) share.
 import { spawn } from "node:child_process";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -35,3 +35,28 @@ export async function openSite(site) {
     close: async () => { await browser.close(); server.kill(); },
   };
 }
+
+/**
+ * The command line's options: `list("--name")` takes the values after each `--name` out of
+ * `args` (what is left is the positional arguments).
+ */
+export function options(args) {
+  return (name) => {
+    const out = [];
+    let i;
+    while ((i = args.indexOf(name)) >= 0) {
+      args.splice(i, 1);
+      while (args[i] && !args[i].startsWith("--")) out.push(args.splice(i, 1)[0]);
+    }
+    return out;
+  };
+}
+
+/** A log line on stderr, tagged with the script and the time. */
+export const logger = (tag) => (...a) => console.error(`[${tag} ${new Date().toISOString().slice(11, 19)}]`, ...a);
+
+export const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
