@@ -385,7 +385,6 @@ struct Panels<'a> {
 }
 
 /// [`Panels::each`] without a grouped kernel.
-#[allow(dead_code)]
 const ONE_BY_ONE: Option<(usize, fn(usize, &[i8], &mut [[i32; PANEL]]))> = None;
 
 impl Panels<'_> {
