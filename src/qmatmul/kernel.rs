@@ -310,7 +310,10 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
                 let (a, r0) = (centered_i16(xq_rows, xzp), part.part.rows.start);
-                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(&a[(r - r0) * kp..(r - r0 + 1) * kp], panel, out) }, ONE_BY_ONE);
+                let row = |r: usize| &a[(r - r0) * kp..(r - r0 + 1) * kp];
+                // a prefill's rows AVX2_ROWS at a time: each weight widened once for all of them
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_avx2(row(r), panel, out) },
+                          Some((AVX2_ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_avx2::<AVX2_ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => {
@@ -372,6 +375,11 @@ impl Part {
 /// Rows per call of a grouped kernel (a prefill's, on SIMD128, relaxed SIMD and AVX-512 VNNI),
 /// and the most [`Panels::each`] takes.
 const ROWS: usize = 4;
+
+/// AVX2's grouped rows: x86_64 has 16 vector registers, and four rows' PANEL accumulators
+/// would take them all (the activations are read from memory by each multiply).
+#[cfg(target_arch = "x86_64")]
+const AVX2_ROWS: usize = 3;
 
 #[allow(dead_code)]
 fn centered_i16(xq: &[u8], xzp: u8) -> Vec<i16> {
@@ -612,6 +620,35 @@ mod x86 {
         }
         for j in 0..PANEL {
             out[j] = hsum256(acc[j]);
+        }
+    }
+
+    /// [`dot4_avx2`] of `R` rows at once: each weight is loaded and widened once for all of them.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot4xr_avx2<const R: usize>(a: [&[i16]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
+        let kp = a[0].len();
+        debug_assert!(a.iter().all(|a| a.len() == kp) && out.len() == R);
+        let ap = a.map(|a| a.as_ptr());
+        let mut wp = panel.as_ptr();
+        let mut acc = [[_mm256_setzero_si256(); PANEL]; R];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(16) {
+                for j in 0..PANEL {
+                    let vw = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp.add(j * K_ALIGN + sub) as *const __m128i));
+                    for r in 0..R {
+                        let va = _mm256_loadu_si256(ap[r].add(k + sub) as *const __m256i);
+                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(va, vw));
+                    }
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..R {
+            for j in 0..PANEL {
+                out[r][j] = hsum256(acc[r][j]);
+            }
         }
     }
 
