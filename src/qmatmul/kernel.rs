@@ -30,6 +30,8 @@ pub struct PackedI8 {
     pub col_sum: Vec<i32>,
     /// Set by [`Self::into_relaxed`]: `w` then holds the weights offset for the relaxed kernel.
     pub relaxed: Option<RelaxedFix>,
+    /// Set by [`Self::into_narrow`]: every weight is within [-64, 64].
+    pub narrow: bool,
 }
 
 /// [`PackedI8::from_k_by_n`]'s packing of `w` ((K, N) row-major) into `packed` (its panels,
@@ -91,7 +93,7 @@ impl PackedI8 {
             pack_k_by_n(w, k, ni, &mut packed[first * kp..end * kp], &mut col_sum[first..first + ni]);
             first += ni;
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false }
     }
 
     /// From a (N, K) row-major table (each column's K values contiguous, as a tied embedding
@@ -111,7 +113,7 @@ impl PackedI8 {
             }
             col_sum[c] = col.iter().map(|&v| v as i32).sum();
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false }
     }
 
     /// [`Self::from_n_by_k`], in `w`'s own memory where the packing is as large as the table
@@ -134,7 +136,17 @@ impl PackedI8 {
                 col_sum[p * PANEL + j] = row.iter().map(|&v| v as i32).sum();
             }
         }
-        PackedI8 { k, kp: k, cols: n, w, col_sum, relaxed: None }
+        PackedI8 { k, kp: k, cols: n, w, col_sum, relaxed: None, narrow: false }
+    }
+
+    /// The same packing marked for [`Kernel::Avx2Narrow`], if every weight is within [-64, 64]
+    /// (`quantize_dynamic`'s `reduce_range`), else `self` back, unchanged.
+    pub fn into_narrow(mut self) -> Result<PackedI8, PackedI8> {
+        if self.w.iter().any(|&v| !(-64..=64).contains(&v)) {
+            return Err(self);
+        }
+        self.narrow = true;
+        Ok(self)
     }
 
     /// The packing for [`Kernel::Relaxed`], if every weight is within [-64, 64] (else `self`
@@ -187,15 +199,28 @@ pub enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// Only on weights packed by [`PackedI8::into_narrow`]: `vpmaddubsw`, u8 activations by i8
+    /// weights, whose pair sums stay within i16 (|255 × 64 × 2| < 32768): exact.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Narrow,
     /// Only on weights packed by [`PackedI8::into_relaxed`].
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
     Relaxed,
 }
 
 /// The dynamic-quant product's weights packed for the fastest kernel that can run them: the
-/// relaxed one where the build has it and the weights fit, else [`Kernel::best`].
+/// relaxed one where the build has it and the weights fit, AVX2's narrow one on a CPU without
+/// AVX-512 VNNI where they fit, else [`Kernel::best`].
 pub fn pack_for_best(w: &[i8], k: usize, n: usize) -> (PackedI8, Kernel) {
     let packed = PackedI8::from_k_by_n(w, k, n);
+    #[cfg(target_arch = "x86_64")]
+    let packed = match Kernel::best() {
+        Kernel::Avx2 => match packed.into_narrow() {
+            Ok(narrow) => return (narrow, Kernel::Avx2Narrow),
+            Err(plain) => plain,
+        },
+        _ => packed,
+    };
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
     let packed = match packed.into_relaxed() {
         Ok(relaxed) => return (relaxed, Kernel::Relaxed),
@@ -231,6 +256,7 @@ impl Kernel {
         {
             if std::is_x86_feature_detected!("avx2") {
                 all.push(Kernel::Avx2);
+                all.push(Kernel::Avx2Narrow);
             }
             if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw") {
                 all.push(Kernel::Avx512Vnni);
@@ -251,10 +277,21 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => "avx2",
             #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Narrow => "avx2-u8",
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => "avx512vnni",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
             Kernel::Relaxed => "relaxed-simd",
         }
+    }
+
+    /// Whether this kernel needs the weights [`PackedI8::into_narrow`] accepts.
+    fn wants_narrow(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx2Narrow {
+            return true;
+        }
+        false
     }
 
     /// Whether this kernel reads the weights as [`PackedI8::into_relaxed`] leaves them.
@@ -280,6 +317,7 @@ impl Kernel {
         let width = part.width(w.cols);
         assert!(xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
         assert_eq!(w.relaxed.is_some(), self.wants_relaxed(), "{} kernel on weights packed for another", self.name());
+        assert!(w.narrow || !self.wants_narrow(), "{} kernel on weights not checked to fit it", self.name());
         let acc = &mut acc[..part.rows.len() * width];
         #[allow(unused_variables)]
         let c0 = part.panels.start * PANEL;
@@ -321,15 +359,14 @@ impl Kernel {
                 // a prefill's rows ROWS at a time: each weight loaded once for all of them
                 part.each(acc, |r, panel, out| unsafe { x86::dot4_vnni(row(r), panel, out) },
                           Some((ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_vnni::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
-                // Σ (x - zp) w = Σ x w - zp Σ w
-                let z = xzp as i32;
-                if z != 0 {
-                    for row in acc.chunks_exact_mut(width) {
-                        for (v, s) in row.iter_mut().zip(&w.col_sum[c0..c0 + width]) {
-                            *v -= z * s;
-                        }
-                    }
-                }
+                subtract_zero_point(acc, xzp, &w.col_sum[c0..c0 + width]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2Narrow => {
+                let row = |r: usize| &xq[r * kp..(r + 1) * kp];
+                part.each(acc, |r, panel, out| unsafe { x86::dot4_u8(row(r), panel, out) },
+                          Some((AVX2_ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_u8::<AVX2_ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
+                subtract_zero_point(acc, xzp, &w.col_sum[c0..c0 + width]);
             }
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
             Kernel::Relaxed => {
@@ -353,6 +390,20 @@ impl Kernel {
                         row[c as usize - c0] += a[kk as usize] as i32;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Σ (x - zp) w = Σ x w - zp Σ w, for the kernels that take raw u8 activations: `acc` holds rows
+/// of `col_sum.len()` sums Σ x w.
+#[cfg(target_arch = "x86_64")]
+fn subtract_zero_point(acc: &mut [i32], xzp: u8, col_sum: &[i32]) {
+    let z = xzp as i32;
+    if z != 0 {
+        for row in acc.chunks_exact_mut(col_sum.len()) {
+            for (v, s) in row.iter_mut().zip(col_sum) {
+                *v -= z * s;
             }
         }
     }
@@ -652,6 +703,63 @@ mod x86 {
         }
     }
 
+    /// `x`: kp raw u8 activations; `panel`: weights within [-64, 64]; result is Σ x w (no zero
+    /// point). `vpmaddubsw` adds two products into an i16 (saturating, never reached here),
+    /// `vpmaddwd` by ones two of those into an i32.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot4_u8(x: &[u8], panel: &[i8], out: &mut [i32; PANEL]) {
+        let kp = x.len();
+        let xp = x.as_ptr();
+        let mut wp = panel.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); PANEL];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(32) {
+                let vx = _mm256_loadu_si256(xp.add(k + sub) as *const __m256i);
+                for j in 0..PANEL {
+                    let vw = _mm256_loadu_si256(wp.add(j * K_ALIGN + sub) as *const __m256i);
+                    acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(vx, vw), ones));
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for j in 0..PANEL {
+            out[j] = hsum256(acc[j]);
+        }
+    }
+
+    /// [`dot4_u8`] of `R` rows at once: each weight is loaded once for all of them.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot4xr_u8<const R: usize>(x: [&[u8]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
+        let kp = x[0].len();
+        debug_assert!(x.iter().all(|x| x.len() == kp) && out.len() == R);
+        let xp = x.map(|x| x.as_ptr());
+        let mut wp = panel.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); PANEL]; R];
+        let mut k = 0;
+        while k < kp {
+            for sub in (0..K_ALIGN).step_by(32) {
+                for j in 0..PANEL {
+                    let vw = _mm256_loadu_si256(wp.add(j * K_ALIGN + sub) as *const __m256i);
+                    for r in 0..R {
+                        let vx = _mm256_loadu_si256(xp[r].add(k + sub) as *const __m256i);
+                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(vx, vw), ones));
+                    }
+                }
+            }
+            wp = wp.add(PANEL * K_ALIGN);
+            k += K_ALIGN;
+        }
+        for r in 0..R {
+            for j in 0..PANEL {
+                out[r][j] = hsum256(acc[r][j]);
+            }
+        }
+    }
+
     /// `x`: kp raw u8 activations; result is Σ x w (no zero point).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot4_vnni(x: &[u8], panel: &[i8], out: &mut [i32; PANEL]) {
@@ -752,8 +860,17 @@ fn check_kernels_on(cases: &[(usize, usize, usize)]) -> Result<Vec<&'static str>
                 }
             }
             for kernel in Kernel::available() {
-                let relaxed;
-                let packed = if kernel.wants_relaxed() {
+                let (relaxed, narrowed);
+                let packed = if kernel.wants_narrow() {
+                    match plain.clone().into_narrow() {
+                        Ok(p) => {
+                            narrowed = p;
+                            &narrowed
+                        }
+                        Err(_) if !narrow => continue,
+                        Err(_) => return Err(format!("weights within [-64, 64] refused by into_narrow (k={k} n={n})")),
+                    }
+                } else if kernel.wants_relaxed() {
                     match plain.clone().into_relaxed() {
                         Ok(p) => {
                             relaxed = p;
