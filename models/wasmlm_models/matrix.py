@@ -175,12 +175,17 @@ def ort_greedy(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np
     from empty, attention_mask all ones over past + new, position_ids counting on; and the
     last position's logits (float32) of the first ROWS runs."""
     import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
+
+    from .runner import session_options
+    opts = session_options(1)
     # Basic optimizations only (constant folding, dead nodes): the graph's own arithmetic. ORT
     # 1.23's extended fusions fail on FP16 RMSNorm graphs ("InsertedPrecisionFreeCast_... does not
-    # exist"), and with none at all its FP16 casts do not type-check.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # exist"), and with none at all its FP16 casts do not type-check. A file of s8 integer
+    # products (MatMulInteger, q8) needs the extended level: that is where ORT applies
+    # `session.x64quantprecision` (a graph rewrite to u8 weights), without which its products
+    # saturate on an x86-64 CPU without VNNI (runner.session_options; docs/decisions.md).
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if _has_s8_products(path)
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ins = {i.name: i for i in sess.get_inputs()}
     outs = [o.name for o in sess.get_outputs()]
@@ -217,6 +222,12 @@ def ort_greedy(path: Path, prompt: list[int], steps: int) -> tuple[list[int], np
         tokens.append(int(last.argmax()))
         feed_ids = [tokens[-1]]
     return tokens, np.stack(rows)
+
+
+def _has_s8_products(path: Path) -> bool:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") for n in model.graph.node)
 
 
 def _defined_precision(path: Path) -> tuple[Path, int] | None:
@@ -289,7 +300,7 @@ def _stamp(families, exporters, tokenizer: Path) -> dict:
 
     from .files import sha256_of
     here = Path(__file__).parent
-    return {"code": [sha256_of(here / f) for f in ("matrix.py", "export.py", "nbits.py", "onnx_graph.py")],
+    return {"code": [sha256_of(here / f) for f in ("matrix.py", "runner.py", "export.py", "nbits.py", "onnx_graph.py")],
             "versions": {p: version(p) for p in ("torch", "transformers", "optimum-onnx", "onnxruntime",
                                                  "onnxruntime-genai", "onnx")},
             "tokenizer": sha256_of(tokenizer / "tokenizer.json"),

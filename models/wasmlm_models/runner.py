@@ -10,10 +10,23 @@ import onnxruntime as ort
 from .export_names import io_names
 
 
-def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
+def session_options(threads: int, exact: bool = True) -> ort.SessionOptions:
+    """`exact`: integer products that never saturate, as a reference needs. Without VNNI, ONNX
+    Runtime's default U8S8 kernels on x86-64 (SSE4.1, AVX2, AVX-512) add two u8 x s8 products in
+    a saturating i16 (`vpmaddubsw`): wrong sums for weights beyond [-64, 64] (every file
+    quantized without `reduce_range`). `session.x64quantprecision` makes it use U8U8 there
+    instead; on a CPU with VNNI it changes nothing. A baseline row (`exact=False`) times what a
+    user of ONNX Runtime gets by default."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.inter_op_num_threads = 1
+    if exact:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
+    return opts
+
+
+def ort_session(path: Path, threads: int = 2, exact: bool = True) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(threads, exact), providers=["CPUExecutionProvider"])
 
 
 class PastRunner:
@@ -21,8 +34,8 @@ class PastRunner:
     names, or Optimum's (`past_key_values.<i>.key`, `present.<i>.key`), with the
     `attention_mask` (all ones over past + new) and `position_ids` its graph takes."""
 
-    def __init__(self, path: Path, shape, threads: int = 2):
-        self.sess, self.shape = ort_session(path, threads), shape
+    def __init__(self, path: Path, shape, threads: int = 2, exact: bool = True):
+        self.sess, self.shape = ort_session(path, threads, exact), shape
         names = [i.name for i in self.sess.get_inputs()]
         outputs = {o.name for o in self.sess.get_outputs()}
         self.extra = [n for n in ("attention_mask", "position_ids") if n in names]

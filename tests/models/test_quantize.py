@@ -89,3 +89,31 @@ def test_fidelity_command_reports_each_int8_file(tiny_bundles, capsys):
     assert {r["preset"] for r in rows} == {"ort-dynamic-qint8", quantize.DEFAULT_PRESET}
     # windows of 256 (tiny-gpt2's context): 255 + 255 + 87 predicted tokens
     assert all(r["tokens"] == 597 and 0 < r["top1_agreement"] <= 1 for r in rows)
+
+
+def _matmulinteger(w: np.ndarray, x_zero_point: int):
+    from onnx import TensorProto, helper
+    k, n = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(x_zero_point, np.uint8), "xz"),
+         numpy_helper.from_array(np.array(0, np.int8), "wz")])
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_reference_sessions_multiply_full_range_int8_weights_exactly(tmp_path):
+    """ONNX Runtime's default u8 x s8 products saturate on an x86-64 CPU without VNNI (two
+    products summed in an i16); the sessions the references run in must not (runner.py)."""
+    from wasmlm_models.matrix import _has_s8_products
+    from wasmlm_models.runner import ort_session
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (256, 64)).astype(np.int8)
+    x = rng.integers(0, 256, (8, 256)).astype(np.uint8)
+    path = tmp_path / "mm.onnx"
+    onnx.save(_matmulinteger(w, 3), str(path))
+    exact = (x.astype(np.int64) - 3) @ w.astype(np.int64)
+    got = ort_session(path, threads=1).run(["y"], {"x": x})[0]
+    assert np.array_equal(got, exact), np.abs(got - exact).max()
+    assert _has_s8_products(path)
