@@ -602,9 +602,12 @@ context_report() {
     ./target/release/wasmlm context --bundle "build/models/$DEFAULT_MODEL" --threads "$t" --rounds "$rounds" --json \
       > build/context/native-$t.json
   done
+  say "memory read bandwidth: native, 1 and 2 threads"
+  ./target/release/wasmlm membw --mib 256 --rounds 7 --threads 2 --json > build/context/membw.json
   say "context sweep: headless Chromium, builds ${PAGE_FLAVOURS[*]} threads"
   node tests/node/context-report.mjs build/context-site --rounds "$rounds" \
-    --native build/context/native-1.json build/context/native-2.json --builds "${PAGE_FLAVOURS[@]}" threads \
+    --native build/context/native-1.json build/context/native-2.json --membw build/context/membw.json \
+    --builds "${PAGE_FLAVOURS[@]}" threads \
     --out docs/context.md --command "./build.sh context $rounds"
 }
 

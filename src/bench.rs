@@ -198,6 +198,77 @@ pub fn context_sweep(engine: &Engine, text: &str, rounds: usize) -> Result<Value
     Ok(sweep.result(engine))
 }
 
+/// Memory read bandwidth at 1 thread and at `threads` ([`membw`]), GB/s.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Membw {
+    pub mib: usize,
+    pub threads: usize,
+    /// Per round: (1 thread, `threads`), each the best of [`MEMBW_PASSES`] passes.
+    pub rounds: Vec<(f64, f64)>,
+    /// Medians over the rounds, and of the rounds' ratios.
+    pub one: f64,
+    pub many: f64,
+    pub ratio: f64,
+}
+
+pub const MEMBW_PASSES: usize = 3;
+
+/// Memory read bandwidth at 1 thread and at `threads`, alternating rounds: the ceiling of a
+/// decode step, which reads every weight once. A buffer of `mib` MiB (far larger than the
+/// last-level cache) is cut into `threads` equal parts, each XOR-reduced (16 u64 lanes, which
+/// the compiler vectorizes with the build's SIMD) by a thread of the session's team, the one the
+/// INT8 products are split across ([`crate::qmatmul::split`]): natively OS threads, in the
+/// threaded wasm build the pool's Web Workers. An error if the buffer cannot be allocated.
+pub fn membw(mib: usize, rounds: usize, threads: usize) -> Result<Membw> {
+    use crate::qmatmul::split;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    fn reduce(s: &[u64]) -> u64 {
+        let mut acc = [0u64; 16];
+        let (chunks, rest) = s.as_chunks::<16>();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] ^= c[i];
+            }
+        }
+        acc.iter().chain(rest).fold(0, |x, y| x ^ y)
+    }
+    if mib == 0 || rounds == 0 || threads == 0 {
+        return Err(crate::Error::Options(format!("membw: {mib} MiB, {rounds} rounds, {threads} threads: each must be at least 1")));
+    }
+    let n = (mib << 20) / 8;
+    let mut words: Vec<u64> = Vec::new();
+    words.try_reserve_exact(n).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::OutOfMemory, format!("membw: {mib} MiB could not be allocated"))
+    })?;
+    words.extend((0..n).map(|i| i as u64));
+    let pass = |t: usize| -> f64 {
+        let part = words.len().div_ceil(t);
+        let sink = AtomicU64::new(0);
+        let start = now_ms();
+        split::with_threads(t, || split::each_part(t, |i| {
+            let r = reduce(&words[(i * part).min(n)..((i + 1) * part).min(n)]);
+            sink.fetch_xor(r, Relaxed);
+        }));
+        let ms = now_ms() - start;
+        std::hint::black_box(sink.load(Relaxed));
+        (n * 8) as f64 / ms / 1e6
+    };
+    let best = |t: usize| (0..MEMBW_PASSES).map(|_| pass(t)).fold(0.0, f64::max);
+    let all: Vec<(f64, f64)> = (0..rounds).map(|_| (best(1), best(threads))).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Membw {
+        mib,
+        threads,
+        one: median(all.iter().map(|r| r.0).collect()),
+        many: median(all.iter().map(|r| r.1).collect()),
+        ratio: median(all.iter().map(|r| r.1 / r.0).collect()),
+        rounds: all,
+    })
+}
+
 /// One step of [`Sweep`].
 #[derive(Debug, Clone, Copy)]
 enum Case {

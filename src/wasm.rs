@@ -316,6 +316,24 @@ impl JsEngine {
         Ok(JsContextSweep { engine: self.inner.clone(), sweep })
     }
 
+    /// Memory read bandwidth at 1 thread and at this engine's threads (bench::membw, as `wasmlm
+    /// membw` runs it natively): what a second worker adds to what a decode step can read.
+    /// {mib, threads, rounds: [[one, many]], one, many, ratio} in GB/s, and `grew_mib`: how much
+    /// wasm memory grew for the buffer (it never shrinks; after a load the buffer usually fits
+    /// in what the load freed). An error with one thread.
+    pub fn membw(&self, mib: usize, rounds: usize) -> Result<JsValue, JsError> {
+        let threads = self.inner.graph.threads;
+        if threads < 2 {
+            return Err(JsError::new("the bandwidth probe compares 1 thread with the engine's threads: load the threaded build with 2 or more"));
+        }
+        let pages = || core::arch::wasm32::memory_size::<0>();
+        let before = pages();
+        let m = bench::membw(mib, rounds, threads).map_err(err)?;
+        let mut v = serde_json::to_value(&m).map_err(|e| JsError::new(&e.to_string()))?;
+        v["grew_mib"] = serde_json::json!((pages() - before) * 65536 / (1 << 20));
+        Ok(to_js(&v))
+    }
+
     /// A row in baselines.json's format from the measured runs ([{prefill_ms, steps_ms}], the
     /// warm-up excluded), summarized exactly as the native bench does.
     #[wasm_bindgen(js_name = benchRow)]

@@ -188,3 +188,18 @@ fn the_cli_refuses_unknown_flags_and_a_table_it_cannot_read() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The bandwidth probe (`wasmlm membw`, the page's `lm.membw`): its JSON has a figure per round
+/// for each thread count; a zero size is refused with what was wrong.
+#[test]
+fn the_bandwidth_probe_reports_each_round_and_refuses_a_zero_size() {
+    let m = wasmlm::bench::membw(16, 2, 2).unwrap();
+    assert_eq!((m.mib, m.threads, m.rounds.len()), (16, 2, 2));
+    assert!(m.rounds.iter().all(|&(one, many)| one > 0.0 && many > 0.0 && one.is_finite() && many.is_finite()), "{m:?}");
+    assert!(m.one >= m.rounds.iter().map(|r| r.0).fold(f64::MAX, f64::min) && m.one <= m.rounds.iter().map(|r| r.0).fold(0.0, f64::max));
+    let e = wasmlm::bench::membw(0, 1, 2).unwrap_err().to_string();
+    assert!(e.contains("0 MiB") && e.contains("at least 1"), "{e}");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_wasmlm")).args(["membw", "--mib", "16", "--rounds", "1", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["mib"].as_u64(), v["threads"].as_u64(), v["rounds"].as_array().map(|r| r.len())), (Some(16), Some(2), Some(1)));
+}

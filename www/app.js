@@ -72,6 +72,7 @@ function setRunning(what) {
   $("generate").disabled = !ready;
   $("bench").disabled = !ready || !state.loaded.info.has_cache;
   $("sweep").disabled = $("bench").disabled;
+  $("membw").disabled = !ready || !(state.loaded.build.threadCount > 1);
   $("load").disabled = !!what;
   $("new-chat").disabled = !!what;
   $("stop").disabled = !(what === "generate" || what === "bench" || what === "sweep");
@@ -615,6 +616,23 @@ $("sweep").onclick = async () => {
   } catch (err) {
     status.textContent = "";
     failed("context sweep", err);
+  }
+  setRunning(null);
+};
+
+// The bandwidth probe (lm.membw, the threaded build): what a second worker adds to what a decode
+// step can read, beside the decode speed-up the benchmark shows.
+$("membw").onclick = async () => {
+  const status = $("membw-status");
+  setRunning("membw");
+  status.textContent = "reading 128 MiB at 1 thread and at all of them, 5 rounds…";
+  try {
+    const m = await state.lm.membw({ mib: 128, rounds: 5 });
+    status.textContent = `memory read: ${m.one.toFixed(1)} GB/s on 1 thread, ${m.many.toFixed(1)} GB/s on ${m.threads} ` +
+      `(${m.ratio.toFixed(2)}x; medians of ${m.rounds.length} rounds${m.grew_mib ? `; wasm memory grew ${m.grew_mib} MiB for it` : ""})`;
+  } catch (err) {
+    status.textContent = "";
+    failed("bandwidth probe", err);
   }
   setRunning(null);
 };

@@ -55,6 +55,12 @@ export const Req = Object.freeze({
    * step at a time; `sweep` holds the medians of the steps run (all of them unless cancelled).
    */
   SWEEP: "sweep",
+  /**
+   * {mib, rounds} -> ok {membw}: memory read bandwidth at 1 thread and at the engine's threads
+   * (the threaded build; `wasmlm membw` natively), {mib, threads, rounds, one, many, ratio,
+   * grew_mib}, GB/s.
+   */
+  MEMBW: "membw",
 });
 
 /** Messages, worker -> client. */

@@ -390,6 +390,20 @@ export class WasmLM {
     return { cancelled: r.cancelled, sweep: r.sweep };
   }
 
+  /**
+   * Memory read bandwidth at 1 thread and at the engine's threads, alternating rounds (the
+   * threaded build only; the same code as `wasmlm membw` natively): whether a second worker adds
+   * read bandwidth, which a decode step is bound by. A `mib` buffer (far larger than the CPU's
+   * cache) is read; wasm memory grows by `grew_mib` for it, usually 0 after a load.
+   * @returns {Promise<{mib: number, threads: number, rounds: number[][], one: number, many: number, ratio: number, grew_mib: number}>}
+   */
+  async membw({ mib = 128, rounds = 5 } = {}) {
+    for (const [name, v] of [["mib", mib], ["rounds", rounds]]) {
+      if (!(Number.isInteger(v) && v >= 1 && v <= 4096)) throw new WasmLMError(`membw: ${name} must be a whole number from 1 to 4096, not ${v}`);
+    }
+    return (await this.request({ type: Req.MEMBW, mib, rounds })).membw;
+  }
+
   /** Stop the worker; every request still pending fails. */
   terminate() {
     this.close(new WasmLMError("the engine was terminated", { fatal: true }));

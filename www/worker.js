@@ -720,6 +720,10 @@ const simple = {
     s.restore(m.bytes);
     return { length: s.length };
   },
+  [Req.MEMBW]: (m) => {
+    if (!engine) throw new Error("no model loaded");
+    return { membw: engine.membw(m.mib, m.rounds) };
+  },
   [Req.FREE]: (m) => {
     if (!m.session) throw new Error("session 0 lives as long as the model");
     sessionOf(m.session).free();

@@ -4,7 +4,10 @@
 // same page: docs/context.md, with the machine and the date.
 // `./build.sh context` runs it. A measurement, not a test.
 //
-//   node tests/node/context-report.mjs SITE --rounds N --native FILE… --builds B… --out FILE --command TEXT
+// In the threaded build, the bandwidth probe (lm.membw) runs too, beside `wasmlm membw --json`'s
+// (--membw FILE): whether a second thread adds read bandwidth, against what it adds to decode.
+//
+//   node tests/node/context-report.mjs SITE --rounds N --native FILE… [--membw FILE] --builds B… --out FILE --command TEXT
 import { readFileSync, writeFileSync, renameSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { openSite, options, logger } from "./site-browser.mjs";
@@ -12,6 +15,7 @@ import { openSite, options, logger } from "./site-browser.mjs";
 const args = process.argv.slice(2);
 const list = options(args);
 const native = list("--native");
+const nativeMembw = list("--membw")[0];
 const builds = list("--builds");
 const rounds = Number(list("--rounds")[0] ?? 1);
 const out = list("--out")[0];
@@ -22,6 +26,9 @@ if (!site || !out || !(rounds >= 1) || builds.length === 0) {
   process.exit(2);
 }
 const log = logger("context");
+// the bandwidth probe: `wasmlm membw --mib 256 --rounds 7` natively (build.sh), the same in the page
+const MEMBW_MIB = 256;
+const MEMBW_ROUNDS = 7;
 
 const served = await openSite(site);
 const { browser, name: browserName } = served;
@@ -32,7 +39,7 @@ try {
     page.on("console", (m) => { if (m.type() === "error") log("console:", m.text()); });
     await page.goto(`${served.url}/index.html?isolate=0`);
     log(`${build}: loading, then the sweep (${rounds} round(s))`);
-    const r = await page.evaluate(async ({ build, rounds }) => {
+    const r = await page.evaluate(async ({ build, rounds, MEMBW_MIB, MEMBW_ROUNDS }) => {
       const { WasmLM } = await import("./wasmlm.js");
       const text = await (await fetch("bench-prompt.txt")).text();
       const index = await (await fetch("models/index.json")).json();
@@ -48,14 +55,15 @@ try {
         }
         const bench = (await lm.bench(text, { runs: 5 })).row.decode_ms_per_token;
         const { sweep } = await lm.sweep(text, { rounds });
-        return { sweep, build: lm.build, live, bench };
+        const membw = lm.build.threadCount > 1 ? await lm.membw({ mib: MEMBW_MIB, rounds: MEMBW_ROUNDS }) : undefined;
+        return { sweep, build: lm.build, live, bench, membw };
       } finally {
         lm.terminate();
       }
-    }, { build, rounds });
+    }, { build, rounds, MEMBW_MIB, MEMBW_ROUNDS });
     const threads = r.build.threadCount ?? 1;
     results.push({ where: `${browserName}, ${r.build.simd === "none" ? "no SIMD" : r.build.simd} build, ${threads} thread${threads > 1 ? "s" : ""}`,
-      live: r.live, bench: r.bench, ...r.sweep });
+      threads, simd: r.build.simd, live: r.live, bench: r.bench, membw: r.membw, ...r.sweep });
     log(`${build}: done`);
     await page.close();
   }
@@ -64,8 +72,9 @@ try {
 }
 for (const f of [...native].reverse()) {
   const v = JSON.parse(readFileSync(f, "utf8"));
-  results.unshift({ where: `native, ${v.threads} thread${v.threads > 1 ? "s" : ""}`, ...v });
+  results.unshift({ where: `native, ${v.threads} thread${v.threads > 1 ? "s" : ""}`, native: true, ...v });
 }
+if (nativeMembw) results.find((r) => r.native && r.threads > 1).membw = JSON.parse(readFileSync(nativeMembw, "utf8"));
 
 const cell = (v) => (v === undefined || v === null ? "" : String(v));
 const first = results[0];
@@ -105,6 +114,27 @@ const lines = [
   }),
   "",
 ];
+// the speed-up a second thread gives decode (past 32), against the same place's 1-thread run
+const decode32 = (r) => r.decode[0].ms_per_token;
+const single = (r) => (r.native ? results.find((o) => o.native && o.threads === 1)
+  : results.find((o) => !o.native && o.threads === 1 && o.simd === r.simd));
+const probed = results.filter((r) => r.membw);
+if (probed.length) {
+  lines.push(
+    `Memory read bandwidth (\`bench::membw\`: ${probed[0].membw.mib} MiB XOR-read by 1 thread, then cut across the threads the INT8 ` +
+      "products use, alternating, each the best of 3 passes; medians over the rounds: natively `wasmlm membw`, in the page " +
+      "`lm.membw()`), against the speed-up those threads give decode after a 32-token past (the table above):",
+    "",
+    "| where | 1 thread | 2 threads | bandwidth ratio | decode speed-up |",
+    "|---|---|---|---|---|",
+    ...probed.map((r) => {
+      const one = single(r);
+      return `| ${r.where} | ${r.membw.one.toFixed(1)} GB/s | ${r.membw.many.toFixed(1)} GB/s | ${r.membw.ratio.toFixed(2)}x | ` +
+        `${one ? `${(decode32(one) / decode32(r)).toFixed(2)}x (${one.where})` : ""} |`;
+    }),
+    "",
+  );
+}
 writeFileSync(out + ".partial", lines.join("\n"));
 renameSync(out + ".partial", out);
 log(`${out} written`);

@@ -469,6 +469,15 @@ async function main() {
       await page.check("#chat");
       ortqAnswers[b] = await generate(page, "What is the capital of France?", 16);
       log(`ort-dynamic-qint8 file, ?build=${b}:`, JSON.stringify(ortqAnswers[b]));
+      // the bandwidth probe: the threaded build's only
+      assert.equal(await page.isDisabled("#membw"), b !== "threads", `?build=${b}: the bandwidth probe is offered on the threaded build only`);
+      if (b === "threads") {
+        await page.click("#membw");
+        await page.waitForFunction(() => !document.querySelector("#membw").disabled, null, { timeout: 300_000 });
+        const probe = await page.textContent("#membw-status");
+        log("bandwidth probe:", probe);
+        assert.match(probe, /^memory read: \d+\.\d GB\/s on 1 thread, \d+\.\d GB\/s on [2-8] \(\d\.\d\dx; medians of 5 rounds/);
+      }
     }
     assert.match(ortqAnswers.relaxed.text, /Paris/, "the ort-dynamic-qint8 file's answer names Paris");
     assert.equal(ortqAnswers.simd.text, ortqAnswers.relaxed.text, "the relaxed and SIMD128 builds give the same greedy text");

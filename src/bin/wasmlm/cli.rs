@@ -214,6 +214,9 @@ struct MembwArgs {
     rounds: u16,
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..))]
     threads: u16,
+    /// The figures as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 fn load(model: &Model, prep: &Prep) -> Res<Engine> {
@@ -400,48 +403,20 @@ fn profile(a: ProfileArgs) -> Res<()> {
     Ok(())
 }
 
-/// Memory read bandwidth at 1 thread and at N, alternating rounds: the ceiling of a decode step,
-/// which reads every weight once. A buffer far larger than the last-level cache is split into N
-/// equal parts, each XOR-reduced by its own thread (16 u64 lanes, which the compiler vectorizes
-/// with the baseline SIMD); a round's figure for each thread count is the best of 3 passes.
+/// Memory read bandwidth at 1 thread and at N, alternating rounds (bench::membw, which the page's
+/// threaded build runs too).
 fn membw(a: MembwArgs) -> Res<()> {
-    let (mib, rounds, threads) = (a.mib as usize, a.rounds as usize, a.threads as usize);
-    fn reduce(s: &[u64]) -> u64 {
-        let mut acc = [0u64; 16];
-        let (chunks, rest) = s.as_chunks::<16>();
-        for c in chunks {
-            for i in 0..16 {
-                acc[i] ^= c[i];
-            }
-        }
-        acc.iter().chain(rest).fold(0, |x, y| x ^ y)
+    let m = bench::membw(a.mib as usize, a.rounds as usize, a.threads as usize).map_err(|e| e.to_string())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m).map_err(|e| e.to_string())?);
+        return Ok(());
     }
-    let words: Vec<u64> = (0..(mib << 20) / 8).map(|i| i as u64).collect();
-    let pass = |n: usize| -> f64 {
-        let start = std::time::Instant::now();
-        let part = words.len().div_ceil(n);
-        let r = std::thread::scope(|s| {
-            let hs: Vec<_> = words.chunks(part).map(|c| s.spawn(move || reduce(c))).collect();
-            hs.into_iter().fold(0, |x, h| x ^ h.join().unwrap())
-        });
-        std::hint::black_box(r);
-        (words.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
-    };
-    let (mut one, mut many, mut ratios) = (vec![], vec![], vec![]);
-    for round in 1..=rounds {
-        let g1 = (0..3).map(|_| pass(1)).fold(0.0, f64::max);
-        let gn = (0..3).map(|_| pass(threads)).fold(0.0, f64::max);
-        println!("round {round}: 1 thread {g1:.1} GB/s, {threads} threads {gn:.1} GB/s, ratio {:.2}", gn / g1);
-        one.push(g1);
-        many.push(gn);
-        ratios.push(gn / g1);
+    for (i, (one, many)) in m.rounds.iter().enumerate() {
+        println!("round {}: 1 thread {one:.1} GB/s, {} threads {many:.1} GB/s, ratio {:.2}", i + 1, m.threads, many / one);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    println!("median over {rounds} rounds of {mib} MiB: 1 thread {:.1} GB/s, {threads} threads {:.1} GB/s, ratio {:.2} (range {:.2}-{:.2})",
-             median(&mut one), median(&mut many), median(&mut ratios), ratios[0], ratios[rounds - 1]);
+    let (lo, hi) = m.rounds.iter().map(|r| r.1 / r.0).fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    println!("median over {} rounds of {} MiB: 1 thread {:.1} GB/s, {} threads {:.1} GB/s, ratio {:.2} (range {lo:.2}-{hi:.2})",
+             m.rounds.len(), m.mib, m.one, m.threads, m.many, m.ratio);
     Ok(())
 }
 

@@ -65,6 +65,12 @@ pub fn on_threads(bytes: usize, f: impl Fn() + Sync) {
     run_all(threads, (0..threads).collect(), &|_| f())
 }
 
+/// `f(i)` for each `i < parts` on the running session's threads ([`with_threads`]; the caller's
+/// among them), each part run by whichever thread claims it first; returns when all have run.
+pub fn each_part(parts: usize, f: impl Fn(usize) + Sync) {
+    run_all(threads(), (0..parts).collect(), &f)
+}
+
 /// `f` on the parts of a cut in `parts`, one after the other (for the kernels' tests).
 #[doc(hidden)]
 pub fn for_each_part<T>(rows: usize, n: usize, parts: usize, out: &mut [T], f: impl Fn(Part, &mut [T])) {
