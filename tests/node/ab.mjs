@@ -2,7 +2,7 @@
 // numbers in the README's "The threaded build" and "The relaxed-SIMD build"). The builds default
 // to the threaded one against the single-threaded SIMD128 one; AB_BUILDS=relaxed,simd picks others.
 //
-//   ./build.sh dist && (cd tests/node && node ab.mjs bench ../../dist distilgpt2-shape:model.with_past.ort-dynamic-qint8.onnx smollm2-135m:model.with_past.int8.onnx)
+//   ./build.sh site && (cd tests/node && node ab.mjs bench ../../dist distilgpt2-shape:model.with_past.ort-dynamic-qint8.onnx smollm2-135m:model.with_past.int8.onnx)
 //   (cd tests/node && node ab.mjs generate ../../dist)     # the default model, the page drawing every token
 //   (cd tests/node && node ab.mjs profile ../../dist smollm2-135m:model.with_past.int8.onnx)
 //
@@ -48,7 +48,8 @@ try {
     await load(page, build, spec);
     if (mode !== "generate") {
       await page.fill("#bench-runs", "3");
-      await page.uncheck("#bench-peer");
+      await page.uncheck("#bench-peer-ort");
+      await page.uncheck("#bench-peer-wllama");
       await page.setChecked("#bench-profile", mode === "profile");
       await page.click("#bench");
       await page.waitForSelector("#bench-download:not([hidden])", { timeout: 600000 });
