@@ -319,8 +319,8 @@ impl JsEngine {
     /// Memory read bandwidth at 1 thread and at this engine's threads (bench::membw, as `wasmlm
     /// membw` runs it natively): what a second worker adds to what a decode step can read.
     /// {mib, threads, rounds: [[one, many]], one, many, ratio} in GB/s, and `grew_mib`: how much
-    /// wasm memory grew for the buffer (it never shrinks; after a load the buffer usually fits
-    /// in what the load freed). An error with one thread.
+    /// wasm memory grew for the buffer (up to `mib`; it never shrinks). An error with one
+    /// thread.
     pub fn membw(&self, mib: usize, rounds: usize) -> Result<JsValue, JsError> {
         let threads = self.inner.graph.threads;
         if threads < 2 {

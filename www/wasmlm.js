@@ -394,7 +394,9 @@ export class WasmLM {
    * Memory read bandwidth at 1 thread and at the engine's threads, alternating rounds (the
    * threaded build only; the same code as `wasmlm membw` natively): whether a second worker adds
    * read bandwidth, which a decode step is bound by. A `mib` buffer (far larger than the CPU's
-   * cache) is read; wasm memory grows by `grew_mib` for it, usually 0 after a load.
+   * cache) is read; wasm memory grows by `grew_mib` MiB for it (up to `mib`: the load's freed
+   * memory is seldom one piece that large) and never shrinks, so the page keeps that until it is
+   * reloaded.
    * @returns {Promise<{mib: number, threads: number, rounds: number[][], one: number, many: number, ratio: number, grew_mib: number}>}
    */
   async membw({ mib = 128, rounds = 5 } = {}) {
