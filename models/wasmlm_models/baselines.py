@@ -206,4 +206,15 @@ def render_page(table: dict, command: str, measured: float) -> str:
             f"- Versions: {versions}.\n"
             f"- Protocol: {json.dumps(table['protocol'])}.\n"
             f"- Rows: one process each, measured one after another in that run; compare rows of one "
-            f"run only. tract wasm and onnxruntime-web rows ran in Node's V8.\n\n{body}")
+            f"run only. tract wasm and onnxruntime-web rows ran in Node's V8.\n{saturating_note(m)}\n{body}")
+
+
+def saturating_note(m: dict) -> str:
+    """A bullet for an x86-64 CPU without VNNI, where ONNX Runtime's rows time products that
+    saturate on full-range weights (docs/decisions.md), else nothing."""
+    simd = set(m.get("simd", []))
+    if not simd & {"sse4_2", "avx2"} or simd & {"avx512_vnni", "avx_vnni"}:
+        return ""
+    return ("- This CPU has no VNNI: on files quantized without `reduce_range` (Optimum's q8), ONNX Runtime's "
+            "rows time its default u8 x s8 products, which saturate there and give wrong sums (docs/decisions.md, "
+            "\"ONNX Runtime as a reference on CPUs without VNNI\").\n")

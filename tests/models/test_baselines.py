@@ -94,3 +94,12 @@ def test_llama_cpp_rows_run_in_their_own_python_and_keep_the_table_versions(tiny
         ("llama.cpp", "int8", "Q8_0 GGUF", 2, "model.q8_0.gguf"), ("llama.cpp", "int4", "Q4_1 GGUF", 2, "model.q4_1.gguf")]
     assert all(r["error"] == "ModuleNotFoundError: no llama_cpp here" and "python" not in r for r in rows)
     assert table["versions"]["llama-cpp-python"] == "0.3.0"  # no row of this run measured one
+
+
+def test_the_page_warns_of_onnx_runtimes_saturating_rows_on_a_cpu_without_vnni():
+    table = {"machine": {"cpu": "c", "cores": 2, "simd": ["sse4_2", "avx2", "fma"]}, "protocol": {}, "rows": []}
+    page = baselines.render_page(table, "cmd", 0)
+    assert "This CPU has no VNNI" in page and page.index("no VNNI") < page.index("| model |")
+    for simd in (["sse4_2", "avx2", "avx512f", "avx512_vnni"], ["avx2", "avx_vnni"], []):
+        table["machine"]["simd"] = simd
+        assert "no VNNI" not in baselines.render_page(table, "cmd", 0), simd
