@@ -235,7 +235,8 @@ pub fn membw(mib: usize, rounds: usize, threads: usize) -> Result<Membw> {
     if mib == 0 || rounds == 0 || threads == 0 {
         return Err(crate::Error::Options(format!("membw: {mib} MiB, {rounds} rounds, {threads} threads: each must be at least 1")));
     }
-    let n = (mib << 20) / 8;
+    // checked: on wasm32, 4,096 MiB would wrap a usize to 0
+    let n = mib.checked_mul(1 << 20).ok_or_else(|| crate::Error::Options(format!("membw: {mib} MiB is more than this build can address")))? / 8;
     let mut words: Vec<u64> = Vec::new();
     words.try_reserve_exact(n).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::OutOfMemory, format!("membw: {mib} MiB could not be allocated"))
