@@ -151,6 +151,46 @@ pub fn profile(engine: &Engine, prompt: &[u32], steps: usize) -> Result<Value> {
               "ops_ms_per_token": per(total), "ops": ops}))
 }
 
+/// Prefill time per op: `prompt` fed at once to a fresh session `rounds` times after a warm-up
+/// one, every node of the plan timed (`Session::feed_profiled`). {tokens, rounds, threads,
+/// wall_ms, ops_ms, ops: [{op, ms, calls, share}]}, per prefill, largest first; `wall` and `ops`
+/// as in [`profile`].
+pub fn profile_prefill(engine: &Engine, prompt: &[u32], rounds: usize) -> Result<Value> {
+    if rounds == 0 {
+        return Err(crate::error::Error::Options("the prefill profile needs at least one round".into()));
+    }
+    let mut times: Vec<(String, f64, usize)> = vec![];
+    let mut wall = 0.0;
+    for round in 0..=rounds {
+        let mut session = engine.session()?;
+        let mut these = vec![];
+        let t = now_ms();
+        session.feed_profiled(prompt, &mut these)?;
+        if round == 0 {
+            continue; // the warm-up
+        }
+        wall += now_ms() - t;
+        for (op, ms, calls) in these {
+            match times.iter_mut().find(|e| e.0 == op) {
+                Some(e) => { e.1 += ms; e.2 += calls; }
+                None => times.push((op, ms, calls)),
+            }
+        }
+    }
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = times.iter().map(|t| t.1).sum();
+    let per = |ms: f64| (ms / rounds as f64 * 1e3).round() / 1e3;
+    let ops: Vec<Value> = times
+        .iter()
+        .map(|(op, ms, calls)| {
+            json!({"op": op, "ms": per(*ms), "calls": *calls as f64 / rounds as f64,
+                   "share": (ms / total.max(f64::MIN_POSITIVE) * 1e3).round() / 1e3})
+        })
+        .collect();
+    Ok(json!({"tokens": prompt.len(), "rounds": rounds, "threads": engine.graph.threads,
+              "wall_ms": per(wall), "ops_ms": per(total), "ops": ops}))
+}
+
 /// Rows of `table` (baselines.json) with `new` added, replacing rows with the same key.
 pub fn merge(mut table: Value, new: Vec<Value>) -> Value {
     let key = |r: &Value| KEY.iter().map(|k| r.get(*k).cloned().unwrap_or(Value::Null)).collect::<Vec<_>>();

@@ -210,10 +210,17 @@ impl Session {
 
     /// `step`, timing every node of the plan: op name -> (ms, calls), added into `times`.
     pub fn step_profiled(&mut self, id: u32, times: &mut Vec<(String, f64, usize)>) -> Result<Vec<f32>> {
-        if self.tokens.len() >= self.context {
-            return Err(Error::ContextFull { context: self.context, held: self.tokens.len(), more: 1 });
+        self.feed_profiled(&[id], times)
+    }
+
+    /// Feed `ids` after the cache (a decode step, or a prefill of several), timing every node
+    /// of the plan: op name -> (ms, calls), added into `times`.
+    pub fn feed_profiled(&mut self, ids: &[u32], times: &mut Vec<(String, f64, usize)>) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::Options("an empty prompt gives nothing to predict from".into()));
         }
-        let inputs = self.inputs(&[id])?;
+        self.room_for(ids.len())?;
+        let inputs = self.inputs(ids)?;
         let threads = self.graph.threads;
         let state = &mut self.state;
         let outputs = crate::qmatmul::split::with_threads(threads, || {
@@ -230,7 +237,7 @@ impl Session {
             })
         })
         .map_err(Error::run)?;
-        self.absorb(&[id], outputs)
+        self.absorb(ids, outputs)
     }
 
     /// The graph's inputs for feeding `ids` after what the cache holds.

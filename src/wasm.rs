@@ -306,6 +306,15 @@ impl JsEngine {
         Ok(to_js(&p))
     }
 
+    /// Prefill time per op (bench::profile_prefill): `prompt` fed at once to a fresh session
+    /// `rounds` times (default 3) after a warm-up one, every node of the plan timed. {tokens,
+    /// rounds, threads, wall_ms, ops_ms, ops: [{op, ms, calls, share}]}, per prefill.
+    #[wasm_bindgen(js_name = benchProfilePrefill)]
+    pub fn bench_profile_prefill(&self, prompt: &[u32], rounds: Option<usize>) -> Result<JsValue, JsError> {
+        let p = bench::profile_prefill(&self.inner, prompt, rounds.unwrap_or(3)).map_err(err)?;
+        Ok(to_js(&p))
+    }
+
     /// How decode and prefill hold as the context grows (bench::context_sweep, as `wasmlm
     /// context` runs it natively), one step at a time: `steps`, `label(i)`, `step(i)` in order,
     /// then `result()`: {decode: [{past, ms_per_token, ratio_to_32}], prefill: [{tokens,

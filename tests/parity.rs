@@ -274,6 +274,32 @@ fn profiled_steps_equal_plain_steps_and_count_every_product() {
     assert!(e.to_string().contains("KV cache"), "{e}");
 }
 
+/// The prefill's per-op profile (`wasmlm profile --prefill N`): a prefill timed node by node
+/// gives the very logits of a plain one, and each fused product is timed once per prefill.
+#[test]
+fn a_profiled_prefill_equals_a_plain_one_and_counts_every_product() {
+    let engine = load(&bundle("tiny-llama"), "model.with_past.int8.onnx");
+    let plain = engine.session().unwrap().prefill(&PROMPT).unwrap();
+    let mut times = vec![];
+    let timed = engine.session().unwrap().feed_profiled(&PROMPT, &mut times).unwrap();
+    assert_eq!(plain, timed);
+    let p = wasmlm::bench::profile_prefill(&engine, &PROMPT, 2).unwrap();
+    assert_eq!(p["tokens"], PROMPT.len());
+    let kernels = engine.info.int8_kernels.clone().unwrap();
+    let products: f64 = kernels.split(" x ").next().unwrap().parse().unwrap();
+    let ops = p["ops"].as_array().unwrap();
+    let row = ops.iter().find(|o| o["op"] == "WasmlmBlockQ8MatMul").unwrap_or_else(|| panic!("{ops:?}"));
+    assert_eq!(row["calls"].as_f64().unwrap(), products, "{kernels}");
+    let sum: f64 = ops.iter().map(|o| o["ms"].as_f64().unwrap()).sum();
+    let (in_ops, wall) = (p["ops_ms"].as_f64().unwrap(), p["wall_ms"].as_f64().unwrap());
+    assert!((sum - in_ops).abs() < 1e-2 * ops.len() as f64 && in_ops > 0.0 && in_ops <= wall, "{p}");
+    // no round, an empty prompt, one past the context: refused
+    assert!(wasmlm::bench::profile_prefill(&engine, &PROMPT, 0).unwrap_err().to_string().contains("round"));
+    assert!(engine.session().unwrap().feed_profiled(&[], &mut times).is_err());
+    let long = vec![PROMPT[0]; engine.context + 1];
+    assert!(wasmlm::bench::profile_prefill(&engine, &long, 1).is_err());
+}
+
 /// A layer's block products that read the same input run as one (qmatmul/rewrite.rs,
 /// `merge_siblings`): q, k and v, then gate and up, so 4 products a layer and the LM head, where
 /// each of the 7 projections was one; the logits stay ONNX Runtime's (the parity tests above).

@@ -168,6 +168,10 @@ struct ProfileArgs {
     model: Model,
     #[arg(long, default_value_t = bench::PROFILE_STEPS)]
     steps: usize,
+    /// Time a prefill of this many tokens of the text instead (each op's ms per prefill,
+    /// over --steps rounds)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    prefill: Option<u32>,
     #[arg(long, default_value = DEFAULT_TEXT)]
     text: String,
     #[command(flatten)]
@@ -391,6 +395,9 @@ fn profile(a: ProfileArgs) -> Res<()> {
     let steps = a.steps;
     let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
     let engine = load(&a.model, &a.prep)?;
+    if let Some(n) = a.prefill {
+        return profile_prefill(&engine, &text, n as usize, steps);
+    }
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let p = bench::profile(&engine, &prompt, steps).map_err(|e| e.to_string())?;
     let ops = p["ops"].as_array().unwrap();
@@ -399,6 +406,24 @@ fn profile(a: ProfileArgs) -> Res<()> {
     for op in ops.iter().take(20) {
         println!("{:>8.3} ms/token {:>5.1}%  {:>6} calls/token  {}", op["ms_per_token"].as_f64().unwrap(),
                  100.0 * op["share"].as_f64().unwrap(), op["calls_per_token"], op["op"].as_str().unwrap());
+    }
+    Ok(())
+}
+
+/// Prefill time per op: the text's first `n` tokens fed at once, over `rounds` rounds.
+fn profile_prefill(engine: &Engine, text: &str, n: usize, rounds: usize) -> Res<()> {
+    let chars: String = text.chars().take(n * 8).collect();
+    let ids = engine.text.encode(&chars).map_err(|e| e.to_string())?;
+    if ids.len() < n {
+        return Err(format!("the text gives {} tokens; --prefill asks for {n}", ids.len()));
+    }
+    let p = bench::profile_prefill(engine, &ids[..n], rounds).map_err(|e| e.to_string())?;
+    let wall = p["wall_ms"].as_f64().unwrap();
+    println!("{} {}: a {n}-token prefill, {} ms in ops, {wall} ms in all ({:.1} tokens/s), over {rounds} rounds",
+             engine.info.model, engine.info.file, p["ops_ms"], n as f64 / wall * 1e3);
+    for op in p["ops"].as_array().unwrap().iter().take(20) {
+        println!("{:>9.3} ms {:>5.1}%  {:>6} calls  {}", op["ms"].as_f64().unwrap(), 100.0 * op["share"].as_f64().unwrap(),
+                 op["calls"], op["op"].as_str().unwrap());
     }
     Ok(())
 }
