@@ -416,6 +416,9 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
     }
     if prep.optimize {
         typed.optimize().map_err(opt)?;
+        if prep.fused_ops {
+            fused::binary::fuse(&mut typed).map_err(opt)?;
+        }
         phases.mark("optimize");
         if prep.fold_constants {
             // codegen may leave constant-only work (weight packing) in the plan: fold it too.

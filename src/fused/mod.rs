@@ -1,6 +1,7 @@
 //! Ops of our own for what tract runs as many small nodes: attention's products of two
 //! computed tensors ([`matmul`]), GPT-2's tanh GELU ([`gelu`]), Llama's rotary embedding
-//! ([`rope`]) and the attention core with its key/value cache ([`attention`]).
+//! ([`rope`]) and the attention core with its key/value cache ([`attention`]); and the f32
+//! `Add`s and `Mul`s tract's codegen leaves on its broadcasting path ([`binary`]).
 //!
 //! The first two are found in the ONNX protobuf before tract sees it, as the INT8 products are
 //! (crate::qmatmul), the rotary embedding (by tract-transformers' rules) and the attention core
@@ -10,6 +11,7 @@
 //! `Prepare::fused_ops = false` leaves the graph to tract, to compare.
 
 pub mod attention;
+pub mod binary;
 pub mod gelu;
 pub mod matmul;
 pub mod rope;
