@@ -62,10 +62,11 @@ async function loadWasm(request) {
       : forced === "relaxed" ? "this browser has no WebAssembly relaxed SIMD"
       : "the page is not cross-origin isolated (no SharedArrayBuffer)"));
   }
-  // One core stays with the page, whose main thread draws every token: on 2 cores (Chromium 148,
-  // SmolLM2 q8b32) 2 threads decoded at 8.4 ms/token in benchmark mode (1 thread: 10.3) but at
-  // 13-15 while the page drew each token (1 thread: 11-12). So the threaded build is picked from
-  // 3 cores on, with a thread per core but one; ?build=threads forces it with 2 threads at least.
+  // One core stays with the page, whose main thread draws every token: on 2 cores (Chromium 156,
+  // SmolLM2 q8b32) 2 threads decode at ~8.9 ms/token in benchmark mode (1 thread: ~13.8) but at
+  // 13.3-14.0 while the page draws each token (1 thread: 13.8-14.7; docs/decisions.md, Threads).
+  // So the threaded build is picked from 3 cores on, with a thread per core but one;
+  // ?build=threads forces it with 2 threads at least.
   const cores = navigator.hardwareConcurrency || 1;
   const threadCount = request.threads > 0 ? Math.min(request.threads, 8)
     : Math.min(Math.max(cores - 1, forced === "threads" ? 2 : 1), 8);
