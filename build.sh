@@ -629,7 +629,7 @@ usage: ./build.sh [COMMAND]
                    docs/browser-memory.md (Chromium)
   browser-files    only docs/browser-files.md: each quantized file of the bundles baselines made
   browser-memory   only docs/browser-memory.md: the page's memory against wllama's
-  compare [N]      tract native vs ONNX Runtime in N alternating rounds (build/compare.md)
+  compare [N]      tract native vs ONNX Runtime, decode and prefill, N alternating rounds (build/compare.md)
   context [N]      docs/context.md: the context sweep natively and in headless Chromium, N rounds
   site [DIR] [--files default|int8|all] [--table FILE]
                    the static site (default dist/): every file <= 25 MiB, models in parts;

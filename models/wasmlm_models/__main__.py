@@ -58,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("bundle", type=Path)
     q.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     q.add_argument("--tokens", type=int, default=4096)
-    c = sub.add_parser("compare", help="tract native vs ONNX Runtime on the with-past INT8 files, "
-                                       "measured alternately (JSON + .md)")
+    c = sub.add_parser("compare", help="tract native vs ONNX Runtime on the with-past INT8 files, decode and "
+                                       "prefill, measured alternately (JSON + .md)")
     c.add_argument("bundles", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--tract", type=Path, required=True, help="the wasmlm CLI")

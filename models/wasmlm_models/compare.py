@@ -1,4 +1,5 @@
-"""Tract native against ONNX Runtime on the same file, measured alternately.
+"""Tract native against ONNX Runtime on the same file, measured alternately: decode ms/token and
+the prefill of the bench prompt.
 
 This machine's memory bandwidth drifts within minutes (ONNX Runtime on one file: 3.2 ms/token,
 then 4.0 a few minutes later), so two rows measured minutes apart carry the drift into their
@@ -51,13 +52,18 @@ def build(bundles: list[Path], out: Path, tract: Path, text: Path, threads: list
                             "onnxruntime": ort["decode_ms_per_token"]["median"],
                             "tract": ours["decode_ms_per_token"]["median"]}
                     pair["ratio"] = round(pair["tract"] / pair["onnxruntime"], 3)
+                    pair["prefill"] = {"onnxruntime": ort["prefill_ms"]["median"], "tract": ours["prefill_ms"]["median"]}
+                    pair["prefill"]["ratio"] = round(pair["prefill"]["tract"] / pair["prefill"]["onnxruntime"], 3)
                     pairs.append(pair)
-                    baselines.log(f"{manifest['id']} {f['name']} x{t} round {r + 1}: tract {pair['tract']} ms, "
-                                  f"onnxruntime {pair['onnxruntime']} ms, ratio {pair['ratio']}")
+                    baselines.log(f"{manifest['id']} {f['name']} x{t} round {r + 1}: decode tract {pair['tract']} ms, "
+                                  f"onnxruntime {pair['onnxruntime']} ms, ratio {pair['ratio']}; prefill ratio "
+                                  f"{pair['prefill']['ratio']}")
                 results.append({"model": manifest["id"], "file": f["name"], "preset": f["preset"], "threads": t,
                                 "int8_kernels": ours.get("int8_kernels"), "rounds": pairs,
-                                "median_ratio": round(statistics.median(p["ratio"] for p in pairs), 3)})
-    table = {"what": "decode ms/token, tract native / ONNX Runtime, measured alternately (median of 5 runs each)",
+                                "median_ratio": round(statistics.median(p["ratio"] for p in pairs), 3),
+                                "median_prefill_ratio": round(statistics.median(p["prefill"]["ratio"] for p in pairs), 3)})
+    table = {"what": "tract native / ONNX Runtime, decode ms/token and the bench prompt's prefill ms, measured "
+                     "alternately (median of 5 runs each)",
              "machine": baselines.machine.cpu(), "versions": baselines.versions(), "results": results}
     files.write_json(out, table)
     files.write_text(out.with_suffix(".md"), render(table))
@@ -68,8 +74,12 @@ def render(table: dict) -> str:
     m = table["machine"]
     machine = f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB" if isinstance(m, dict) else m
     lines = [f"# {table['what']}", "", f"Machine: {machine}; {json.dumps(table['versions'])}", "",
-             "| model | file | threads | rounds: tract / ORT ms (ratio) | median ratio |", "|---|---|---|---|---|"]
+             "| model | file | threads | decode, rounds: tract / ORT ms (ratio) | median | "
+             "prefill, rounds: tract / ORT ms (ratio) | median |", "|---|---|---|---|---|---|---|"]
     for r in table["results"]:
-        rounds = "; ".join(f"{p['tract']} / {p['onnxruntime']} ({p['ratio']})" for p in r["rounds"])
-        lines.append(f"| {r['model']} | {r['file']} | {r['threads']} | {rounds} | {r['median_ratio']} |")
+        decode = "; ".join(f"{p['tract']} / {p['onnxruntime']} ({p['ratio']})" for p in r["rounds"])
+        prefill = "; ".join(f"{p['prefill']['tract']} / {p['prefill']['onnxruntime']} ({p['prefill']['ratio']})"
+                            for p in r["rounds"])
+        lines.append(f"| {r['model']} | {r['file']} | {r['threads']} | {decode} | {r['median_ratio']} | {prefill} | "
+                     f"{r['median_prefill_ratio']} |")
     return "\n".join(lines) + "\n"

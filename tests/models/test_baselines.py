@@ -51,12 +51,13 @@ def test_compare_alternates_rounds_and_takes_each_rounds_ratio(tiny_bundles, tmp
     round. tract is a stand-in here (the CLI is built after these tests): a script that prints a
     row as `wasmlm bench-row` does and logs its arguments."""
     import stat
+    import statistics
     import sys
     from wasmlm_models import compare
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "wasmlm"
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-                    "print(json.dumps({'decode_ms_per_token': {'median': 2.0}, 'int8_kernels': 'stand-in'}))\n")
+                    "print(json.dumps({'decode_ms_per_token': {'median': 2.0}, 'prefill_ms': {'median': 3.0}, 'int8_kernels': 'stand-in'}))\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "compare.json"
     table = compare.build([tiny_bundles["tiny-llama"]], out, fake, baselines.files.DEFAULT_TEXT, [1], 2, None)
@@ -67,6 +68,8 @@ def test_compare_alternates_rounds_and_takes_each_rounds_ratio(tiny_bundles, tmp
         for p in r["rounds"]:
             assert p["tract"] == 2.0 and p["onnxruntime"] > 0
             assert p["ratio"] == round(2.0 / p["onnxruntime"], 3)
+            assert p["prefill"]["tract"] == 3.0 and p["prefill"]["ratio"] == round(3.0 / p["prefill"]["onnxruntime"], 3)
+        assert r["median_prefill_ratio"] == round(statistics.median(p["prefill"]["ratio"] for p in r["rounds"]), 3)
     assert calls.read_text().count("bench-row") == 4
     assert "--threads 1" in calls.read_text()
     assert out.with_suffix(".md").read_text().count("| tiny-llama |") == 2
