@@ -137,18 +137,29 @@ pub fn profile(engine: &Engine, prompt: &[u32], steps: usize) -> Result<Value> {
         logits = session.step_profiled(next, &mut times)?;
         wall += now_ms() - t;
     }
+    let (ops, total) = per_op(times, steps, ["ms_per_token", "calls_per_token"]);
+    Ok(json!({"steps": steps, "threads": engine.graph.threads, "wall_ms_per_token": per(wall, steps),
+              "ops_ms_per_token": total, "ops": ops}))
+}
+
+/// `ms / n`, to 0.1 µs.
+fn per(ms: f64, n: usize) -> f64 {
+    (ms / n as f64 * 1e4).round() / 1e4
+}
+
+/// The per-op times summed over `n` steps or prefills, largest first, each divided by `n`:
+/// [{op, <keys[0]>: ms, <keys[1]>: calls, share}], and their total ms over `n`.
+fn per_op(mut times: Vec<(String, f64, usize)>, n: usize, keys: [&str; 2]) -> (Vec<Value>, f64) {
     times.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = times.iter().map(|t| t.1).sum();
-    let per = |ms: f64| (ms / steps as f64 * 1e4).round() / 1e4;
-    let ops: Vec<Value> = times
+    let ops = times
         .iter()
         .map(|(op, ms, calls)| {
-            json!({"op": op, "ms_per_token": per(*ms), "calls_per_token": *calls as f64 / steps as f64,
+            json!({"op": op, keys[0]: per(*ms, n), keys[1]: *calls as f64 / n as f64,
                    "share": (ms / total.max(f64::MIN_POSITIVE) * 1e3).round() / 1e3})
         })
         .collect();
-    Ok(json!({"steps": steps, "threads": engine.graph.threads, "wall_ms_per_token": per(wall),
-              "ops_ms_per_token": per(total), "ops": ops}))
+    (ops, per(total, n))
 }
 
 /// Prefill time per op: `prompt` fed at once to a fresh session `rounds` times after a warm-up
@@ -159,36 +170,18 @@ pub fn profile_prefill(engine: &Engine, prompt: &[u32], rounds: usize) -> Result
     if rounds == 0 {
         return Err(crate::error::Error::Options("the prefill profile needs at least one round".into()));
     }
+    engine.session()?.feed_profiled(prompt, &mut vec![])?; // the warm-up
     let mut times: Vec<(String, f64, usize)> = vec![];
     let mut wall = 0.0;
-    for round in 0..=rounds {
+    for _ in 0..rounds {
         let mut session = engine.session()?;
-        let mut these = vec![];
         let t = now_ms();
-        session.feed_profiled(prompt, &mut these)?;
-        if round == 0 {
-            continue; // the warm-up
-        }
+        session.feed_profiled(prompt, &mut times)?;
         wall += now_ms() - t;
-        for (op, ms, calls) in these {
-            match times.iter_mut().find(|e| e.0 == op) {
-                Some(e) => { e.1 += ms; e.2 += calls; }
-                None => times.push((op, ms, calls)),
-            }
-        }
     }
-    times.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = times.iter().map(|t| t.1).sum();
-    let per = |ms: f64| (ms / rounds as f64 * 1e3).round() / 1e3;
-    let ops: Vec<Value> = times
-        .iter()
-        .map(|(op, ms, calls)| {
-            json!({"op": op, "ms": per(*ms), "calls": *calls as f64 / rounds as f64,
-                   "share": (ms / total.max(f64::MIN_POSITIVE) * 1e3).round() / 1e3})
-        })
-        .collect();
+    let (ops, total) = per_op(times, rounds, ["ms", "calls"]);
     Ok(json!({"tokens": prompt.len(), "rounds": rounds, "threads": engine.graph.threads,
-              "wall_ms": per(wall), "ops_ms": per(total), "ops": ops}))
+              "wall_ms": per(wall, rounds), "ops_ms": total, "ops": ops}))
 }
 
 /// Rows of `table` (baselines.json) with `new` added, replacing rows with the same key.
