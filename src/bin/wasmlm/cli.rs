@@ -419,7 +419,7 @@ fn profile_prefill(engine: &Engine, text: &str, n: usize, rounds: usize) -> Res<
     }
     let p = bench::profile_prefill(engine, &ids[..n], rounds).map_err(|e| e.to_string())?;
     let wall = p["wall_ms"].as_f64().unwrap();
-    println!("{} {}: a {n}-token prefill, {} ms in ops, {wall} ms in all ({:.1} tokens/s), over {rounds} rounds",
+    println!("{} {}: a {n}-token prefill, {} ms in ops, {wall} ms in all ({:.1} tokens/s), mean of {rounds} round(s)",
              engine.info.model, engine.info.file, p["ops_ms"], n as f64 / wall * 1e3);
     for op in p["ops"].as_array().unwrap().iter().take(20) {
         println!("{:>9.3} ms {:>5.1}%  {:>6} calls  {}", op["ms"].as_f64().unwrap(), 100.0 * op["share"].as_f64().unwrap(),
