@@ -133,11 +133,16 @@ impl Session {
     /// Feed tokens after what the cache holds (a prompt, a chat's new turn) and get the logits
     /// for the token after them. Refused, with the cache as it was, past the context.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.admit(ids)?;
+        self.feed(ids)
+    }
+
+    /// Whether `ids` can be fed: some, and room for them.
+    fn admit(&self, ids: &[u32]) -> Result<()> {
         if ids.is_empty() {
             return Err(Error::Options("an empty prompt gives nothing to predict from".into()));
         }
-        self.room_for(ids.len())?;
-        self.feed(ids)
+        self.room_for(ids.len())
     }
 
     /// Whether `more` tokens fit after what the cache holds (the error says why not).
@@ -216,10 +221,7 @@ impl Session {
     /// Feed `ids` after the cache (a decode step, or a prefill of several), timing every node
     /// of the plan: op name -> (ms, calls), added into `times`.
     pub fn feed_profiled(&mut self, ids: &[u32], times: &mut Vec<(String, f64, usize)>) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Err(Error::Options("an empty prompt gives nothing to predict from".into()));
-        }
-        self.room_for(ids.len())?;
+        self.admit(ids)?;
         let inputs = self.inputs(ids)?;
         let threads = self.graph.threads;
         let state = &mut self.state;
