@@ -100,7 +100,9 @@ impl EvalOp for Binary {
         let bs = bv.as_slice::<f32>()?;
         let mut view = y.try_as_plain_ram_mut()?;
         let ys = view.as_slice_mut::<f32>()?;
-        if self.row {
+        if ys.is_empty() {
+            // nothing to compute (an empty axis), as tract gives
+        } else if self.row {
             let d = bs.len();
             ensure!(d > 0 && ys.len() % d == 0, "{OP_NAME}: a row of {d} does not tile {} values", ys.len());
             for r in ys.chunks_exact_mut(d) {
