@@ -162,25 +162,31 @@ fn per_op(mut times: Vec<(String, f64, usize)>, n: usize, keys: [&str; 2]) -> (V
     (ops, per(total, n))
 }
 
-/// Prefill time per op: `prompt` fed at once to a fresh session `rounds` times after a warm-up
-/// one, every node of the plan timed (`Session::feed_profiled`). {tokens, rounds, threads,
-/// wall_ms, ops_ms, ops: [{op, ms, calls, share}]}, per prefill, largest first; `wall` and `ops`
-/// as in [`profile`].
-pub fn profile_prefill(engine: &Engine, prompt: &[u32], rounds: usize) -> Result<Value> {
+/// Prefill time per op: `prompt` fed at once after `past` (none, or a chat's history: the
+/// second turn of [`context_sweep`]) `rounds` times after a warm-up one, every node of the plan
+/// timed (`Session::feed_profiled`); the past is fed once, untimed, and each round feeds the
+/// prompt to a fork of it. {tokens, past, rounds, threads, wall_ms, ops_ms, ops: [{op, ms, calls,
+/// share}]}, per prefill, largest first; `wall` and `ops` as in [`profile`].
+pub fn profile_prefill(engine: &Engine, past: &[u32], prompt: &[u32], rounds: usize) -> Result<Value> {
     if rounds == 0 {
         return Err(crate::error::Error::Options("the prefill profile needs at least one round".into()));
     }
-    engine.session()?.feed_profiled(prompt, &mut vec![])?; // the warm-up
+    let mut history = engine.session()?;
+    if !past.is_empty() {
+        history.prefill(past)?;
+    }
+    history.room_for(prompt.len())?;
+    history.fork().feed_profiled(prompt, &mut vec![])?; // the warm-up
     let mut times: Vec<(String, f64, usize)> = vec![];
     let mut wall = 0.0;
     for _ in 0..rounds {
-        let mut session = engine.session()?;
+        let mut session = history.fork();
         let t = now_ms();
         session.feed_profiled(prompt, &mut times)?;
         wall += now_ms() - t;
     }
     let (ops, total) = per_op(times, rounds, ["ms", "calls"]);
-    Ok(json!({"tokens": prompt.len(), "rounds": rounds, "threads": engine.graph.threads,
+    Ok(json!({"tokens": prompt.len(), "past": past.len(), "rounds": rounds, "threads": engine.graph.threads,
               "wall_ms": per(wall, rounds), "ops_ms": total, "ops": ops}))
 }
 

@@ -306,12 +306,13 @@ impl JsEngine {
         Ok(to_js(&p))
     }
 
-    /// Prefill time per op (bench::profile_prefill): `prompt` fed at once to a fresh session
-    /// `rounds` times (default 3) after a warm-up one, every node of the plan timed. {tokens,
-    /// rounds, threads, wall_ms, ops_ms, ops: [{op, ms, calls, share}]}, per prefill.
+    /// Prefill time per op (bench::profile_prefill): `prompt` fed at once `rounds` times
+    /// (default 3) after a warm-up one, each time to a fresh session or, with `past`, to a copy
+    /// of a session that holds it (a chat's next turn), every node of the plan timed. {tokens,
+    /// past, rounds, threads, wall_ms, ops_ms, ops: [{op, ms, calls, share}]}, per prefill.
     #[wasm_bindgen(js_name = benchProfilePrefill)]
-    pub fn bench_profile_prefill(&self, prompt: &[u32], rounds: Option<usize>) -> Result<JsValue, JsError> {
-        let p = bench::profile_prefill(&self.inner, prompt, rounds.unwrap_or(3)).map_err(err)?;
+    pub fn bench_profile_prefill(&self, prompt: &[u32], rounds: Option<usize>, past: Option<Vec<u32>>) -> Result<JsValue, JsError> {
+        let p = bench::profile_prefill(&self.inner, past.as_deref().unwrap_or(&[]), prompt, rounds.unwrap_or(3)).map_err(err)?;
         Ok(to_js(&p))
     }
 

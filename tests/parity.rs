@@ -283,8 +283,8 @@ fn a_profiled_prefill_equals_a_plain_one_and_counts_every_product() {
     let mut times = vec![];
     let timed = engine.session().unwrap().feed_profiled(&PROMPT, &mut times).unwrap();
     assert_eq!(plain, timed);
-    let p = wasmlm::bench::profile_prefill(&engine, &PROMPT, 2).unwrap();
-    assert_eq!(p["tokens"], PROMPT.len());
+    let p = wasmlm::bench::profile_prefill(&engine, &[], &PROMPT, 2).unwrap();
+    assert_eq!((&p["tokens"], &p["past"]), (&PROMPT.len().into(), &0.into()));
     let kernels = engine.info.int8_kernels.clone().unwrap();
     let products: f64 = kernels.split(" x ").next().unwrap().parse().unwrap();
     let ops = p["ops"].as_array().unwrap();
@@ -293,11 +293,25 @@ fn a_profiled_prefill_equals_a_plain_one_and_counts_every_product() {
     let sum: f64 = ops.iter().map(|o| o["ms"].as_f64().unwrap()).sum();
     let (in_ops, wall) = (p["ops_ms"].as_f64().unwrap(), p["wall_ms"].as_f64().unwrap());
     assert!((sum - in_ops).abs() < 1e-2 * ops.len() as f64 && in_ops > 0.0 && in_ops <= wall, "{p}");
-    // no round, an empty prompt, one past the context: refused
-    assert!(wasmlm::bench::profile_prefill(&engine, &PROMPT, 0).unwrap_err().to_string().contains("round"));
+    // after a past, as a chat's next turn: the logits of the same tokens fed after it, each
+    // product still timed once per prefill
+    let (past, turn) = PROMPT.split_at(PROMPT.len() / 2);
+    let mut history = engine.session().unwrap();
+    history.prefill(past).unwrap();
+    let plain = history.fork().prefill(turn).unwrap();
+    assert_eq!(plain, history.fork().feed_profiled(turn, &mut vec![]).unwrap());
+    let p = wasmlm::bench::profile_prefill(&engine, past, turn, 2).unwrap();
+    assert_eq!((&p["tokens"], &p["past"]), (&turn.len().into(), &past.len().into()));
+    let ops = p["ops"].as_array().unwrap();
+    assert_eq!(ops.iter().find(|o| o["op"] == "WasmlmBlockQ8MatMul").unwrap()["calls"].as_f64().unwrap(), products);
+    // no round, an empty prompt, one past the context (alone, or after the past): refused
+    assert!(wasmlm::bench::profile_prefill(&engine, &[], &PROMPT, 0).unwrap_err().to_string().contains("round"));
     assert!(engine.session().unwrap().feed_profiled(&[], &mut times).is_err());
     let long = vec![PROMPT[0]; engine.context + 1];
-    assert!(wasmlm::bench::profile_prefill(&engine, &long, 1).is_err());
+    assert!(wasmlm::bench::profile_prefill(&engine, &[], &long, 1).is_err());
+    let rest = vec![PROMPT[0]; engine.context - past.len() + 1];
+    let e = wasmlm::bench::profile_prefill(&engine, past, &rest, 1).unwrap_err().to_string();
+    assert!(e.contains("context"), "{e}");
 }
 
 /// A layer's block products that read the same input run as one (qmatmul/rewrite.rs,

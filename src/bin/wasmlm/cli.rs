@@ -172,6 +172,10 @@ struct ProfileArgs {
     /// over --steps rounds)
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     prefill: Option<u32>,
+    /// With --prefill: the tokens come after a past of this many tokens of the text, fed first
+    /// and untimed (a chat's next turn)
+    #[arg(long, requires = "prefill")]
+    past: Option<u32>,
     #[arg(long, default_value = DEFAULT_TEXT)]
     text: String,
     #[command(flatten)]
@@ -396,7 +400,7 @@ fn profile(a: ProfileArgs) -> Res<()> {
     let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
     let engine = load(&a.model, &a.prep)?;
     if let Some(n) = a.prefill {
-        return profile_prefill(&engine, &text, n as usize, steps);
+        return profile_prefill(&engine, &text, a.past.unwrap_or(0) as usize, n as usize, steps);
     }
     let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
     let p = bench::profile(&engine, &prompt, steps).map_err(|e| e.to_string())?;
@@ -410,16 +414,21 @@ fn profile(a: ProfileArgs) -> Res<()> {
     Ok(())
 }
 
-/// Prefill time per op: the text's first `n` tokens fed at once, over `rounds` rounds.
-fn profile_prefill(engine: &Engine, text: &str, n: usize, rounds: usize) -> Res<()> {
-    let chars: String = text.chars().take(n * 8).collect();
-    let ids = engine.text.encode(&chars).map_err(|e| e.to_string())?;
-    if ids.len() < n {
-        return Err(format!("the text gives {} tokens; --prefill asks for {n}", ids.len()));
+/// Prefill time per op: the text's `n` tokens after its first `past` fed at once (after those,
+/// fed untimed), over `rounds` rounds.
+fn profile_prefill(engine: &Engine, text: &str, past: usize, n: usize, rounds: usize) -> Res<()> {
+    if past + n > engine.context {
+        return Err(format!("--past {past} and --prefill {n} make {} tokens; the model's context is {}", past + n, engine.context));
     }
-    let p = bench::profile_prefill(engine, &ids[..n], rounds).map_err(|e| e.to_string())?;
+    let chars: String = text.chars().take((past + n) * 8).collect();
+    let ids = engine.text.encode(&chars).map_err(|e| e.to_string())?;
+    if ids.len() < past + n {
+        return Err(format!("the text gives {} tokens; --past and --prefill ask for {}", ids.len(), past + n));
+    }
+    let p = bench::profile_prefill(engine, &ids[..past], &ids[past..past + n], rounds).map_err(|e| e.to_string())?;
     let wall = p["wall_ms"].as_f64().unwrap();
-    println!("{} {}: a {n}-token prefill, {} ms in ops, {wall} ms in all ({:.1} tokens/s), mean of {rounds} round(s)",
+    let after = if past > 0 { format!(" after {past}") } else { String::new() };
+    println!("{} {}: a {n}-token prefill{after}, {} ms in ops, {wall} ms in all ({:.1} tokens/s), mean of {rounds} round(s)",
              engine.info.model, engine.info.file, p["ops_ms"], n as f64 / wall * 1e3);
     for op in p["ops"].as_array().unwrap().iter().take(20) {
         println!("{:>9.3} ms {:>5.1}%  {:>6} calls  {}", op["ms"].as_f64().unwrap(), 100.0 * op["share"].as_f64().unwrap(),
