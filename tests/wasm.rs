@@ -144,11 +144,11 @@ fn int8_kernels_equal_the_scalar_one() {
     assert_eq!(wasmlm::qmatmul::blockq8::check_block_kernels().unwrap(), wasm_kernels::expected_block());
 }
 
-/// The attention op's SIMD128 loops (scores, softmax, the values' sum) give the portable loops'
-/// bits.
+/// The attention op's SIMD128 loops (scores, softmax, the values' sum, a prefill's products)
+/// give the portable loops' bits.
 #[wasm_bindgen_test]
 fn attention_loops_equal_the_portable_ones() {
-    let want: &[&str] = if cfg!(target_feature = "simd128") { &["simd128 scores", "simd128 mix", "simd128 softmax"] } else { &[] };
+    let want: &[&str] = if cfg!(target_feature = "simd128") { &["simd128 scores", "simd128 mix", "simd128 softmax", "simd128 tiles"] } else { &[] };
     assert_eq!(wasmlm::fused::rows::check().unwrap(), want);
 }
 

@@ -280,9 +280,10 @@ impl TypedOp for ActMatMul {
     as_op!();
 }
 
-/// Rows of A from which a batch goes to `matrixmultiply`'s blocked kernel (packed panels,
-/// register tiles) instead of the loops below, which take one row at a time: a prefill's
-/// attention. Measured on a 680-token prompt (README).
+/// Rows of A from which a batch goes to a blocked kernel instead of the loops below, which take
+/// one row at a time: a prefill's attention. Natively `matrixmultiply`'s (packed panels,
+/// register tiles); in the SIMD128 builds [`super::rows::tiles`]. Measured on a 680-token
+/// prompt (README).
 pub const BLOCKED_ROWS: usize = 16;
 
 /// The batched product into `c` (every element written). Shapes as numpy's `matmul` with both
@@ -334,7 +335,9 @@ fn product_any(a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], trans
         let a = &a[ao * m * k..][..m * k];
         let b = &b[bo * k * n..][..k * n];
         let c = &mut c[batch * m * n..][..m * n];
-        if m >= BLOCKED_ROWS && k > 0 && n > 0 {
+        if m >= BLOCKED_ROWS && cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+            super::rows::tiles(a, m, k, b, n, trans_b, c);
+        } else if m >= BLOCKED_ROWS && k > 0 && n > 0 {
             // SAFETY: a is m x k and c is m x n, row-major; b is k x n row-major, or n x k
             // row-major read as its transpose (strides swapped); the slices hold exactly that.
             let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
