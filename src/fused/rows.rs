@@ -64,8 +64,8 @@ fn mix_portable(p: &[f32], v: &[f32], y: &mut [f32]) {
 /// `C = A B` for a prefill's attention in the wasm builds, `A` (m × k) and `C` (m × n)
 /// row-major, `B` (k × n) row-major or, with `trans_b`, (n × k) read as its transpose: each
 /// element summed over k in order, a multiply then an add (as [`tiles_portable`]). SIMD128 takes
-/// four rows by eight columns at a time, where matrixmultiply's portable kernel, which that build
-/// had, took ~2.5x the time (a 20-token turn after 1,000 tokens, Node).
+/// four rows by eight columns at a time: attention took ~20% less time than on matrixmultiply's
+/// portable kernel in a 20-token turn after 1,000 tokens (Node; docs/decisions.md).
 #[inline(always)]
 pub fn tiles(a: &[f32], m: usize, k: usize, b: &[f32], n: usize, trans_b: bool, c: &mut [f32]) {
     debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
@@ -275,15 +275,15 @@ mod simd {
         }
     }
 
-    /// `R` rows (`a[r]`, one value per step, `a_step` apart) by eight columns (two vectors at
-    /// `b`, `b_step` apart per step), over `k` steps: each of the 8R sums in step order.
+    /// `R` rows (`a[r]`, one value per step) by eight columns (two vectors at `b`, `b_step`
+    /// apart per step), over `k` steps: each of the 8R sums in step order.
     #[inline(always)]
-    unsafe fn tile<const R: usize>(a: [*const f32; R], a_step: usize, b: *const f32, b_step: usize, k: usize) -> [[v128; 2]; R] {
+    unsafe fn tile<const R: usize>(a: [*const f32; R], b: *const f32, b_step: usize, k: usize) -> [[v128; 2]; R] {
         let mut acc = [[f32x4_splat(0.0); 2]; R];
         for kk in 0..k {
             let (b0, b1) = (load(b.add(kk * b_step)), load(b.add(kk * b_step + 4)));
             for r in 0..R {
-                let x = v128_load32_splat(a[r].add(kk * a_step) as *const u32);
+                let x = v128_load32_splat(a[r].add(kk) as *const u32);
                 acc[r][0] = f32x4_add(acc[r][0], f32x4_mul(x, b0));
                 acc[r][1] = f32x4_add(acc[r][1], f32x4_mul(x, b1));
             }
@@ -327,14 +327,14 @@ mod simd {
                 let mut j = 0;
                 while j + 4 <= n {
                     let rows: [*const f32; 4] = std::array::from_fn(|r| b.as_ptr().add((j + r) * k));
-                    let acc = tile::<4>(rows, 1, panel.as_ptr(), 8, k);
+                    let acc = tile::<4>(rows, panel.as_ptr(), 8, k);
                     for r in 0..4 {
                         put(c, j + r, &acc[r]);
                     }
                     j += 4;
                 }
                 while j < n {
-                    let acc = tile::<1>([b.as_ptr().add(j * k)], 1, panel.as_ptr(), 8, k);
+                    let acc = tile::<1>([b.as_ptr().add(j * k)], panel.as_ptr(), 8, k);
                     put(c, j, &acc[0]);
                     j += 1;
                 }
@@ -353,13 +353,13 @@ mod simd {
                 let bp = b.as_ptr().add(j);
                 if h == 4 {
                     let rows: [*const f32; 4] = std::array::from_fn(|r| a.as_ptr().add((i + r) * k));
-                    let acc = tile::<4>(rows, 1, bp, n, k);
+                    let acc = tile::<4>(rows, bp, n, k);
                     for r in 0..4 {
                         v128_store(c.as_mut_ptr().add((i + r) * n + j) as *mut v128, acc[r][0]);
                         v128_store(c.as_mut_ptr().add((i + r) * n + j + 4) as *mut v128, acc[r][1]);
                     }
                 } else {
-                    let acc = tile::<1>([a.as_ptr().add(i * k)], 1, bp, n, k);
+                    let acc = tile::<1>([a.as_ptr().add(i * k)], bp, n, k);
                     v128_store(c.as_mut_ptr().add(i * n + j) as *mut v128, acc[0][0]);
                     v128_store(c.as_mut_ptr().add(i * n + j + 4) as *mut v128, acc[0][1]);
                 }
