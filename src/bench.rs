@@ -175,8 +175,7 @@ pub fn profile_prefill(engine: &Engine, past: &[u32], prompt: &[u32], rounds: us
     if !past.is_empty() {
         history.prefill(past)?;
     }
-    history.room_for(prompt.len())?;
-    history.fork().feed_profiled(prompt, &mut vec![])?; // the warm-up
+    history.fork().feed_profiled(prompt, &mut vec![])?; // the warm-up (refused past the context)
     let mut times: Vec<(String, f64, usize)> = vec![];
     let mut wall = 0.0;
     for _ in 0..rounds {

@@ -182,20 +182,18 @@ pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
 /// NaN or an infinity.
 pub fn quantize_row_portable(x: &[f32], out: &mut [i16]) -> f32 {
     // in eight lanes of compare and select, which vectorize (a fold of `f32::max` stays a chain
-    // of scalar ones); NaN skipped, as `f32::max` does, and noted
+    // of scalar ones); NaN skipped, as `f32::max` does
     const LANES: usize = 8;
-    let (mut lanes, mut nan) = ([0f32; LANES], [false; LANES]);
+    let mut lanes = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..LANES {
             let a = c[i].abs();
             lanes[i] = if a > lanes[i] { a } else { lanes[i] };
-            nan[i] |= c[i].is_nan();
         }
     }
     let max = lanes.iter().chain(rest).fold(0f32, |m, v| m.max(v.abs()));
-    let nan = nan.contains(&true) || rest.iter().any(|v| v.is_nan());
     if max == 0.0 || !max.is_finite() {
         out.iter_mut().for_each(|o| *o = 0);
         return if max.is_finite() { 0.0 } else { f32::NAN };
@@ -204,18 +202,13 @@ pub fn quantize_row_portable(x: &[f32], out: &mut [i16]) -> f32 {
     let inv = 32767.0 / max;
     // round half to even by 1.5 * 2^23, as in `super::quantize` (no libm call per element)
     const ROUND: f32 = 12_582_912.0;
-    let round = |v: f32| ((v * inv).clamp(-32767.0, 32767.0) + ROUND) - ROUND;
-    if nan {
-        // `max` skipped the NaN; `as` makes it 0
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = round(v) as i16;
-        }
-    } else {
-        for (o, &v) in out.iter_mut().zip(x) {
-            // SAFETY: finite (max is), and an integer within ±32767 after the rounding: the plain
-            // conversion, which vectorizes where `as`'s saturating one stayed scalar
-            *o = unsafe { round(v).to_int_unchecked::<i32>() } as i16;
-        }
+    for (o, &v) in out.iter_mut().zip(x) {
+        // a NaN (which `max` skipped) as 0, as `as` made it; then, an integer within ±32767, the
+        // plain conversion, which vectorizes where `as`'s saturating one stayed scalar
+        let r = ((v * inv).clamp(-32767.0, 32767.0) + ROUND) - ROUND;
+        let r = if r.is_nan() { 0.0 } else { r };
+        // SAFETY: not NaN, and an integer within ±32767
+        *o = unsafe { r.to_int_unchecked::<i32>() } as i16;
     }
     scale
 }
