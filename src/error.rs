@@ -36,6 +36,8 @@ pub enum Error {
     Hub(String),
     #[error("invalid option: {0}")]
     Options(String),
+    #[error("ModelFile: {0}")]
+    ModelFile(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -171,9 +171,81 @@ impl OnnxBytes for Vec<u8> {
     }
 }
 
-/// A protobuf from any `Buf` (bytes in memory, or chunks of a JS array).
-pub fn decode_proto(buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::ModelProto> {
-    tract_onnx::pb::ModelProto::decode(buf).map_err(|e| Error::Onnx(e.to_string()))
+/// A protobuf from any `Buf` (bytes in memory, or chunks of a JS array or of wasm memory).
+///
+/// As prost's own decoding, except for the `raw_data` of initializers of 8 MiB or more, which is
+/// copied once into its vector. prost reads a bytes field through `Buf::copy_to_bytes`, a copy
+/// of its own, then copies that into the vector, both copies alive at once. For SmolLM2's 28 MB
+/// embedding table, at the start of the file, that set the peak of a load from the page's
+/// `ModelFile` (all of the file still in wasm memory then, and wasm memory keeps its peak):
+/// 202 MiB after load, 175 with one copy (src/file_parts.rs; docs/decisions.md, "Memory at
+/// load").
+pub fn decode_proto(mut buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::ModelProto> {
+    use prost::bytes::Buf;
+    use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
+    use tract_onnx::pb::{GraphProto, ModelProto, TensorProto};
+    // ONNX's field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+    const GRAPH: u32 = 7;
+    const INITIALIZER: u32 = 5;
+    const RAW_DATA: u32 = 9;
+    // tensors this large are copied once (an embedding table); smaller ones as prost does
+    const ONE_COPY_FROM: usize = 8 << 20;
+    let err = |e: prost::DecodeError| Error::Onnx(e.to_string());
+    // a length-delimited field's length, held to what is left
+    fn length(buf: &mut impl Buf) -> Result<usize> {
+        let len = decode_varint(buf).map_err(|e| Error::Onnx(e.to_string()))?;
+        if len > buf.remaining() as u64 {
+            return Err(Error::Onnx(format!("a field of {len} bytes where {} are left (a truncated file?)", buf.remaining())));
+        }
+        Ok(len as usize)
+    }
+    let ctx = DecodeContext::default();
+    let mut model = ModelProto::default();
+    while buf.has_remaining() {
+        let (tag, wire) = decode_key(&mut buf).map_err(err)?;
+        if tag != GRAPH || wire != WireType::LengthDelimited {
+            model.merge_field(tag, wire, &mut buf, ctx.clone()).map_err(err)?;
+            continue;
+        }
+        let len = length(&mut buf)?;
+        let graph = model.graph.get_or_insert_with(GraphProto::default);
+        let mut g = (&mut buf).take(len);
+        while g.has_remaining() {
+            let (tag, wire) = decode_key(&mut g).map_err(err)?;
+            if tag != INITIALIZER || wire != WireType::LengthDelimited {
+                graph.merge_field(tag, wire, &mut g, ctx.clone()).map_err(err)?;
+                continue;
+            }
+            let len = length(&mut g)?;
+            let mut tensor = TensorProto::default();
+            let mut t = (&mut g).take(len);
+            while t.has_remaining() {
+                let (tag, wire) = decode_key(&mut t).map_err(err)?;
+                if tag != RAW_DATA || wire != WireType::LengthDelimited {
+                    tensor.merge_field(tag, wire, &mut t, ctx.clone()).map_err(err)?;
+                    continue;
+                }
+                let n = length(&mut t)?;
+                tensor.raw_data = if n >= ONE_COPY_FROM {
+                    let mut raw = Vec::with_capacity(n);
+                    while raw.len() < n {
+                        let chunk = t.chunk();
+                        let k = chunk.len().min(n - raw.len());
+                        raw.extend_from_slice(&chunk[..k]);
+                        t.advance(k);
+                    }
+                    raw
+                } else {
+                    // prost's two copies: the holes the first ones leave are where the
+                    // packings of qmatmul/packs.rs then fit (one copy for every tensor: 205 MiB
+                    // after load, against 174)
+                    t.copy_to_bytes(n).to_vec()
+                };
+            }
+            graph.initializer.push(tensor);
+        }
+    }
+    Ok(model)
 }
 
 /// The op types this engine's rewrites write into a graph (qmatmul/, fused/) are its own, never
@@ -427,4 +499,56 @@ fn prepare(model: InferenceModel, prep: Prepare, phases: &mut Phases) -> Result<
         }
     }
     Ok((typed, cut))
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
+
+    /// `decode_proto` reads what prost reads: tensors with their bytes and other fields, a field
+    /// it does not know, a graph given in pieces (merged) and a tensor's bytes given twice (the
+    /// last kept); and it refuses a truncated file.
+    #[test]
+    fn decode_proto_equals_prosts() {
+        let tensor = |name: &str, n: usize| TensorProto {
+            name: name.into(), data_type: 2, dims: vec![n as i64], raw_data: (0..n).map(|i| (i * 13) as u8).collect(),
+            doc_string: "d".into(), ..Default::default()
+        };
+        let node = NodeProto { op_type: "Add".into(), input: vec!["a".into(), "b".into()], output: vec!["c".into()], ..Default::default() };
+        let one = ModelProto {
+            ir_version: 8, producer_name: "p".into(),
+            graph: Some(GraphProto { name: "g".into(), node: vec![node.clone()], initializer: vec![tensor("a", 300), tensor("e", 0)], ..Default::default() }),
+            ..Default::default()
+        };
+        let two = ModelProto {
+            graph: Some(GraphProto { node: vec![node], initializer: vec![tensor("b", 70_000)], ..Default::default() }),
+            model_version: 3, ..Default::default()
+        };
+        let mut bytes = one.encode_to_vec();
+        bytes.extend(two.encode_to_vec());
+        // an unknown field at the top (number 1000, a varint)
+        bytes.extend([0xc0, 0x3e, 0x05]);
+        let ours = super::decode_proto(&bytes[..]).unwrap();
+        assert_eq!(ours, ModelProto::decode(&bytes[..]).unwrap());
+        assert_eq!(ours.graph.as_ref().unwrap().initializer.len(), 3);
+        // a tensor whose raw_data comes twice (the last wins), in a third piece of the graph
+        let field = |tag: u8, payload: &[u8]| {
+            let mut out = vec![tag];
+            prost::encoding::encode_varint(payload.len() as u64, &mut out);
+            out.extend_from_slice(payload);
+            out
+        };
+        let mut twice = tensor("f", 4).encode_to_vec();
+        twice.extend(field(0x4a, &[9, 9])); // field 9 (raw_data), length-delimited
+        let mut more = bytes.clone();
+        more.extend(field(0x3a, &field(0x2a, &twice))); // graph (7) holding an initializer (5)
+        let ours = super::decode_proto(&more[..]).unwrap();
+        assert_eq!(ours, ModelProto::decode(&more[..]).unwrap());
+        assert_eq!(ours.graph.unwrap().initializer[3].raw_data, vec![9, 9]);
+        for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(super::decode_proto(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(ModelProto::decode(&bytes[..cut]).is_err(), "prost, cut at {cut}");
+        }
+    }
 }

@@ -1,7 +1,11 @@
-//! An ONNX file as the page holds it, in JS memory, read in chunks as it is hashed or decoded
+//! An ONNX file held in JS memory, read in chunks as it is hashed or decoded
 //! (wasm32 only): one `Uint8Array`, or an `Array` of them, the file's parts in order (a static
 //! site serves a model in parts of at most 25 MiB: docs/decisions.md, "Static hosting"; the
 //! parts are read as one stream and never joined in either memory).
+//!
+//! A bundle's file does not come this way: the page writes its download into the engine's
+//! memory as it arrives (src/file_parts.rs). This reads the bytes an embedding page passes, a
+//! user's own files and a Hugging Face repository's first download.
 //!
 //! Passed as a slice, the whole file would first be copied into wasm memory, and wasm memory
 //! never shrinks: the copy sets the high-water mark wherever it adds to the peak of the load.

@@ -9,6 +9,7 @@ pub mod convention;
 pub mod engine;
 pub mod error;
 pub mod external;
+pub mod file_parts;
 pub mod fold;
 pub mod fused;
 pub mod generate;

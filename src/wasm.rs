@@ -21,6 +21,7 @@ use wasm_bindgen::JsCast;
 use crate::bench;
 use crate::engine::Engine;
 use crate::external::{SideFile, SideFiles, WithExternal};
+use crate::file_parts::FileParts;
 use crate::generate::{GenerateOptions, Generation};
 use crate::graph::Prepare;
 use crate::js_bytes::JsBytes;
@@ -105,18 +106,114 @@ fn side_files(external: JsValue) -> Result<SideFiles, JsError> {
     Ok(out)
 }
 
-/// An ONNX file's bytes from JS, refused above [`MAX_WASM_FILE`] before anything is read.
-fn onnx_bytes(onnx: JsValue) -> Result<JsBytes, JsError> {
+/// An ONNX file's bytes from JS: a [`JsModelFile`] the page wrote as it downloaded, or a
+/// `Uint8Array` (an `Array` of them) read in chunks ([`JsBytes`]); refused above
+/// [`MAX_WASM_FILE`] before anything is read.
+fn onnx_bytes(onnx: JsValue) -> Result<PageBytes, JsError> {
+    use wasm_bindgen::convert::TryFromJsValue;
     use crate::graph::OnnxBytes;
-    let bytes = JsBytes::new(onnx).map_err(err)?;
+    // an instance of ModelFile is moved out of JS here (its JS object is spent)
+    let bytes = match JsModelFile::try_from_js_value(onnx) {
+        Ok(file) => {
+            file.inner.check_complete().map_err(err)?;
+            PageBytes::Written(file.inner)
+        }
+        Err(onnx) => PageBytes::Js(JsBytes::new(onnx).map_err(err)?),
+    };
+    check_size(bytes.len())?;
+    Ok(bytes)
+}
+
+fn check_size(bytes: u64) -> Result<(), JsError> {
     let gib = |n: u64| n as f64 / (1u64 << 30) as f64;
-    if bytes.len() > MAX_WASM_FILE {
+    if bytes > MAX_WASM_FILE {
         return Err(JsError::new(&format!(
             "the ONNX file is {:.2} GiB: the WebAssembly engine takes files up to {:.1} GiB (its memory is at most 4 GiB, \
              and a load holds ~2.5x the file); run it natively, or use a smaller (quantized) file",
-            gib(bytes.len()), gib(MAX_WASM_FILE))));
+            gib(bytes), gib(MAX_WASM_FILE))));
     }
-    Ok(bytes)
+    Ok(())
+}
+
+enum PageBytes {
+    Js(JsBytes),
+    Written(FileParts),
+}
+
+impl crate::graph::OnnxBytes for PageBytes {
+    fn len(&self) -> u64 {
+        match self {
+            PageBytes::Js(b) => b.len(),
+            PageBytes::Written(b) => b.len(),
+        }
+    }
+
+    fn sha256(&self) -> String {
+        match self {
+            PageBytes::Js(b) => b.sha256(),
+            PageBytes::Written(b) => b.sha256(),
+        }
+    }
+
+    fn decode(self) -> crate::Result<tract_onnx::pb::ModelProto> {
+        match self {
+            PageBytes::Js(b) => b.decode(),
+            PageBytes::Written(b) => b.decode(),
+        }
+    }
+}
+
+/// An ONNX file written into the engine's memory as the page downloads it, part by part, in any
+/// order (src/file_parts.rs): JS never holds the whole file. Given to `Engine.fromBundle` in
+/// place of the bytes, it is spent.
+///
+/// ```js
+/// const file = new ModelFile([part0.bytes, part1.bytes]);  // the sizes, from the manifest
+/// for await (const chunk of body) file.write(1, chunk);
+/// file.finish(1);                                           // all of its bytes are there
+/// await crypto.subtle.digest("SHA-256", file.part(1));      // then check it (restart(1) if bad)
+/// ```
+#[wasm_bindgen(js_name = ModelFile)]
+pub struct JsModelFile {
+    inner: FileParts,
+}
+
+#[wasm_bindgen(js_class = ModelFile)]
+impl JsModelFile {
+    /// Parts of these sizes in bytes; refused above the engine's largest file, before any
+    /// download.
+    #[wasm_bindgen(constructor)]
+    pub fn new(part_sizes: Vec<f64>) -> Result<JsModelFile, JsError> {
+        if let Some(bad) = part_sizes.iter().find(|s| !(s.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(*s))) {
+            return Err(JsError::new(&format!("ModelFile: a part's size must be a whole number of bytes, not {bad}")));
+        }
+        let sizes: Vec<usize> = part_sizes.iter().map(|&s| s as usize).collect();
+        check_size(sizes.iter().map(|&s| s as u64).sum())?;
+        Ok(JsModelFile { inner: FileParts::new(&sizes) })
+    }
+
+    /// Appends a chunk of the download to part `part`; refused past the part's size.
+    pub fn write(&mut self, part: usize, chunk: &js_sys::Uint8Array) -> Result<(), JsError> {
+        self.inner.write(part, chunk.length() as usize, |dst| chunk.copy_to(dst)).map_err(err)
+    }
+
+    /// Empties part `part`, to write it again.
+    pub fn restart(&mut self, part: usize) -> Result<(), JsError> {
+        self.inner.restart(part).map_err(err)
+    }
+
+    /// Part `part` is complete; an error if bytes are missing.
+    pub fn finish(&mut self, part: usize) -> Result<(), JsError> {
+        self.inner.finish(part).map_err(err)
+    }
+
+    /// A view of part `part`'s bytes in wasm memory, to be read at once: it is invalid after
+    /// any other call into the engine (wasm memory may grow and move).
+    pub fn part(&self, part: usize) -> Result<js_sys::Uint8Array, JsError> {
+        let bytes = self.inner.bytes(part).ok_or_else(|| JsError::new(&format!("ModelFile: no part {part}")))?;
+        // SAFETY: the view is returned to JS to be read before the next call into wasm.
+        Ok(unsafe { js_sys::Uint8Array::view(bytes) })
+    }
 }
 
 fn to_js<T: Serialize + ?Sized>(value: &T) -> JsValue {
@@ -201,9 +298,10 @@ pub struct JsEngine {
 
 #[wasm_bindgen(js_class = Engine)]
 impl JsEngine {
-    /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes (a
-    /// `Uint8Array`, or an `Array` of them, the file's parts in order; read in chunks: never
-    /// whole in wasm memory, src/js_bytes.rs),
+    /// From a bundle: manifest.json's text, the ONNX file's name in it and its bytes: a
+    /// [`JsModelFile`] written as it downloaded (spent here), or a `Uint8Array` (an `Array` of
+    /// them, the file's parts in order; read in chunks: never whole in wasm memory,
+    /// src/js_bytes.rs),
     /// tokenizer.json's bytes. Sizes and sha256 are checked against the manifest (options:
     /// `{sha256: {name: hex}}` gives digests already computed, e.g. by WebCrypto).
     #[wasm_bindgen(js_name = fromBundle)]

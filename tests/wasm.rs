@@ -10,7 +10,7 @@
 use serde_json::Value;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_test::*;
-use wasmlm::wasm::{JsEngine, JsSession};
+use wasmlm::wasm::{JsEngine, JsModelFile, JsSession};
 use wasmlm::{bench, Engine, Manifest, Prepare};
 
 #[path = "common/wasm_kernels.rs"]
@@ -204,9 +204,14 @@ fn onnx_read_in_small_chunks_gives_the_same_model() {
     let engine = JsEngine::from_bundle(&b.manifest_text, file, parts(&bytes, &cuts), &b.tokenizer, JsValue::UNDEFINED);
     wasmlm::js_bytes::set_chunk_bytes(4 << 20);
     let engine = engine.map_err(JsValue::from).unwrap();
+    assert_eq!(greedy(&engine, 8), ids(&native["tokens"])[..8].to_vec());
+}
+
+/// `n` greedy tokens after PROMPT (as text), through the JS surface.
+fn greedy(engine: &JsEngine, n: usize) -> Vec<u32> {
     let mut session: JsSession = engine.session().map_err(JsValue::from).unwrap();
     let prompt = engine.decode(&PROMPT).map_err(JsValue::from).unwrap();
-    let opts = js(&serde_json::json!({"max_new_tokens": 8, "ignore_eos": true}));
+    let opts = js(&serde_json::json!({"max_new_tokens": n, "ignore_eos": true}));
     let mut ev = session.prefill(&prompt, opts).map_err(JsValue::from).unwrap();
     let mut tokens = vec![];
     while !ev.is_undefined() {
@@ -214,7 +219,55 @@ fn onnx_read_in_small_chunks_gives_the_same_model() {
         tokens.push(e["id"].as_u64().unwrap() as u32);
         ev = session.next().map_err(JsValue::from).unwrap();
     }
-    assert_eq!(tokens, ids(&native["tokens"])[..8].to_vec());
+    tokens
+}
+
+fn js_message(e: JsError) -> String {
+    let e = JsValue::from(e);
+    js_sys::Reflect::get(&e, &"message".into()).unwrap().as_string().unwrap()
+}
+
+/// The page's way in: the file written into the engine's memory as it downloads
+/// (src/file_parts.rs), the parts in any order and each in chunks. The engine built from it
+/// gives the native greedy tokens. A part left unfinished, a chunk past a part's size, a size
+/// that is not a whole number and a file above the engine's limit are refused with their reason.
+#[wasm_bindgen_test]
+fn a_model_file_written_as_it_downloads_gives_the_same_model() {
+    let b = bundle("tiny-llama");
+    let file = "model.with_past.int8.onnx";
+    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    let bytes = read(&format!("{}/{file}", b.dir));
+    let bounds = [0, 1, 4096, 4096, bytes.len() / 3, bytes.len() - 7, bytes.len()];
+    let sizes: Vec<f64> = bounds.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
+    let written = |unfinished: Option<usize>| -> JsModelFile {
+        let mut f = JsModelFile::new(sizes.clone()).map_err(JsValue::from).unwrap();
+        for i in (0..sizes.len()).rev() {
+            let part = &bytes[bounds[i]..bounds[i + 1]];
+            for chunk in part.chunks(997) {
+                f.write(i, &js_sys::Uint8Array::from(chunk)).map_err(JsValue::from).unwrap();
+            }
+            if unfinished != Some(i) {
+                f.finish(i).map_err(JsValue::from).unwrap();
+            }
+            assert_eq!(f.part(i).map_err(JsValue::from).unwrap().to_vec(), part, "part {i} as the page hashes it");
+        }
+        f
+    };
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, written(None).into(), &b.tokenizer, JsValue::UNDEFINED)
+        .map_err(JsValue::from)
+        .unwrap();
+    assert_eq!(greedy(&engine, 8), ids(&native["tokens"])[..8].to_vec());
+    let m = js_message(JsEngine::from_bundle(&b.manifest_text, file, written(Some(3)).into(), &b.tokenizer, JsValue::UNDEFINED)
+        .err()
+        .unwrap());
+    assert!(m.contains("part 3 of 6 is not finished"), "{m}");
+    let mut f = JsModelFile::new(vec![3.0]).map_err(JsValue::from).unwrap();
+    let m = js_message(f.write(0, &js_sys::Uint8Array::from(&[1u8, 2, 3, 4][..])).err().unwrap());
+    assert!(m.contains("part 0 holds 3 bytes; 4 more would make 4"), "{m}");
+    let m = js_message(JsModelFile::new(vec![2.5]).err().unwrap());
+    assert!(m.contains("a part's size must be a whole number of bytes, not 2.5"), "{m}");
+    let m = js_message(JsModelFile::new(vec![1e9, 1e9]).err().unwrap());
+    assert!(m.contains("1.86 GiB") && m.contains("up to 1.5 GiB"), "{m}");
 }
 
 /// The benchmark mode's per-op profile through the JS surface: every product of the file is

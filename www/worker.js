@@ -122,21 +122,102 @@ function hex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-// Bytes of one file (or part) of the manifest: from the Cache API when there and intact, else
-// downloaded, checked (size, sha256) and then cached under its sha256. A failed check never
-// reaches the cache; a cached copy that fails it (a damaged disk cache, a stored entry cut short)
-// is deleted and downloaded again. `onBytes(loaded, cached)` follows the download.
-async function fetchFile(base, entry, cache, onBytes) {
-  if (cache) {
-    const hit = await cache.match(cacheKey(entry.sha256));
-    if (hit) {
-      const bytes = new Uint8Array(await hit.arrayBuffer());
-      const found = bytes.length === entry.bytes ? await sha256(bytes) : undefined;
-      if (found === entry.sha256) {
-        onBytes(bytes.length, true);
-        return { bytes, sha256: found };
+// Where a file's bytes go as they arrive: a Uint8Array of the file's size (the tokenizer, the
+// peers' copies), or part `i` of a wasm.ModelFile, in the engine's own memory (the model: JS
+// never holds it whole, and each chunk is garbage once copied; src/file_parts.rs). `finish`
+// gives the sha256 (hex) of what was written, or undefined without WebCrypto (the engine then
+// hashes the array itself).
+function arraySink(size) {
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  return {
+    bytes,
+    write(chunk) { bytes.set(chunk, at); at += chunk.length; },
+    restart() { at = 0; },
+    finish: () => sha256(bytes),
+  };
+}
+
+function partSink(file, i) {
+  return {
+    write: (chunk) => file.write(i, chunk),
+    restart: () => file.restart(i),
+    async finish() {
+      file.finish(i);
+      if (!crypto.subtle) return undefined;
+      // a view of wasm memory, read at once; WebCrypto takes no shared memory (the threaded
+      // build's): a copy then
+      const bytes = file.part(i);
+      const shared = typeof SharedArrayBuffer !== "undefined" && bytes.buffer instanceof SharedArrayBuffer;
+      return hex(await crypto.subtle.digest("SHA-256", shared ? bytes.slice() : bytes));
+    },
+  };
+}
+
+// A response body into `sink` (and `copy`), chunk by chunk, held to the manifest's size.
+async function pour(body, entry, sink, onBytes, copy = null) {
+  let loaded = 0;
+  const reader = body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    if (loaded + value.length > entry.bytes) {
+      reader.cancel().catch(() => {});
+      throw new Error(`${entry.name}: the server sent more than the manifest's ${entry.bytes} bytes`);
+    }
+    sink.write(value);
+    copy?.write(value);
+    loaded += value.length;
+    onBytes(loaded);
+  }
+  if (loaded !== entry.bytes) {
+    throw new Error(`${entry.name}: ${loaded} bytes arrived, the manifest says ${entry.bytes} (interrupted download?)`);
+  }
+}
+
+// The Cache API's copy of a download, streamed as the download arrives: `commit` stores it,
+// `abort` drops it (a put whose body fails stores nothing).
+function cacheWriter(cache, key, name) {
+  let feed;
+  let refused = null;
+  const body = new ReadableStream({ start(controller) { feed = controller; } });
+  const put = cache.put(key, new Response(body)).catch((err) => { refused = err; });
+  return {
+    write(chunk) {
+      if (refused) return;
+      try { feed.enqueue(chunk); } catch (err) { refused = err; }
+    },
+    abort(err) {
+      try { feed.error(err); } catch { /* already closed by a refusal */ }
+    },
+    async commit() {
+      try { feed.close(); } catch { /* already errored by a refusal */ }
+      await put;
+      if (refused) {
+        post({ type: Msg.NOTICE, text: `${name} is kept in memory only: the browser refused to cache it (${refused.name}: ${refused.message}).` });
       }
-      await cache.delete(cacheKey(entry.sha256));
+    },
+  };
+}
+
+// One file (or part) of the manifest into `sink`: from the Cache API when there and intact,
+// else downloaded, checked (size, sha256) and cached under its sha256. A failed check never
+// reaches the cache; a cached copy that fails it (a damaged disk cache, a stored entry cut
+// short) is deleted and downloaded again. `onBytes(loaded, cached)` follows the bytes. Returns
+// the sha256 found (undefined where it could not be computed: no WebCrypto).
+async function fetchFile(base, entry, cache, onBytes, sink) {
+  const key = cacheKey(entry.sha256);
+  if (cache) {
+    const hit = await cache.match(key);
+    if (hit) {
+      let found;
+      try {
+        await pour(hit.body, entry, sink, (n) => onBytes(n, true));
+        found = await sink.finish();
+      } catch { /* cut short or too long: damaged */ }
+      if (found === entry.sha256) return found;
+      sink.restart();
+      await cache.delete(key);
       post({ type: Msg.NOTICE, text: `The browser's cached copy of ${entry.name} was damaged; it was deleted and is downloaded again.` });
     }
   }
@@ -144,36 +225,24 @@ async function fetchFile(base, entry, cache, onBytes) {
   // Cache API above is keyed by content)
   const res = await fetch(base + entry.name, { cache: "no-store" });
   if (!res.ok) throw new Error(`${base}${entry.name}: HTTP ${res.status} ${res.statusText}`);
-  const bytes = new Uint8Array(entry.bytes);
-  let loaded = 0;
-  const reader = res.body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    if (loaded + value.length > entry.bytes) {
-      throw new Error(`${entry.name}: the server sent more than the manifest's ${entry.bytes} bytes`);
+  const copy = cache ? cacheWriter(cache, key, entry.name) : null;
+  let found;
+  try {
+    await pour(res.body, entry, sink, (n) => onBytes(n, false), copy);
+    found = await sink.finish();
+    if (found && found !== entry.sha256) {
+      throw new Error(`${entry.name}: sha256 is ${found}, the manifest says ${entry.sha256} (corrupt download?)`);
     }
-    bytes.set(value, loaded);
-    loaded += value.length;
-    onBytes(loaded, false);
+  } catch (err) {
+    copy?.abort(err);
+    throw err;
   }
-  if (loaded !== entry.bytes) {
-    throw new Error(`${entry.name}: ${loaded} bytes arrived, the manifest says ${entry.bytes} (interrupted download?)`);
-  }
-  const found = await sha256(bytes);
-  if (found && found !== entry.sha256) {
-    throw new Error(`${entry.name}: sha256 is ${found}, the manifest says ${entry.sha256} (corrupt download?)`);
-  }
-  if (cache) {
-    try {
-      await cache.put(cacheKey(entry.sha256), new Response(bytes));
-    } catch (err) {
-      post({ type: Msg.NOTICE, text: `${entry.name} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
-    }
+  if (copy) {
+    await copy.commit();
   } else {
     post({ type: Msg.NOTICE, text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
   }
-  return { bytes, sha256: found };
+  return found;
 }
 
 // Deletes the cached model files (keys under cacheKey) that no cached manifest lists, e.g. the
@@ -209,36 +278,41 @@ function progressOf(entry) {
 const PARALLEL_PARTS = 4;
 
 // One manifest entry's bytes. A file a static site serves in parts (`entry.parts`, each at most
-// 25 MiB: docs/decisions.md, "Static hosting") comes back as the array of its parts, fetched
-// PARALLEL_PARTS at a time, each checked and cached on its own; the engine reads the array as one
-// stream. Its `sha256` is then the manifest's, every part having been checked against its own.
-async function fetchEntry(base, entry, cache) {
+// 25 MiB: docs/decisions.md, "Static hosting") is fetched PARALLEL_PARTS parts at a time, each
+// checked and cached on its own. `bytes` is a Uint8Array, or the array of the parts' (the engine
+// reads it as one stream); with `wasmFile`, a wasm.ModelFile the parts were written into. Its
+// `sha256` is the manifest's when every part was checked against its own, else undefined.
+async function fetchEntry(base, entry, cache, { wasmFile = false } = {}) {
   const progress = progressOf(entry);
-  if (!entry.parts) {
-    let cached = false;
-    const file = await fetchFile(base, entry, cache, (n, hit) => { cached = hit; progress(n, hit); });
-    progress(entry.bytes, cached, true);
-    return file;
-  }
-  const loaded = entry.parts.map(() => 0);
+  const pieces = entry.parts ?? [entry];
+  const file = wasmFile ? new wasm.ModelFile(pieces.map((p) => p.bytes)) : null;
+  const sinks = pieces.map((p, i) => (file ? partSink(file, i) : arraySink(p.bytes)));
+  const loaded = pieces.map(() => 0);
   let cached = true;
+  let checked = true;
   const total = () => loaded.reduce((a, b) => a + b, 0);
-  const parts = new Array(entry.parts.length);
   let next = 0;
   const lane = async () => {
-    while (next < entry.parts.length) {
+    while (next < pieces.length) {
       const i = next++;
-      const part = await fetchFile(base, entry.parts[i], cache, (n, hit) => {
+      const found = await fetchFile(base, pieces[i], cache, (n, hit) => {
         loaded[i] = n;
         cached &&= hit;
         progress(total(), cached);
-      });
-      parts[i] = part.bytes;
+      }, sinks[i]);
+      checked &&= found === pieces[i].sha256;
     }
   };
-  await Promise.all(Array.from({ length: Math.min(PARALLEL_PARTS, entry.parts.length) }, lane));
+  try {
+    await Promise.all(Array.from({ length: Math.min(PARALLEL_PARTS, pieces.length) }, lane));
+  } catch (err) {
+    next = pieces.length; // the other lanes stop at their part's end
+    file?.free();
+    throw err;
+  }
   progress(total(), cached, true);
-  return { bytes: parts, sha256: entry.sha256 };
+  const bytes = file ?? (entry.parts ? sinks.map((s) => s.bytes) : sinks[0].bytes);
+  return { bytes, sha256: checked ? entry.sha256 : undefined };
 }
 
 // A file's bytes as one array (for onnxruntime-web, which takes nothing else).
@@ -298,7 +372,7 @@ async function load(request) {
     const file = source.file || manifest.default?.file;
     if (!file) throw new Error(`${source.base}manifest.json names no default file: give source.file`);
     const tokenizer = await fetchEntry(source.base, find("tokenizer.json"), cache);
-    let onnx = await fetchEntry(source.base, find(file), cache);
+    let onnx = await fetchEntry(source.base, find(file), cache, { wasmFile: true });
     post({ type: Msg.STATUS, text: `optimizing the graph (${file}); large models take seconds` });
     await yieldToEvents();
     const sha256 = {};
@@ -418,10 +492,12 @@ async function loadHub(s) {
     try {
       const index = checkManifest(await hit.json(), indexUrl);
       for (const entry of index.files) {
-        const got = await fetchEntry(resolveBase(s), entry, cache);
+        // the graph straight into the engine's memory, as a bundle's
+        const got = await fetchEntry(resolveBase(s), entry, cache, { wasmFile: entry.name === onnxPath(s.dtype) });
         files[entry.name] = { name: entry.name, bytes: joined(got.bytes), entry };
       }
     } catch (err) {
+      files[onnxPath(s.dtype)]?.bytes.free?.();
       // a file the browser evicted, then changed in the repository: start again from the hub
       await cache.delete(indexUrl);
       post({ type: Msg.NOTICE, text: `The cached copy of ${s.repo} could not be used (${err.message}); it is fetched again.` });
