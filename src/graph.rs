@@ -182,7 +182,6 @@ impl OnnxBytes for Vec<u8> {
 /// load").
 pub fn decode_proto(mut buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::ModelProto> {
     use prost::bytes::Buf;
-    use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
     use tract_onnx::pb::{GraphProto, ModelProto, TensorProto};
     // ONNX's field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
     const GRAPH: u32 = 7;
@@ -190,62 +189,59 @@ pub fn decode_proto(mut buf: impl prost::bytes::Buf) -> Result<tract_onnx::pb::M
     const RAW_DATA: u32 = 9;
     // tensors this large are copied once (an embedding table); smaller ones as prost does
     const ONE_COPY_FROM: usize = 8 << 20;
-    let err = |e: prost::DecodeError| Error::Onnx(e.to_string());
-    // a length-delimited field's length, held to what is left
-    fn length(buf: &mut impl Buf) -> Result<usize> {
-        let len = decode_varint(buf).map_err(|e| Error::Onnx(e.to_string()))?;
-        if len > buf.remaining() as u64 {
-            return Err(Error::Onnx(format!("a field of {len} bytes where {} are left (a truncated file?)", buf.remaining())));
-        }
-        Ok(len as usize)
-    }
-    let ctx = DecodeContext::default();
     let mut model = ModelProto::default();
-    while buf.has_remaining() {
-        let (tag, wire) = decode_key(&mut buf).map_err(err)?;
-        if tag != GRAPH || wire != WireType::LengthDelimited {
-            model.merge_field(tag, wire, &mut buf, ctx.clone()).map_err(err)?;
-            continue;
-        }
-        let len = length(&mut buf)?;
+    fields(&mut model, &mut buf, GRAPH, |model, g| {
         let graph = model.graph.get_or_insert_with(GraphProto::default);
-        let mut g = (&mut buf).take(len);
-        while g.has_remaining() {
-            let (tag, wire) = decode_key(&mut g).map_err(err)?;
-            if tag != INITIALIZER || wire != WireType::LengthDelimited {
-                graph.merge_field(tag, wire, &mut g, ctx.clone()).map_err(err)?;
-                continue;
-            }
-            let len = length(&mut g)?;
+        fields(graph, g, INITIALIZER, |graph, t| {
             let mut tensor = TensorProto::default();
-            let mut t = (&mut g).take(len);
-            while t.has_remaining() {
-                let (tag, wire) = decode_key(&mut t).map_err(err)?;
-                if tag != RAW_DATA || wire != WireType::LengthDelimited {
-                    tensor.merge_field(tag, wire, &mut t, ctx.clone()).map_err(err)?;
-                    continue;
-                }
-                let n = length(&mut t)?;
+            fields(&mut tensor, t, RAW_DATA, |tensor, raw| {
+                let n = raw.remaining();
                 tensor.raw_data = if n >= ONE_COPY_FROM {
-                    let mut raw = Vec::with_capacity(n);
-                    while raw.len() < n {
-                        let chunk = t.chunk();
-                        let k = chunk.len().min(n - raw.len());
-                        raw.extend_from_slice(&chunk[..k]);
-                        t.advance(k);
+                    let mut one = Vec::with_capacity(n);
+                    while raw.has_remaining() {
+                        let k = raw.chunk().len();
+                        one.extend_from_slice(raw.chunk());
+                        raw.advance(k);
                     }
-                    raw
+                    one
                 } else {
                     // prost's two copies: the holes the first ones leave are where the
                     // packings of qmatmul/packs.rs then fit (one copy for every tensor: 205 MiB
                     // after load, against 174)
-                    t.copy_to_bytes(n).to_vec()
+                    raw.copy_to_bytes(n).to_vec()
                 };
-            }
+                Ok(())
+            })?;
             graph.initializer.push(tensor);
-        }
-    }
+            Ok(())
+        })
+    })?;
     Ok(model)
+}
+
+/// The fields of a message `msg` in `buf`, merged as prost does, except the length-delimited
+/// field number `own`, whose bytes `read` takes (all of them).
+fn fields<M: Message, B: prost::bytes::Buf>(
+    msg: &mut M,
+    buf: &mut B,
+    own: u32,
+    mut read: impl FnMut(&mut M, &mut prost::bytes::buf::Take<&mut B>) -> Result<()>,
+) -> Result<()> {
+    use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
+    let err = |e: prost::DecodeError| Error::Onnx(e.to_string());
+    while buf.has_remaining() {
+        let (tag, wire) = decode_key(buf).map_err(err)?;
+        if tag != own || wire != WireType::LengthDelimited {
+            msg.merge_field(tag, wire, buf, DecodeContext::default()).map_err(err)?;
+            continue;
+        }
+        let len = decode_varint(buf).map_err(err)?;
+        if len > buf.remaining() as u64 {
+            return Err(Error::Onnx(format!("a field of {len} bytes where {} are left (a truncated file?)", buf.remaining())));
+        }
+        read(msg, &mut <&mut B as prost::bytes::Buf>::take(&mut *buf, len as usize))?;
+    }
+    Ok(())
 }
 
 /// The op types this engine's rewrites write into a graph (qmatmul/, fused/) are its own, never
