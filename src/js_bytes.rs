@@ -43,7 +43,7 @@ impl JsBytes {
     /// wasm-bindgen does not check the argument's type: an `ArrayBuffer` or an `Array` of
     /// numbers would fail later, inside a call to their missing methods.
     pub fn new(value: wasm_bindgen::JsValue) -> Result<JsBytes> {
-        let wrong = || Error::Onnx("its bytes must be a Uint8Array (or a Node Buffer), or an Array of them".into());
+        let wrong = || Error::Onnx("its bytes must be a Uint8Array (or a Node Buffer), an Array of them, or a ModelFile not yet given to a load".into());
         let parts: Vec<js_sys::Uint8Array> = if value.is_instance_of::<js_sys::Uint8Array>() {
             vec![value.unchecked_into()]
         } else if js_sys::Array::is_array(&value) {

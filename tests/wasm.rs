@@ -229,8 +229,9 @@ fn js_message(e: JsError) -> String {
 
 /// The page's way in: the file written into the engine's memory as it downloads
 /// (src/file_parts.rs), the parts in any order and each in chunks. The engine built from it
-/// gives the native greedy tokens. A part left unfinished, a chunk past a part's size, a size
-/// that is not a whole number and a file above the engine's limit are refused with their reason.
+/// gives the native greedy tokens. A ModelFile given to a second load, a part left unfinished, a
+/// chunk past a part's size, a size that is not a whole number and a file above the engine's
+/// limit are refused with their reason.
 #[wasm_bindgen_test]
 fn a_model_file_written_as_it_downloads_gives_the_same_model() {
     let b = bundle("tiny-llama");
@@ -253,10 +254,14 @@ fn a_model_file_written_as_it_downloads_gives_the_same_model() {
         }
         f
     };
-    let engine = JsEngine::from_bundle(&b.manifest_text, file, written(None).into(), &b.tokenizer, JsValue::UNDEFINED)
+    let model_file: JsValue = written(None).into();
+    let engine = JsEngine::from_bundle(&b.manifest_text, file, model_file.clone(), &b.tokenizer, JsValue::UNDEFINED)
         .map_err(JsValue::from)
         .unwrap();
     assert_eq!(greedy(&engine, 8), ids(&native["tokens"])[..8].to_vec());
+    // the load took it: a second load of the same JS object is refused
+    let m = js_message(JsEngine::from_bundle(&b.manifest_text, file, model_file, &b.tokenizer, JsValue::UNDEFINED).err().unwrap());
+    assert!(m.contains("or a ModelFile not yet given to a load"), "{m}");
     let m = js_message(JsEngine::from_bundle(&b.manifest_text, file, written(Some(3)).into(), &b.tokenizer, JsValue::UNDEFINED)
         .err()
         .unwrap());
