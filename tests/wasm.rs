@@ -194,17 +194,32 @@ fn js_surface_streams_the_native_tokens() {
 /// manifest's, and the decoded graph must give the native greedy tokens.
 #[wasm_bindgen_test]
 fn onnx_read_in_small_chunks_gives_the_same_model() {
-    let b = bundle("tiny-llama");
-    let file = "model.with_past.int8.onnx";
-    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
-    let bytes = read(&format!("{}/{file}", b.dir));
-    // As a site serves it: in parts (uneven, one empty), each chunk boundary falling elsewhere.
-    let cuts = [1, 4096, 4096, bytes.len() / 3, bytes.len() - 7];
+    let SiteFile { b, file, bytes, tokens, cuts } = site_file();
+    // each chunk boundary falling elsewhere than the parts'
     wasmlm::js_bytes::set_chunk_bytes(997);
     let engine = JsEngine::from_bundle(&b.manifest_text, file, parts(&bytes, &cuts), &b.tokenizer, JsValue::UNDEFINED);
     wasmlm::js_bytes::set_chunk_bytes(4 << 20);
     let engine = engine.map_err(JsValue::from).unwrap();
-    assert_eq!(greedy(&engine, 8), ids(&native["tokens"])[..8].to_vec());
+    assert_eq!(greedy(&engine, 8), tokens);
+}
+
+/// tiny-llama's INT8 file as the loading tests take it: its bundle, name and bytes, the native
+/// engine's first 8 greedy tokens, and where a site would cut it into parts (uneven, one empty).
+struct SiteFile {
+    b: Bundle,
+    file: &'static str,
+    bytes: Vec<u8>,
+    tokens: Vec<u32>,
+    cuts: [usize; 5],
+}
+
+fn site_file() -> SiteFile {
+    let b = bundle("tiny-llama");
+    let file = "model.with_past.int8.onnx";
+    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
+    let bytes = read(&format!("{}/{file}", b.dir));
+    let cuts = [1, 4096, 4096, bytes.len() / 3, bytes.len() - 7];
+    SiteFile { b, file, tokens: ids(&native["tokens"])[..8].to_vec(), bytes, cuts }
 }
 
 /// `n` greedy tokens after PROMPT (as text), through the JS surface.
@@ -234,11 +249,8 @@ fn js_message(e: JsError) -> String {
 /// limit are refused with their reason.
 #[wasm_bindgen_test]
 fn a_model_file_written_as_it_downloads_gives_the_same_model() {
-    let b = bundle("tiny-llama");
-    let file = "model.with_past.int8.onnx";
-    let native = json(&format!("{}/build/wasm-test/tiny-llama/{file}.native.json", root()));
-    let bytes = read(&format!("{}/{file}", b.dir));
-    let bounds = [0, 1, 4096, 4096, bytes.len() / 3, bytes.len() - 7, bytes.len()];
+    let SiteFile { b, file, bytes, tokens, cuts } = site_file();
+    let bounds: Vec<usize> = [0].into_iter().chain(cuts).chain([bytes.len()]).collect();
     let sizes: Vec<f64> = bounds.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
     let written = |unfinished: Option<usize>| -> JsModelFile {
         let mut f = JsModelFile::new(sizes.clone()).map_err(JsValue::from).unwrap();
@@ -258,7 +270,7 @@ fn a_model_file_written_as_it_downloads_gives_the_same_model() {
     let engine = JsEngine::from_bundle(&b.manifest_text, file, model_file.clone(), &b.tokenizer, JsValue::UNDEFINED)
         .map_err(JsValue::from)
         .unwrap();
-    assert_eq!(greedy(&engine, 8), ids(&native["tokens"])[..8].to_vec());
+    assert_eq!(greedy(&engine, 8), tokens);
     // the load took it: a second load of the same JS object is refused
     let m = js_message(JsEngine::from_bundle(&b.manifest_text, file, model_file, &b.tokenizer, JsValue::UNDEFINED).err().unwrap());
     assert!(m.contains("or a ModelFile not yet given to a load"), "{m}");
