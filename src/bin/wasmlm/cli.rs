@@ -29,7 +29,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// One benchmark row as JSON (what `bench` runs for each file)
     BenchRow(BenchRowArgs),
-    /// Decode time per op over greedy steps after the bench prompt
+    /// Decode time per op over greedy steps after the bench prompt (or --past tokens)
     Profile(ProfileArgs),
     /// How decode and prefill hold as the context grows (Markdown, or JSON)
     Context(ContextArgs),
@@ -172,9 +172,9 @@ struct ProfileArgs {
     /// over --steps rounds)
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     prefill: Option<u32>,
-    /// With --prefill: the tokens come after a past of this many tokens of the text, fed first
-    /// and untimed (a chat's next turn)
-    #[arg(long, requires = "prefill")]
+    /// The decode steps (or with --prefill, its tokens) come after a past of this many tokens
+    /// of the text, fed first and untimed (a long chat; with --prefill, its next turn)
+    #[arg(long)]
     past: Option<u32>,
     #[arg(long, default_value = DEFAULT_TEXT)]
     text: String,
@@ -394,7 +394,8 @@ fn context(a: ContextArgs) -> Res<()> {
     Ok(())
 }
 
-/// Decode time per op over `steps` greedy steps after the bench prompt, largest first.
+/// Decode time per op over `steps` greedy steps after the bench prompt (or a past of the text's
+/// first tokens), largest first.
 fn profile(a: ProfileArgs) -> Res<()> {
     let steps = a.steps;
     let text = std::fs::read_to_string(&a.text).map_err(|e| format!("{}: {e}", a.text))?;
@@ -402,7 +403,10 @@ fn profile(a: ProfileArgs) -> Res<()> {
     if let Some(n) = a.prefill {
         return profile_prefill(&engine, &text, a.past.unwrap_or(0) as usize, n as usize, steps);
     }
-    let prompt = bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?;
+    let prompt = match a.past {
+        Some(p) => text_ids(&engine, &text, p as usize + steps, "--past and --steps")?[..p as usize].to_vec(),
+        None => bench::prompt_ids(&engine, &text).map_err(|e| e.to_string())?,
+    };
     let p = bench::profile(&engine, &prompt, steps).map_err(|e| e.to_string())?;
     let ops = p["ops"].as_array().unwrap();
     println!("{} {}: {} nodes, {} ms/token in ops, {} ms/token in all, over {steps} steps", engine.info.model,
@@ -417,14 +421,7 @@ fn profile(a: ProfileArgs) -> Res<()> {
 /// Prefill time per op: the text's `n` tokens after its first `past` fed at once (after those,
 /// fed untimed), over `rounds` rounds.
 fn profile_prefill(engine: &Engine, text: &str, past: usize, n: usize, rounds: usize) -> Res<()> {
-    if past + n > engine.context {
-        return Err(format!("--past {past} and --prefill {n} make {} tokens; the model's context is {}", past + n, engine.context));
-    }
-    let chars: String = text.chars().take((past + n) * 8).collect();
-    let ids = engine.text.encode(&chars).map_err(|e| e.to_string())?;
-    if ids.len() < past + n {
-        return Err(format!("the text gives {} tokens; --past and --prefill ask for {}", ids.len(), past + n));
-    }
+    let ids = text_ids(engine, text, past + n, "--past and --prefill")?;
     let p = bench::profile_prefill(engine, &ids[..past], &ids[past..past + n], rounds).map_err(|e| e.to_string())?;
     let wall = p["wall_ms"].as_f64().unwrap();
     let after = if past > 0 { format!(" after {past}") } else { String::new() };
@@ -435,6 +432,20 @@ fn profile_prefill(engine: &Engine, text: &str, past: usize, n: usize, rounds: u
                  op["calls"], op["op"].as_str().unwrap());
     }
     Ok(())
+}
+
+/// The text's first `n` tokens, if the model's context holds them (`what` names the options that
+/// asked for them).
+fn text_ids(engine: &Engine, text: &str, n: usize, what: &str) -> Res<Vec<u32>> {
+    if n > engine.context {
+        return Err(format!("{what} make {n} tokens; the model's context is {}", engine.context));
+    }
+    let chars: String = text.chars().take(n * 8).collect();
+    let ids = engine.text.encode(&chars).map_err(|e| e.to_string())?;
+    if ids.len() < n {
+        return Err(format!("the text gives {} tokens; {what} ask for {n}", ids.len()));
+    }
+    Ok(ids[..n].to_vec())
 }
 
 /// Memory read bandwidth at 1 thread and at N, alternating rounds (bench::membw, which the page's
