@@ -36,7 +36,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::matmul::{product, ActMatMul, BLOCKED_ROWS};
 use super::rope::broadcast_strides;
-use super::rows::{mix, scale_and_mask, scores as key_scores, softmax};
+use super::rows::{mix_into, scale_and_mask, scores as key_scores, softmax};
 #[cfg(test)]
 use super::rows::exp_le0;
 
@@ -514,9 +514,10 @@ impl<'a> Keys<'a> {
     }
 }
 
-/// The attention of every (batch, head): tasks claimed one at a time by the session's threads.
-/// A head's products are [`product`]'s, on the keys and values where they lie (a head's rows are
-/// contiguous in the cache's buffer).
+/// The attention of every (batch, head). A few query rows (decode, a short turn) take
+/// [`attend_rows`]; a prefill's heads are tasks claimed one at a time by the session's threads,
+/// each head's products [`product`]'s on the keys and values where they lie (a head's rows are
+/// contiguous in the cache's buffer), a chunk of rows at a time.
 fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usize) -> TractResult<Tensor> {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     let qs = q.shape();
@@ -532,45 +533,39 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     let (qv, mv) = (q.try_as_plain_ram()?, mask.try_as_plain_ram()?);
     let (q, mask) = (qv.as_slice::<f32>()?, mv.as_slice::<f32>()?);
     let mut yv = y.try_as_plain_ram_mut()?;
+    // head `i` = (batch, query head), query row r
+    let mask_row = |i: usize, r: usize| &mask[i / h * st[0] + i % h * st[1] + r * st[2]..];
+    let scale_mask_softmax = |i: usize, r: usize, row: &mut [f32]| {
+        if st[3] == 1 {
+            scale_and_mask(row, scale, mask_row(i, r));
+        } else {
+            let m = mask_row(i, r);
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = *x * scale + m[j * st[3]];
+            }
+        }
+        softmax(row);
+    };
+    if s < BLOCKED_ROWS {
+        attend_rows(q, k, v, [b * kv, group * s, l, d, dv], yv.as_slice_mut::<f32>()?, &|row, p| {
+            scale_mask_softmax(row / s, row % s, p)
+        });
+        return Ok(y);
+    }
     let ys = slots(yv.as_slice_mut::<f32>()?, s * dv);
     let next = AtomicUsize::new(0);
-    let head = |head: usize, y: &mut [f32], scores: &mut [f32]| {
-        let (bi, hi) = (head / h, head % h);
-        let kvi = bi * kv + hi / group;
-        let (qh, kh, vh) = (&q[head * s * d..][..s * d], k.head(kvi), v.head(kvi));
-        let mask_row = |r: usize| &mask[bi * st[0] + hi * st[1] + r * st[2]..];
-        let scale_mask_softmax = |r: usize, row: &mut [f32]| {
-            if st[3] == 1 {
-                scale_and_mask(row, scale, mask_row(r));
-            } else {
-                let m = mask_row(r);
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = *x * scale + m[j * st[3]];
-                }
-            }
-            softmax(row);
-        };
-        if s < BLOCKED_ROWS {
-            for (r, row) in scores[..s * l].chunks_exact_mut(l.max(1)).enumerate() {
-                key_scores(&qh[r * d..][..d], kh, row);
-                scale_mask_softmax(r, row);
-            }
-            if dv > 0 {
-                for (p, y) in scores[..s * l].chunks_exact(l.max(1)).zip(y.chunks_exact_mut(dv)) {
-                    mix(&p[..l], vh, y);
-                }
-            }
-            return;
-        }
-        // a prefill: rows a chunk at a time, each against the keys its mask leaves live
+    let head = |i: usize, y: &mut [f32], scores: &mut [f32]| {
+        let kvi = i / h * kv + i % h / group;
+        let (qh, kh, vh) = (&q[i * s * d..][..s * d], k.head(kvi), v.head(kvi));
+        // rows a chunk at a time, each against the keys its mask leaves live
         let mut r0 = 0;
         while r0 < s {
             let r1 = if s - r0 < CHUNK_ROWS + BLOCKED_ROWS { s } else { r0 + CHUNK_ROWS };
-            let w = live_keys(r0..r1, l, |r, j| mask_row(r)[j * st[3]]);
+            let w = live_keys(r0..r1, l, |r, j| mask_row(i, r)[j * st[3]]);
             let chunk = &mut scores[..(r1 - r0) * w];
             product(&qh[r0 * d..r1 * d], &[r1 - r0, d], &kh[..w * d], &[w, d], true, 1, chunk);
-            for (i, row) in chunk.chunks_exact_mut(w.max(1)).enumerate() {
-                scale_mask_softmax(r0 + i, row);
+            for (n, row) in chunk.chunks_exact_mut(w.max(1)).enumerate() {
+                scale_mask_softmax(i, r0 + n, row);
             }
             product(chunk, &[r1 - r0, w], &vh[..w * dv], &[w, dv], false, 1, &mut y[r0 * dv..r1 * dv]);
             r0 = r1;
@@ -591,6 +586,114 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     });
     drop(ys);
     Ok(y)
+}
+
+/// Keys per scoring task of [`attend_rows`], and per block within one (16 KB of keys of 64
+/// values: read from memory once, then from the L1 cache for each query row of the group).
+const KEY_TASK: usize = 256;
+const KEY_BLOCK: usize = 64;
+/// Value columns per mixing task of [`attend_rows`]: whole rows of SmolLM2's 64 (natively,
+/// halves, two tasks per key head, were no faster on 2 threads and slower on 1).
+const MIX_COLS: usize = 64;
+
+/// Attention for a few query rows per head, by key head: the `rows` query rows that read key
+/// head `g` (its `group` query heads' rows, consecutive in `q` and `y`) are taken together, so
+/// a decode step reads each cached key and value once, not once per query head (SmolLM2: three
+/// query heads per key head, and a 1,024-token cache of 46 MB per step outgrows the caches).
+/// Three kinds of tasks, claimed in this order by the session's threads:
+/// 1. scores: a key head's rows against [`KEY_TASK`] of its keys, a [`KEY_BLOCK`] at a time;
+/// 2. `weigh(row, scores)`: one row's scale, mask and softmax, once its key head's scores are
+///    all done;
+/// 3. mix: a key head's rows' sums over [`MIX_COLS`] of the value columns, once its rows are
+///    all weighed, a block of values at a time ([`mix_into`]).
+///
+/// A task waits only on tasks claimed before it, each run by a thread that is running it, so
+/// the wait ends (one thread runs them all in order). Each score, weight and output element is
+/// computed as by the loops alone, in the same order: the same bits as each head alone, however
+/// the tasks are shared out (`rows_by_key_head_equal_each_head_alone`).
+fn attend_rows(q: &[f32], k: &Keys, v: &Keys, [groups, rows, l, d, dv]: [usize; 5], y: &mut [f32], weigh: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    use std::sync::atomic::{AtomicUsize, Ordering::{Acquire, Relaxed, Release}};
+    let (chunks, pieces) = (l.div_ceil(KEY_TASK).max(1), dv.div_ceil(MIX_COLS));
+    let mut p = vec![0f32; groups * rows * l];
+    let (ps, ys) = (Shared(p.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    let scored: Vec<AtomicUsize> = (0..groups).map(|_| AtomicUsize::new(0)).collect();
+    let weighed: Vec<AtomicUsize> = (0..groups).map(|_| AtomicUsize::new(0)).collect();
+    let wait = |done: &AtomicUsize, n: usize| {
+        while done.load(Acquire) < n {
+            std::hint::spin_loop();
+        }
+    };
+    let (first, second, tasks) = (groups * chunks, groups * (chunks + rows), groups * (chunks + rows + pieces));
+    let next = AtomicUsize::new(0);
+    let work = groups * rows * l * (d + dv) * 4;
+    crate::qmatmul::split::on_threads(work, || loop {
+        let t = next.fetch_add(1, Relaxed);
+        if t >= tasks {
+            break;
+        }
+        // SAFETY (the three arms): each task writes its own elements of `p` or `y` (a row's
+        // keys of its chunk; a row; a row's columns of its piece), and reads those of `p` that
+        // tasks it waited on wrote (Release/Acquire on the counters); the buffers outlive the
+        // threads' calls, which return before `on_threads` does.
+        if t < first {
+            let (g, c) = (t / chunks, t % chunks);
+            let (j0, j1) = (c * KEY_TASK, l.min((c + 1) * KEY_TASK));
+            let kh = k.head(g);
+            for jb in (j0..j1).step_by(KEY_BLOCK) {
+                let je = j1.min(jb + KEY_BLOCK);
+                for row in g * rows..(g + 1) * rows {
+                    let out = unsafe { ps.slice(row * l + jb, je - jb) };
+                    key_scores(&q[row * d..][..d], &kh[jb * d..je * d], out);
+                }
+            }
+            scored[g].fetch_add(1, Release);
+        } else if t < second {
+            let (g, r) = ((t - first) / rows, (t - first) % rows);
+            wait(&scored[g], chunks);
+            let row = g * rows + r;
+            weigh(row, unsafe { ps.slice(row * l, l) });
+            weighed[g].fetch_add(1, Release);
+        } else {
+            let (g, c) = ((t - second) / pieces, (t - second) % pieces);
+            wait(&weighed[g], rows);
+            let (c0, c1) = (c * MIX_COLS, dv.min((c + 1) * MIX_COLS));
+            let vh = v.head(g);
+            for row in g * rows..(g + 1) * rows {
+                unsafe { ys.slice(row * dv + c0, c1 - c0) }.fill(0.0);
+            }
+            for jb in (0..l).step_by(KEY_BLOCK) {
+                let je = l.min(jb + KEY_BLOCK);
+                for row in g * rows..(g + 1) * rows {
+                    let w = unsafe { ps.get(row * l + jb, je - jb) };
+                    mix_into(w, &vh[jb * dv + c0..], dv, unsafe { ys.slice(row * dv + c0, c1 - c0) });
+                }
+            }
+        }
+    });
+}
+
+/// A buffer the tasks of [`attend_rows`] share, each writing its own elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+
+// SAFETY: the tasks that share it write disjoint elements, and read others' only after those
+// tasks have signalled (attend_rows).
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+impl Shared {
+    /// # Safety
+    /// `at + n` within the buffer, and no other task using these elements meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, n: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), n)
+    }
+
+    /// # Safety
+    /// `at + n` within the buffer, and no task writing these elements meanwhile.
+    unsafe fn get(&self, at: usize, n: usize) -> &[f32] {
+        std::slice::from_raw_parts(self.0.add(at), n)
+    }
 }
 
 /// A prefill's query rows per blocked product (a last piece of fewer than [`BLOCKED_ROWS`] goes
@@ -643,6 +746,10 @@ mod tests {
         tract_ndarray::ArrayD::from_shape_vec(shape, (0..n).map(|i| from + i as f32).collect()).unwrap().into_tensor()
     }
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     fn flat(t: &Tensor) -> Vec<f32> {
         t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
     }
@@ -681,6 +788,49 @@ mod tests {
             let cut = attend(&q, &k, &v, &causal, 0.125, group).unwrap();
             let all = attend(&q, &k, &v, &kept, 0.125, group).unwrap();
             assert_eq!(flat(&cut), flat(&all), "head size {d}");
+        }
+    }
+
+    /// A few query rows taken by key head ([`attend_rows`]) give each head's rows alone the
+    /// same bits: the scores against every key, the scale, mask and softmax, then the sum of the
+    /// values. 1 and 5 rows, three query heads per key head, 600 keys (three scoring tasks, the
+    /// last one short), values of 64 and of 20; on one thread and cut across three.
+    #[test]
+    fn rows_by_key_head_equal_each_head_alone() {
+        let mut seed = 3u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n).map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+            }).collect()
+        };
+        let tensor = |shape: &[usize], v: Vec<f32>| tract_ndarray::ArrayD::from_shape_vec(shape, v).unwrap().into_tensor();
+        for (s, dv) in [(1, 64), (5, 20)] {
+            let (kv, group, l, d) = (2, 3, 600, 64);
+            let h = kv * group;
+            let q = tensor(&[1, h, s, d], rnd(h * s * d));
+            let (k, v) = (tensor(&[1, kv, l, d], rnd(kv * l * d)), tensor(&[1, kv, l, dv], rnd(kv * l * dv)));
+            // the last rows' last keys masked
+            let mask: Vec<f32> = (0..s * l).map(|i| if i % l >= l - (s - i / l) { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let mask = tensor(&[1, 1, s, l], mask);
+            let (kf, vf, qf, mf) = (flat(&k), flat(&v), flat(&q), flat(&mask));
+            let mut want = vec![0f32; h * s * dv];
+            for i in 0..h {
+                let (kh, vh) = (&kf[i / group * l * d..][..l * d], &vf[i / group * l * dv..][..l * dv]);
+                for r in 0..s {
+                    let mut row = vec![0f32; l];
+                    key_scores(&qf[(i * s + r) * d..][..d], kh, &mut row);
+                    scale_and_mask(&mut row, 0.125, &mf[r * l..]);
+                    softmax(&mut row);
+                    super::super::rows::mix(&row, vh, &mut want[(i * s + r) * dv..][..dv]);
+                }
+            }
+            let (k, v) = (Keys::whole(&k).unwrap(), Keys::whole(&v).unwrap());
+            let one = attend(&q, &k, &v, &mask, 0.125, group).unwrap();
+            assert_eq!(bits(&flat(&one)), bits(&want), "{s} rows, values of {dv}");
+            crate::qmatmul::split::set_min_work(0);
+            let three = crate::qmatmul::split::with_threads(3, || attend(&q, &k, &v, &mask, 0.125, group).unwrap());
+            assert_eq!(bits(&flat(&three)), bits(&want), "{s} rows, values of {dv}, 3 threads");
         }
     }
 
@@ -752,3 +902,4 @@ mod tests {
         }
     }
 }
+

@@ -3,24 +3,24 @@
 //! row, and the weighted sum of the values. [`super::matmul::product`] takes its products of
 //! fewer than 16 rows a row at a time with the same two loops.
 //!
-//! The portable loops are written so the compiler vectorizes them natively (eight running sums
-//! of a dot product). LLVM does not do as well for wasm32's SIMD128 (a decode step after a
-//! 1,024-token past spent ~8.6 of its 24 ms in these loops in Node, `--cpu-prof`), so that build
-//! has its own, written with `core::arch::wasm32`. They compute the same operations in the same
-//! order (the dot product's eight lanes and their sum `((0+4)+(1+5))+((2+6)+(3+7))`; the values'
-//! sums in key order; `exp` as [`exp_le0`]): the same bits, checked by [`check`] in the wasm
-//! tests. No FMA: relaxed SIMD's `madd` may or may not fuse, by machine. Natively LLVM leaves the
-//! softmax's `exp` loop scalar, so x86_64 has an SSE2 softmax of its own, checked the same way.
+//! The portable loops define the results: eight running sums of a dot product, and their sum
+//! `((0+4)+(1+5))+((2+6)+(3+7))`; the values' sums in key order; `exp` as [`exp_le0`]. Compilers
+//! do not vectorize them well (a decode step after a 1,024-token past spent ~8.6 of its 24 ms in
+//! them in Node, `--cpu-prof`; natively LLVM left the softmax's `exp` scalar and each dot
+//! product's sum of lanes in shuffles), so wasm32's SIMD128 and x86_64's SSE2 run them as one
+//! definition written on four lanes ([`lanes`]), in the same operations and order: the same
+//! bits, checked by [`check`] natively and in the wasm tests. No FMA: relaxed SIMD's `madd` may
+//! or may not fuse, by machine.
 
 /// `out[j] = q · k[j]` for each row `k[j]` (of `q.len()` values) of `k`.
 #[inline(always)]
 pub fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = q.len();
     debug_assert_eq!(k.len(), out.len() * d);
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
     if d % 8 == 0 && d > 0 {
         // SAFETY: k holds out.len() rows of d, d a multiple of 8 (checked above).
-        return unsafe { simd::scores(q, k, out) };
+        return unsafe { lanes::scores::<lanes::Native>(q, k, out) };
     }
     scores_portable(q, k, out)
 }
@@ -40,22 +40,34 @@ fn scores_portable(q: &[f32], k: &[f32], out: &mut [f32]) {
 #[inline(always)]
 pub fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
     debug_assert_eq!(v.len(), p.len() * y.len());
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    if y.len() % 4 == 0 {
-        // SAFETY: v holds p.len() rows of y.len(), a multiple of 4 (checked above).
-        return unsafe { simd::mix(p, v, y) };
+    y.fill(0.0);
+    mix_into(p, v, y.len(), y)
+}
+
+/// `y += Σ p[j] v[j]`, each element's sum continued in `j`'s order, over rows `v[j]` that start
+/// `stride` values apart (`y.len()` values each): a sum taken block of rows by block of rows
+/// this way, from zeros, has the bits of [`mix`]'s over all of them.
+#[inline(always)]
+pub fn mix_into(p: &[f32], v: &[f32], stride: usize, y: &mut [f32]) {
+    let w = y.len();
+    assert!(w <= stride && (p.is_empty() || v.len() >= (p.len() - 1) * stride + w), "mix of {} rows of {w} every {stride} from {} values", p.len(), v.len());
+    #[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
+    if w % 4 == 0 {
+        // SAFETY: v holds p.len() rows of w values every `stride` (checked above), w a multiple
+        // of 4.
+        return unsafe { lanes::mix_into::<lanes::Native>(p, v, stride, y) };
     }
-    mix_portable(p, v, y)
+    mix_portable(p, v, stride, y)
 }
 
 #[inline(always)]
-fn mix_portable(p: &[f32], v: &[f32], y: &mut [f32]) {
-    y.fill(0.0);
-    if y.is_empty() {
+fn mix_portable(p: &[f32], v: &[f32], stride: usize, y: &mut [f32]) {
+    let w = y.len();
+    if w == 0 {
         return;
     }
-    for (&x, row) in p.iter().zip(v.chunks_exact(y.len())) {
-        for (y, &v) in y.iter_mut().zip(row) {
+    for (j, &x) in p.iter().enumerate() {
+        for (y, &v) in y.iter_mut().zip(&v[j * stride..][..w]) {
             *y += x * v;
         }
     }
@@ -100,15 +112,10 @@ pub fn scale_and_mask(x: &mut [f32], scale: f32, mask: &[f32]) {
 
 /// `x = exp(x - max) / Σ exp(x - max)` in place, on eight lanes; exp by [`exp_le0`].
 pub fn softmax(x: &mut [f32]) {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    // SAFETY: SIMD128 is enabled in this build.
+    #[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
+    // SAFETY: SIMD128 is enabled in this build; every x86_64 CPU has SSE2.
     unsafe {
-        simd::softmax(x)
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: every x86_64 CPU has SSE2.
-    unsafe {
-        sse2::softmax(x)
+        lanes::softmax::<lanes::Native>(x)
     }
     #[cfg(not(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64")))]
     softmax_portable(x)
@@ -205,74 +212,9 @@ pub fn exp_le0(x: f32) -> f32 {
 mod simd {
     use core::arch::wasm32::*;
 
-    use super::{lanes_sum, max_of, EXP_LO, LN2_HI, LN2_LO, POLY, SHIFT};
-
     #[inline(always)]
     unsafe fn load(p: *const f32) -> v128 {
         v128_load(p as *const v128)
-    }
-
-    /// [`super::scores_portable`] four keys at a time: each key's eight lanes in two vectors,
-    /// then the four keys' lane sums at once (two rounds of shuffles), as [`super::lanes_sum`].
-    /// `d` is a multiple of 8.
-    pub unsafe fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
-        let (d, l) = (q.len(), out.len());
-        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
-        let mut j = 0;
-        while j + 4 <= l {
-            let kp = k.as_ptr().add(j * d);
-            let mut lo = [f32x4_splat(0.0); 4];
-            let mut hi = [f32x4_splat(0.0); 4];
-            let mut c = 0;
-            while c < d {
-                let (q0, q1) = (load(qp.add(c)), load(qp.add(c + 4)));
-                for r in 0..4 {
-                    let kr = kp.add(r * d + c);
-                    lo[r] = f32x4_add(lo[r], f32x4_mul(q0, load(kr)));
-                    hi[r] = f32x4_add(hi[r], f32x4_mul(q1, load(kr.add(4))));
-                }
-                c += 8;
-            }
-            // u[r] = [a0+a4, a1+a5, a2+a6, a3+a7] of key r; then (u0+u1)+(u2+u3) for the four
-            let u: [v128; 4] = std::array::from_fn(|r| f32x4_add(lo[r], hi[r]));
-            let s01 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[0], u[1]), i32x4_shuffle::<1, 5, 3, 7>(u[0], u[1]));
-            let s23 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[2], u[3]), i32x4_shuffle::<1, 5, 3, 7>(u[2], u[3]));
-            let sum = f32x4_add(i32x4_shuffle::<0, 1, 4, 5>(s01, s23), i32x4_shuffle::<2, 3, 6, 7>(s01, s23));
-            v128_store(op.add(j) as *mut v128, sum);
-            j += 4;
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(j) {
-            *o = super::dot(q, &k[j * d..][..d]);
-        }
-    }
-
-    /// [`super::mix_portable`] on eight vectors (32 values) of `y` at a time, then one; `y.len()`
-    /// is a multiple of 4.
-    pub unsafe fn mix(p: &[f32], v: &[f32], y: &mut [f32]) {
-        let dv = y.len();
-        let (vp, yp) = (v.as_ptr(), y.as_mut_ptr());
-        let mut c = 0;
-        while c + 32 <= dv {
-            let mut acc = [f32x4_splat(0.0); 8];
-            for (j, &x) in p.iter().enumerate() {
-                let (x, row) = (f32x4_splat(x), vp.add(j * dv + c));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = f32x4_add(*a, f32x4_mul(x, load(row.add(4 * i))));
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                v128_store(yp.add(c + 4 * i) as *mut v128, *a);
-            }
-            c += 32;
-        }
-        while c < dv {
-            let mut acc = f32x4_splat(0.0);
-            for (j, &x) in p.iter().enumerate() {
-                acc = f32x4_add(acc, f32x4_mul(f32x4_splat(x), load(vp.add(j * dv + c))));
-            }
-            v128_store(yp.add(c) as *mut v128, acc);
-            c += 4;
-        }
     }
 
     /// `R` rows (`a[r]`, one value per step) by eight columns (two vectors at `b`, `b_step`
@@ -377,144 +319,264 @@ mod simd {
             i += h;
         }
     }
-
-    /// [`super::exp_le0`] on four lanes, the same operations in the same order.
-    #[inline(always)]
-    unsafe fn exp4(x: v128) -> v128 {
-        let lo = f32x4_splat(EXP_LO);
-        let xc = f32x4_pmax(x, lo);
-        let shift = f32x4_splat(SHIFT);
-        let n = f32x4_sub(f32x4_add(f32x4_mul(xc, f32x4_splat(std::f32::consts::LOG2_E)), shift), shift);
-        let r = f32x4_sub(f32x4_sub(xc, f32x4_mul(n, f32x4_splat(LN2_HI))), f32x4_mul(n, f32x4_splat(LN2_LO)));
-        let mut p = f32x4_splat(POLY[0]);
-        for c in &POLY[1..] {
-            p = f32x4_add(f32x4_mul(p, r), f32x4_splat(*c));
-        }
-        let e = f32x4_add(f32x4_add(f32x4_mul(f32x4_mul(p, r), r), r), f32x4_splat(1.0));
-        let scale = i32x4_shl(i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127)), 23);
-        v128_bitselect(f32x4_splat(0.0), f32x4_mul(e, scale), f32x4_lt(x, lo))
-    }
-
-    /// [`super::softmax_portable`]: its eight lanes as two vectors.
-    pub unsafe fn softmax(x: &mut [f32]) {
-        let n8 = x.len() / 8 * 8;
-        let xp = x.as_mut_ptr();
-        let (mut m0, mut m1) = (f32x4_splat(f32::NEG_INFINITY), f32x4_splat(f32::NEG_INFINITY));
-        let mut i = 0;
-        while i < n8 {
-            // pmax(m, c) = if m < c { c } else { m }: the portable `if c > m { c } else { m }`
-            m0 = f32x4_pmax(m0, load(xp.add(i)));
-            m1 = f32x4_pmax(m1, load(xp.add(i + 4)));
-            i += 8;
-        }
-        let mut lanes = [0f32; 8];
-        v128_store(lanes.as_mut_ptr() as *mut v128, m0);
-        v128_store(lanes.as_mut_ptr().add(4) as *mut v128, m1);
-        let max = max_of(&x[n8..], &lanes);
-        let vmax = f32x4_splat(max);
-        let (mut s0, mut s1) = (f32x4_splat(0.0), f32x4_splat(0.0));
-        i = 0;
-        while i < n8 {
-            let e0 = exp4(f32x4_sub(load(xp.add(i)), vmax));
-            let e1 = exp4(f32x4_sub(load(xp.add(i + 4)), vmax));
-            v128_store(xp.add(i) as *mut v128, e0);
-            v128_store(xp.add(i + 4) as *mut v128, e1);
-            s0 = f32x4_add(s0, e0);
-            s1 = f32x4_add(s1, e1);
-            i += 8;
-        }
-        v128_store(lanes.as_mut_ptr() as *mut v128, s0);
-        v128_store(lanes.as_mut_ptr().add(4) as *mut v128, s1);
-        let mut total = lanes_sum(lanes);
-        for t in &mut x[n8..] {
-            *t = super::exp_le0(*t - max);
-            total += *t;
-        }
-        let r = total.recip();
-        let vr = f32x4_splat(r);
-        let n4 = x.len() / 4 * 4;
-        i = 0;
-        while i < n4 {
-            v128_store(xp.add(i) as *mut v128, f32x4_mul(load(xp.add(i)), vr));
-            i += 4;
-        }
-        for x in &mut x[n4..] {
-            *x *= r;
-        }
-    }
 }
 
-/// [`super::softmax_portable`] on x86_64's SSE2 (every x86_64 CPU has it), as the wasm build's:
-/// LLVM leaves the portable loop scalar there (a decode step's softmax after a 1,024-token past
-/// was a sixth of its time natively).
-#[cfg(target_arch = "x86_64")]
-mod sse2 {
-    use core::arch::x86_64::*;
-
+/// The portable loops on four lanes, one definition for wasm32's SIMD128 ([`F4`] for `v128`) and
+/// x86_64's SSE2 (for `__m128`, which every x86_64 CPU has).
+#[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
+mod lanes {
     use super::{lanes_sum, max_of, EXP_LO, LN2_HI, LN2_LO, POLY, SHIFT};
+
+    /// Four f32 lanes and the operations the loops use, each the scalar one lane by lane.
+    pub trait F4: Copy {
+        /// # Safety
+        /// Four values readable at `p`.
+        unsafe fn load(p: *const f32) -> Self;
+        /// # Safety
+        /// Four values writable at `p`.
+        unsafe fn store(self, p: *mut f32);
+        fn splat(x: f32) -> Self;
+        fn add(self, b: Self) -> Self;
+        fn sub(self, b: Self) -> Self;
+        fn mul(self, b: Self) -> Self;
+        /// `if self < b { b } else { self }` (a NaN in `self` stays).
+        fn max(self, b: Self) -> Self;
+        /// `2ⁿ` for whole `n` (as floats) within the exponent's range.
+        fn pow2(n: Self) -> Self;
+        /// `if x < lo { 0 } else { self }`.
+        fn zero_below(self, x: Self, lo: Self) -> Self;
+        /// The four vectors' lane sums, each `(l0 + l1) + (l2 + l3)`.
+        fn sums(u: [Self; 4]) -> Self;
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    pub type Native = core::arch::wasm32::v128;
+    #[cfg(target_arch = "x86_64")]
+    pub type Native = core::arch::x86_64::__m128;
+
+    #[cfg(target_arch = "wasm32")]
+    impl F4 for core::arch::wasm32::v128 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            core::arch::wasm32::v128_load(p as *const Self)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            core::arch::wasm32::v128_store(p as *mut Self, self)
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            core::arch::wasm32::f32x4_splat(x)
+        }
+        #[inline(always)]
+        fn add(self, b: Self) -> Self {
+            core::arch::wasm32::f32x4_add(self, b)
+        }
+        #[inline(always)]
+        fn sub(self, b: Self) -> Self {
+            core::arch::wasm32::f32x4_sub(self, b)
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            core::arch::wasm32::f32x4_mul(self, b)
+        }
+        #[inline(always)]
+        fn max(self, b: Self) -> Self {
+            core::arch::wasm32::f32x4_pmax(self, b)
+        }
+        #[inline(always)]
+        fn pow2(n: Self) -> Self {
+            use core::arch::wasm32::*;
+            i32x4_shl(i32x4_add(i32x4_trunc_sat_f32x4(n), i32x4_splat(127)), 23)
+        }
+        #[inline(always)]
+        fn zero_below(self, x: Self, lo: Self) -> Self {
+            use core::arch::wasm32::*;
+            v128_bitselect(f32x4_splat(0.0), self, f32x4_lt(x, lo))
+        }
+        #[inline(always)]
+        fn sums(u: [Self; 4]) -> Self {
+            use core::arch::wasm32::*;
+            // [u0₀+u0₁, u1₀+u1₁, u0₂+u0₃, u1₂+u1₃], the same for u2 and u3, then across
+            let s01 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[0], u[1]), i32x4_shuffle::<1, 5, 3, 7>(u[0], u[1]));
+            let s23 = f32x4_add(i32x4_shuffle::<0, 4, 2, 6>(u[2], u[3]), i32x4_shuffle::<1, 5, 3, 7>(u[2], u[3]));
+            f32x4_add(i32x4_shuffle::<0, 1, 4, 5>(s01, s23), i32x4_shuffle::<2, 3, 6, 7>(s01, s23))
+        }
+    }
+
+    // SAFETY (each intrinsic): SSE2 is part of x86_64.
+    #[cfg(target_arch = "x86_64")]
+    impl F4 for core::arch::x86_64::__m128 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            core::arch::x86_64::_mm_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            core::arch::x86_64::_mm_storeu_ps(p, self)
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { core::arch::x86_64::_mm_set1_ps(x) }
+        }
+        #[inline(always)]
+        fn add(self, b: Self) -> Self {
+            unsafe { core::arch::x86_64::_mm_add_ps(self, b) }
+        }
+        #[inline(always)]
+        fn sub(self, b: Self) -> Self {
+            unsafe { core::arch::x86_64::_mm_sub_ps(self, b) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { core::arch::x86_64::_mm_mul_ps(self, b) }
+        }
+        #[inline(always)]
+        fn max(self, b: Self) -> Self {
+            // maxps(b, self) = if b > self { b } else { self }
+            unsafe { core::arch::x86_64::_mm_max_ps(b, self) }
+        }
+        #[inline(always)]
+        fn pow2(n: Self) -> Self {
+            use core::arch::x86_64::*;
+            unsafe { _mm_castsi128_ps(_mm_slli_epi32::<23>(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)))) }
+        }
+        #[inline(always)]
+        fn zero_below(self, x: Self, lo: Self) -> Self {
+            use core::arch::x86_64::*;
+            unsafe { _mm_andnot_ps(_mm_cmplt_ps(x, lo), self) }
+        }
+        #[inline(always)]
+        fn sums(u: [Self; 4]) -> Self {
+            use core::arch::x86_64::*;
+            // [u0₀+u0₁, u0₂+u0₃, u1₀+u1₁, u1₂+u1₃], the same for u2 and u3, then across
+            unsafe {
+                let s01 = _mm_add_ps(_mm_shuffle_ps::<0b10_00_10_00>(u[0], u[1]), _mm_shuffle_ps::<0b11_01_11_01>(u[0], u[1]));
+                let s23 = _mm_add_ps(_mm_shuffle_ps::<0b10_00_10_00>(u[2], u[3]), _mm_shuffle_ps::<0b11_01_11_01>(u[2], u[3]));
+                _mm_add_ps(_mm_shuffle_ps::<0b10_00_10_00>(s01, s23), _mm_shuffle_ps::<0b11_01_11_01>(s01, s23))
+            }
+        }
+    }
+
+    /// [`super::scores_portable`] four keys at a time: each key's eight lanes in two vectors,
+    /// then the four keys' lane sums at once ([`F4::sums`]), as [`super::lanes_sum`]. `d` is a
+    /// multiple of 8.
+    #[inline(always)]
+    pub unsafe fn scores<V: F4>(q: &[f32], k: &[f32], out: &mut [f32]) {
+        let (d, l) = (q.len(), out.len());
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let mut j = 0;
+        while j + 4 <= l {
+            let kp = k.as_ptr().add(j * d);
+            let mut lo = [V::splat(0.0); 4];
+            let mut hi = [V::splat(0.0); 4];
+            let mut c = 0;
+            while c < d {
+                let (q0, q1) = (V::load(qp.add(c)), V::load(qp.add(c + 4)));
+                for r in 0..4 {
+                    let kr = kp.add(r * d + c);
+                    lo[r] = lo[r].add(q0.mul(V::load(kr)));
+                    hi[r] = hi[r].add(q1.mul(V::load(kr.add(4))));
+                }
+                c += 8;
+            }
+            // u[r] = [a0+a4, a1+a5, a2+a6, a3+a7] of key r
+            V::sums(std::array::from_fn(|r| lo[r].add(hi[r]))).store(op.add(j));
+            j += 4;
+        }
+        for (j, o) in out.iter_mut().enumerate().skip(j) {
+            *o = super::dot(q, &k[j * d..][..d]);
+        }
+    }
+
+    /// [`super::mix_portable`] on eight vectors (32 values) of `y` at a time, then one; `y.len()`
+    /// is a multiple of 4, and `v` holds `p.len()` rows of it every `stride`.
+    #[inline(always)]
+    pub unsafe fn mix_into<V: F4>(p: &[f32], v: &[f32], stride: usize, y: &mut [f32]) {
+        let dv = y.len();
+        let (vp, yp) = (v.as_ptr(), y.as_mut_ptr());
+        let mut c = 0;
+        while c + 32 <= dv {
+            let mut acc: [V; 8] = std::array::from_fn(|i| V::load(yp.add(c + 4 * i)));
+            for (j, &x) in p.iter().enumerate() {
+                let (x, row) = (V::splat(x), vp.add(j * stride + c));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = a.add(x.mul(V::load(row.add(4 * i))));
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                a.store(yp.add(c + 4 * i));
+            }
+            c += 32;
+        }
+        while c < dv {
+            let mut acc = V::load(yp.add(c));
+            for (j, &x) in p.iter().enumerate() {
+                acc = acc.add(V::splat(x).mul(V::load(vp.add(j * stride + c))));
+            }
+            acc.store(yp.add(c));
+            c += 4;
+        }
+    }
 
     /// [`super::exp_le0`] on four lanes, the same operations in the same order.
     #[inline(always)]
-    unsafe fn exp4(x: __m128) -> __m128 {
-        let lo = _mm_set1_ps(EXP_LO);
-        // if x < lo { lo } else { x }, NaN kept
-        let below = _mm_cmplt_ps(x, lo);
-        let xc = _mm_or_ps(_mm_and_ps(below, lo), _mm_andnot_ps(below, x));
-        let shift = _mm_set1_ps(SHIFT);
-        let t = _mm_add_ps(_mm_mul_ps(xc, _mm_set1_ps(std::f32::consts::LOG2_E)), shift);
-        let n = _mm_sub_ps(t, shift);
-        let r = _mm_sub_ps(_mm_sub_ps(xc, _mm_mul_ps(n, _mm_set1_ps(LN2_HI))), _mm_mul_ps(n, _mm_set1_ps(LN2_LO)));
-        let mut p = _mm_set1_ps(POLY[0]);
+    fn exp4<V: F4>(x: V) -> V {
+        let lo = V::splat(EXP_LO);
+        let xc = x.max(lo);
+        let shift = V::splat(SHIFT);
+        let n = xc.mul(V::splat(std::f32::consts::LOG2_E)).add(shift).sub(shift);
+        let r = xc.sub(n.mul(V::splat(LN2_HI))).sub(n.mul(V::splat(LN2_LO)));
+        let mut p = V::splat(POLY[0]);
         for c in &POLY[1..] {
-            p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(*c));
+            p = p.mul(r).add(V::splat(*c));
         }
-        let e = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_mul_ps(p, r), r), r), _mm_set1_ps(1.0));
-        let n_int = _mm_sub_epi32(_mm_castps_si128(t), _mm_set1_epi32(SHIFT.to_bits() as i32));
-        let scale = _mm_castsi128_ps(_mm_slli_epi32::<23>(_mm_add_epi32(n_int, _mm_set1_epi32(127))));
-        _mm_andnot_ps(below, _mm_mul_ps(e, scale))
+        let e = p.mul(r).mul(r).add(r).add(V::splat(1.0));
+        e.mul(V::pow2(n)).zero_below(x, lo)
     }
 
     /// [`super::softmax_portable`]: its eight lanes as two vectors.
-    pub unsafe fn softmax(x: &mut [f32]) {
+    #[inline(always)]
+    pub unsafe fn softmax<V: F4>(x: &mut [f32]) {
         let n8 = x.len() / 8 * 8;
         let xp = x.as_mut_ptr();
-        let (mut m0, mut m1) = (_mm_set1_ps(f32::NEG_INFINITY), _mm_set1_ps(f32::NEG_INFINITY));
+        let (mut m0, mut m1) = (V::splat(f32::NEG_INFINITY), V::splat(f32::NEG_INFINITY));
         let mut i = 0;
         while i < n8 {
-            // maxps(c, m) = if c > m { c } else { m }: the portable loop's
-            m0 = _mm_max_ps(_mm_loadu_ps(xp.add(i)), m0);
-            m1 = _mm_max_ps(_mm_loadu_ps(xp.add(i + 4)), m1);
+            // the portable `if c > m { c } else { m }`
+            m0 = m0.max(V::load(xp.add(i)));
+            m1 = m1.max(V::load(xp.add(i + 4)));
             i += 8;
         }
         let mut lanes = [0f32; 8];
-        _mm_storeu_ps(lanes.as_mut_ptr(), m0);
-        _mm_storeu_ps(lanes.as_mut_ptr().add(4), m1);
+        m0.store(lanes.as_mut_ptr());
+        m1.store(lanes.as_mut_ptr().add(4));
         let max = max_of(&x[n8..], &lanes);
-        let vmax = _mm_set1_ps(max);
-        let (mut s0, mut s1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let vmax = V::splat(max);
+        let (mut s0, mut s1) = (V::splat(0.0), V::splat(0.0));
         i = 0;
         while i < n8 {
-            let e0 = exp4(_mm_sub_ps(_mm_loadu_ps(xp.add(i)), vmax));
-            let e1 = exp4(_mm_sub_ps(_mm_loadu_ps(xp.add(i + 4)), vmax));
-            _mm_storeu_ps(xp.add(i), e0);
-            _mm_storeu_ps(xp.add(i + 4), e1);
-            s0 = _mm_add_ps(s0, e0);
-            s1 = _mm_add_ps(s1, e1);
+            let e0 = exp4(V::load(xp.add(i)).sub(vmax));
+            let e1 = exp4(V::load(xp.add(i + 4)).sub(vmax));
+            e0.store(xp.add(i));
+            e1.store(xp.add(i + 4));
+            s0 = s0.add(e0);
+            s1 = s1.add(e1);
             i += 8;
         }
-        _mm_storeu_ps(lanes.as_mut_ptr(), s0);
-        _mm_storeu_ps(lanes.as_mut_ptr().add(4), s1);
+        s0.store(lanes.as_mut_ptr());
+        s1.store(lanes.as_mut_ptr().add(4));
         let mut total = lanes_sum(lanes);
         for t in &mut x[n8..] {
             *t = super::exp_le0(*t - max);
             total += *t;
         }
         let r = total.recip();
-        let vr = _mm_set1_ps(r);
+        let vr = V::splat(r);
         let n4 = x.len() / 4 * 4;
         i = 0;
         while i < n4 {
-            _mm_storeu_ps(xp.add(i), _mm_mul_ps(_mm_loadu_ps(xp.add(i)), vr));
+            V::load(xp.add(i)).mul(vr).store(xp.add(i));
             i += 4;
         }
         for x in &mut x[n4..] {
@@ -524,7 +586,7 @@ mod sse2 {
 }
 
 /// This build's loops against the portable ones, bitwise, on random rows (keys of 8 to 72 values,
-/// 1 to 37 of them, masked scores): the names of the loops checked (natively, x86_64's softmax
+/// 1 to 37 of them, masked scores): the names of the loops checked (natively, x86_64's SSE2 loops
 /// only; elsewhere the portable loops are the only ones), or the first difference. Run by the
 /// wasm tests and by this module's test natively.
 pub fn check() -> Result<Vec<&'static str>, String> {
@@ -552,7 +614,7 @@ pub fn check() -> Result<Vec<&'static str>, String> {
         }
     }
     if cfg!(target_arch = "x86_64") {
-        checked = vec!["sse2 softmax"];
+        checked = vec!["sse2 scores", "sse2 mix", "sse2 softmax"];
     }
     for d in [8, 16, 24, 64, 72] {
         for l in [1, 3, 4, 5, 8, 13, 37] {
@@ -575,11 +637,20 @@ pub fn check() -> Result<Vec<&'static str>, String> {
                 return Err(format!("softmax of {l}: {got:?} against {want:?}"));
             }
             let v: Vec<f32> = (0..l * d).map(|_| rnd()).collect();
-            let (mut y, mut y0) = (vec![f32::NAN; d], vec![f32::NAN; d]);
+            let (mut y, mut y0) = (vec![f32::NAN; d], vec![0f32; d]);
             mix(&got, &v, &mut y);
-            mix_portable(&want, &v, &mut y0);
+            mix_portable(&want, &v, d, &mut y0);
             if bits(&y) != bits(&y0) {
                 return Err(format!("mix of {l} rows of {d}: {y:?} against {y0:?}"));
+            }
+            // the columns from 4 on, rows by blocks of 3: the same sums
+            let mut part = vec![0f32; d - 4];
+            for j in (0..l).step_by(3) {
+                let n = 3.min(l - j);
+                mix_into(&got[j..j + n], &v[j * d + 4..], d, &mut part);
+            }
+            if bits(&part) != bits(&y[4..]) {
+                return Err(format!("mix of {l} rows of {d} by blocks, from column 4: {part:?} against {:?}", &y[4..]));
             }
         }
     }
@@ -590,7 +661,7 @@ pub fn check() -> Result<Vec<&'static str>, String> {
 mod tests {
     #[test]
     fn this_targets_loops_equal_the_portable_ones() {
-        let want: &[&str] = if cfg!(target_arch = "x86_64") { &["sse2 softmax"] } else { &[] };
+        let want: &[&str] = if cfg!(target_arch = "x86_64") { &["sse2 scores", "sse2 mix", "sse2 softmax"] } else { &[] };
         assert_eq!(super::check().unwrap(), want);
     }
 }
