@@ -746,6 +746,16 @@ mod tests {
         tract_ndarray::ArrayD::from_shape_vec(shape, (0..n).map(|i| from + i as f32).collect()).unwrap().into_tensor()
     }
 
+    /// `n` values in [-1, 1] at each call, from `seed`.
+    fn randoms(mut seed: u64) -> impl FnMut(usize) -> Vec<f32> {
+        move |n| {
+            (0..n).map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+            }).collect()
+        }
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -765,13 +775,7 @@ mod tests {
     /// a past of 37, two query heads per key head, rows of 8 and of 20 (a softmax tail).
     #[test]
     fn a_prefill_against_its_live_keys_equals_one_against_all() {
-        let mut seed = 7u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n).map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
-            }).collect()
-        };
+        let mut rnd = randoms(7u64);
         for d in [8, 20] {
             let (p, s, kv, group) = (37, 150, 2, 2);
             let l = p + s;
@@ -797,13 +801,7 @@ mod tests {
     /// last one short), values of 64 and of 20; on one thread and cut across three.
     #[test]
     fn rows_by_key_head_equal_each_head_alone() {
-        let mut seed = 3u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n).map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
-            }).collect()
-        };
+        let mut rnd = randoms(3u64);
         let tensor = |shape: &[usize], v: Vec<f32>| tract_ndarray::ArrayD::from_shape_vec(shape, v).unwrap().into_tensor();
         for (s, dv) in [(1, 64), (5, 20)] {
             let (kv, group, l, d) = (2, 3, 600, 64);
