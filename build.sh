@@ -146,8 +146,8 @@ compare() {
 # native table (default build/baselines.json), the benchmark prompt, and the benchmark mode's
 # optional peers: onnxruntime-web, and wllama with the default model's Q8_0 GGUF. Every file is
 # checked against the limit, and a default site against $MAX_SITE_MB MB in all: any static host
-# takes it.
-MAX_SITE_MB=400
+# takes it (GitHub Pages, the smallest limit of the hosts the README names: 1 GB a site).
+MAX_SITE_MB=1000
 site() {
   local out=dist table=build/baselines.json choice=default
   while [[ $# -gt 0 ]]; do
@@ -202,7 +202,7 @@ site() {
   local bytes
   bytes=$(du -sb --apparent-size "$out.partial" | cut -f1)
   if [[ $choice == default && $bytes -gt $((MAX_SITE_MB * 1000000)) ]]; then
-    echo "error: the site is $bytes bytes, over $MAX_SITE_MB MB" >&2
+    echo "error: the site is $bytes bytes, over $MAX_SITE_MB MB (GitHub Pages' limit); WASMLM_MODELS=$DEFAULT_MODEL makes it with the default model alone" >&2
     exit 1
   fi
   rm -rf "$out" && mv "$out.partial" "$out"
@@ -485,7 +485,7 @@ e2e() {
   say "tests: the page in headless Chromium (default model; tests/node/e2e.mjs)"
   chromium_setup
   node_packages
-  node tests/node/e2e.mjs "$1"
+  WASMLM_MAX_FILE_MIB=$MAX_FILE_MIB WASMLM_MAX_SITE_MB=$MAX_SITE_MB node tests/node/e2e.mjs "$1"
 }
 
 # native_rows OUT CLI THREADS…: the default file's ONNX Runtime and tract native rows, measured
