@@ -4,8 +4,9 @@
 //! parts are read as one stream and never joined in either memory).
 //!
 //! A bundle's file does not come this way: the page writes its download into the engine's
-//! memory as it arrives (src/file_parts.rs). This reads the bytes an embedding page passes, a
-//! user's own files and a Hugging Face repository's first download.
+//! memory as it arrives (src/file_parts.rs), and so does a user's own ONNX file, read from disk.
+//! This reads the bytes an embedding page hands the `Engine` itself, a user's file's external
+//! data and a Hugging Face repository's first download.
 //!
 //! Passed as a slice, the whole file would first be copied into wasm memory, and wasm memory
 //! never shrinks: the copy sets the high-water mark wherever it adds to the peak of the load.

@@ -390,7 +390,7 @@ async function load(request) {
   } else if (source.kind === "user") {
     const read = async (file) => new Uint8Array(await file.arrayBuffer());
     post({ type: Msg.STATUS, text: `reading ${source.name}` });
-    const onnx = await read(source.onnx);
+    const onnx = await readUserFile(source.onnx, source.name);
     const tokenizer = await read(source.tokenizer);
     const config = source.config ? await read(source.config) : undefined;
     const modelConfig = source.modelConfig ? JSON.parse(await source.modelConfig.text()) : undefined;
@@ -406,6 +406,44 @@ async function load(request) {
   sessions.set(0, engine.session());
   nextSession = 1;
   post({ type: Msg.READY, info: { ...engine.info, ...found, click_to_ready_ms: performance.now() - t0 }, build });
+}
+
+// A user's own ONNX file, read from disk as a stream into a wasm.ModelFile in parts of USER_PART
+// bytes, as a bundle's download is: JS never holds the file whole (a JS copy would stay in the
+// worker as garbage after the load), and the engine frees each part once it has decoded past it.
+const USER_PART = 16 << 20;
+async function readUserFile(f, name) {
+  const sizes = [];
+  for (let at = 0; at < f.size; at += USER_PART) sizes.push(Math.min(USER_PART, f.size - at));
+  const file = new wasm.ModelFile(sizes.length ? sizes : [0]);
+  const progress = progressOf({ name, bytes: f.size });
+  let part = 0;
+  let inPart = 0;
+  let loaded = 0;
+  try {
+    const reader = f.stream().getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      for (let at = 0; at < value.length;) {
+        if (part >= sizes.length) throw new Error(`${name} grew while it was read (over its ${f.size} bytes)`);
+        const n = Math.min(value.length - at, sizes[part] - inPart);
+        file.write(part, value.subarray(at, at + n));
+        at += n;
+        inPart += n;
+        if (inPart === sizes[part]) { file.finish(part++); inPart = 0; }
+      }
+      loaded += value.length;
+      progress(loaded, false);
+    }
+    if (loaded !== f.size) throw new Error(`${name}: ${loaded} of its ${f.size} bytes could be read`);
+    if (f.size === 0) file.finish(0);
+  } catch (err) {
+    file.free();
+    throw err;
+  }
+  progress(loaded, false, true);
+  return file;
 }
 
 // ---- a Hugging Face repository (hub.js) ----------------------------------------------------
