@@ -142,13 +142,16 @@ impl Engine {
 
     /// A user's own files, without a manifest (the page's drag and drop): the cache layout is read
     /// from the graph's declared input shapes, EOS from the usual special tokens (or the
-    /// tokenizer_config.json's eos_token), the chat template from tokenizer_config.json if given.
-    /// `context` (at least 1) is cut to tokenizer_config.json's `model_max_length`, if it has one.
+    /// tokenizer_config.json's eos_token), the chat template from `chat_template` (the text of a
+    /// chat_template.jinja, where newer repositories keep it) or else tokenizer_config.json, as
+    /// transformers reads them. `context` (at least 1) is cut to tokenizer_config.json's
+    /// `model_max_length`, if it has one.
     pub fn from_user_files(
         name: &str,
         onnx: impl OnnxBytes,
         tokenizer_json: &[u8],
         tokenizer_config: Option<&[u8]>,
+        chat_template: Option<&str>,
         context: usize,
         prep: Prepare,
     ) -> Result<Engine> {
@@ -169,7 +172,9 @@ impl Engine {
         // transformers' "no limit" sentinel)
         let limit = config.get("model_max_length").and_then(|v| v.as_f64()).filter(|&n| (1.0..1e7).contains(&n));
         let context = limit.map_or(context, |n| context.min(n as usize));
-        let template = config.get("chat_template").and_then(|v| v.as_str()).map(String::from);
+        let template = chat_template
+            .or_else(|| config.get("chat_template").and_then(|v| v.as_str()))
+            .map(String::from);
         let text = Text::from_bytes(tokenizer_json, template)?;
         let mut eos_ids: Vec<u32> = config
             .get("eos_token")

@@ -1,8 +1,9 @@
 //! Models by Hugging Face repository id, natively (the CLI; `www/hub.js` and `www/worker.js` are
 //! the browser's side of the same layout). A repository laid out as transformers.js's are:
-//! `config.json`, `tokenizer.json`, `tokenizer_config.json`, and `onnx/model<suffix>.onnx` per
-//! dtype, with its external data where config.json's `transformers.js_config` says so. Files
-//! come from `<endpoint>/<repo>/resolve/<revision>/<path>`, once: they are kept under
+//! `config.json`, `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` (where newer
+//! repositories keep the chat template), and `onnx/model<suffix>.onnx` per dtype, with its
+//! external data where config.json's `transformers.js_config` says so. Files come from
+//! `<endpoint>/<repo>/resolve/<revision>/<path>`, once: they are kept under
 //! `<cache>/hub/<host>/<repo>/<revision>/`, each written whole or not at all, and a list of them
 //! (`files.json`) is written last, so that a later load reads the folder without the network.
 
@@ -124,6 +125,8 @@ pub struct Fetched {
 pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, Option<u64>);
 
 const LIST: &str = "files.json";
+/// The chat template, where newer repositories keep it instead of tokenizer_config.json.
+pub const CHAT_TEMPLATE: &str = "chat_template.jinja";
 
 /// The repository's files, from the cache folder when a complete copy is there, else
 /// downloaded (without the network: an error at once, naming the endpoint).
@@ -152,8 +155,10 @@ pub fn fetch(src: &HubSource, cache: &Path, progress: Progress) -> Result<Fetche
     files.push("config.json".to_string());
     download(&agent, src, "tokenizer.json", &dir, false, progress)?;
     files.push("tokenizer.json".to_string());
-    if download(&agent, src, "tokenizer_config.json", &dir, true, progress)? {
-        files.push("tokenizer_config.json".to_string());
+    for optional in ["tokenizer_config.json", CHAT_TEMPLATE] {
+        if download(&agent, src, optional, &dir, true, progress)? {
+            files.push(optional.to_string());
+        }
     }
     let config = read_config(&dir)?;
     for path in std::iter::once(onnx.clone()).chain(external_data_paths(&config, &onnx)) {
@@ -239,6 +244,11 @@ pub fn load(f: &Fetched, context: Option<usize>, prep: Prepare) -> Result<Engine
         side.push((name, Box::new(read(&p)?)));
     }
     let tokenizer_config = if f.files.iter().any(|p| p == "tokenizer_config.json") { Some(read("tokenizer_config.json")?) } else { None };
+    let chat_template = if f.files.iter().any(|p| p == CHAT_TEMPLATE) {
+        Some(String::from_utf8(read(CHAT_TEMPLATE)?).map_err(|_| Error::Tokenizer(format!("{CHAT_TEMPLATE} is not UTF-8")))?)
+    } else {
+        None
+    };
     let from_config = config_context(&f.config);
     let context = match (context, from_config) {
         (Some(c), Some(m)) => c.min(m),
@@ -246,7 +256,7 @@ pub fn load(f: &Fetched, context: Option<usize>, prep: Prepare) -> Result<Engine
     };
     let name = format!("{}/{onnx}", f.source.repo);
     Engine::from_user_files(&name, WithExternal { onnx: read(&onnx)?, files: side }, &read("tokenizer.json")?,
-                            tokenizer_config.as_deref(), context, prep)
+                            tokenizer_config.as_deref(), chat_template.as_deref(), context, prep)
 }
 
 /// `$WASMLM_CACHE`, else `$XDG_CACHE_HOME/wasmlm`, else `~/.cache/wasmlm`.

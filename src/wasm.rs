@@ -322,7 +322,8 @@ impl JsEngine {
     }
 
     /// A user's own ONNX file and tokenizer.json (tokenizer_config.json optional: chat template
-    /// and EOS), without a manifest; `context` bounds prompt + generated tokens. `external`: the
+    /// and EOS; `chat_template` optional: a chat_template.jinja's text, which takes precedence),
+    /// without a manifest; `context` bounds prompt + generated tokens. `external`: the
     /// side files of its external data, if it has any (`[{name, bytes}]`, names as the file
     /// gives them, e.g. "model.onnx_data").
     #[wasm_bindgen(js_name = fromUserFiles)]
@@ -331,6 +332,7 @@ impl JsEngine {
         onnx: JsValue,
         tokenizer_json: &[u8],
         tokenizer_config: Option<Vec<u8>>,
+        chat_template: Option<String>,
         context: f64,
         load_options: JsValue,
         external: JsValue,
@@ -348,7 +350,7 @@ impl JsEngine {
                  run it natively, or use a smaller (quantized) file",
                 crate::graph::OnnxBytes::len(&onnx) as f64 / (1u64 << 30) as f64, MAX_WASM_FILE as f64 / (1u64 << 30) as f64)));
         }
-        let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), context, opts.prepare())
+        let engine = Engine::from_user_files(name, onnx, tokenizer_json, tokenizer_config.as_deref(), chat_template.as_deref(), context, opts.prepare())
             .map_err(err)?;
         Ok(JsEngine { inner: Rc::new(engine) })
     }

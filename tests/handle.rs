@@ -267,6 +267,7 @@ fn an_fp16_cache_snapshots_and_forks_exactly() {
             std::fs::read(dir.join(exporter).join("fp16.onnx")).unwrap(),
             &std::fs::read(hf.join("tokenizer.json")).unwrap(),
             std::fs::read(hf.join("tokenizer_config.json")).ok().as_deref(),
+            None,
             64,
             Prepare::default(),
         )

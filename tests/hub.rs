@@ -83,17 +83,24 @@ fn a_repository_loads_its_dtype_once_then_from_the_cache_and_runs_the_same_bits(
             progress_files.push(p.to_string());
         }
     }).unwrap();
-    assert_eq!(progress_files, ["config.json", "tokenizer.json", "tokenizer_config.json", "onnx/model_quantized.onnx"]);
+    assert_eq!(progress_files, ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "onnx/model_quantized.onnx"]);
     let from_hub = hub::load(&fetched, None, Prepare::default()).unwrap();
 
     // the same file and tokenizer, given as a user's files
     let b = bundle("tiny-llama");
     let read = |n: &str| std::fs::read(b.join(n)).unwrap();
     let direct = Engine::from_user_files("direct", read("model.with_past.ort-dynamic-qint8.onnx"), &read("tokenizer.json"),
-                                         Some(&read("tokenizer_config.json")), bundle_context(), Prepare::default()).unwrap();
+                                         Some(&read("tokenizer_config.json")), None, bundle_context(), Prepare::default()).unwrap();
     assert_eq!(from_hub.context, direct.context, "config.json's context (cut to tokenizer_config.json's)");
     assert_eq!(engine_run(&from_hub, &PROMPT, 3, 12), engine_run(&direct, &PROMPT, 3, 12));
     assert_eq!(from_hub.sha256, direct.sha256);
+    // the chat template from the repository's chat_template.jinja (its tokenizer_config.json has
+    // none): the bundle's
+    let manifest: serde_json::Value = serde_json::from_slice(&read("manifest.json")).unwrap();
+    let template = manifest["tokens"]["chat_template"].as_str().expect("tiny-llama's template");
+    let hi = || [wasmlm::text::Message { role: "user".into(), content: "hi".into() }];
+    let bundle_text = wasmlm::text::Text::from_bytes(&read("tokenizer.json"), Some(template.into())).unwrap();
+    assert_eq!(from_hub.text.chat_prompt(&hi()).unwrap(), bundle_text.chat_prompt(&hi()).unwrap());
 
     // a second load: no request, the same engine
     let before = hits.load(Ordering::SeqCst);
@@ -128,7 +135,7 @@ fn external_data_lands_in_the_weights_and_matches_onnxruntime() {
     assert_eq!(greedy, want_greedy);
     // without its side file, the graph is refused with the file's name
     let e = Engine::from_user_files("bare", std::fs::read(fetched.dir.join("onnx/model.onnx")).unwrap(),
-                                    &std::fs::read(fetched.dir.join("tokenizer.json")).unwrap(), None, 64, Prepare::default())
+                                    &std::fs::read(fetched.dir.join("tokenizer.json")).unwrap(), None, None, 64, Prepare::default())
         .err().expect("refused").to_string();
     assert!(e.contains("model.onnx_data") && e.contains("not given"), "{e}");
 }
@@ -156,7 +163,7 @@ fn a_missing_dtype_an_unreachable_hub_or_a_cut_download_is_a_clear_error_leaving
     assert!(e.contains("onnx/model_quantized.onnx") && (e.contains("broke off") || e.contains("interrupted")), "{e}");
     let folder = HubSource::new(&cut, "q8", "main", &endpoint).unwrap().folder(&dir);
     let left: Vec<String> = walk(&folder).into_iter().map(|p| p.strip_prefix(&folder).unwrap().display().to_string()).collect();
-    assert_eq!(left, ["config.json", "tokenizer.json", "tokenizer_config.json"], "no partial file, no list of files");
+    assert_eq!(left, ["chat_template.jinja", "config.json", "tokenizer.json", "tokenizer_config.json"], "no partial file, no list of files");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

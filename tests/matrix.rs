@@ -62,6 +62,7 @@ fn run(dir: &std::path::Path, cell: &Value, prompt: &[u32], greedy: usize) -> (O
         onnx,
         &std::fs::read(hf.join("tokenizer.json")).unwrap(),
         std::fs::read(hf.join("tokenizer_config.json")).ok().as_deref(),
+        None,
         256,
         Prepare::default(),
     );

@@ -123,7 +123,7 @@ fn untrusted_files_are_bounded() {
     let dir = bundle("tiny-llama");
     let onnx = read(&dir, "model.with_past.onnx");
     let tok = read(&dir, "tokenizer.json");
-    let user = |onnx: Vec<u8>, config: Option<&[u8]>, context| Engine::from_user_files("user.onnx", onnx, &tok, config, context, Prepare::default());
+    let user = |onnx: Vec<u8>, config: Option<&[u8]>, context| Engine::from_user_files("user.onnx", onnx, &tok, config, None, context, Prepare::default());
     // a node renamed to one of our op types (only our rewrites write them)
     let mut proto = wasmlm::graph::decode_proto(&onnx[..]).unwrap();
     let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "MatMul").unwrap();
@@ -160,6 +160,25 @@ fn untrusted_files_are_bounded() {
     let msg = wasmlm::text::Message { role: "user".into(), content: "hi".into() };
     let e = text.chat_prompt(&[msg]).err().unwrap();
     assert!(matches!(e, Error::Template(_)) && e.to_string().contains("fuel"), "{e}");
+}
+
+/// A user's files: the chat template from chat_template.jinja where given (newer repositories
+/// keep it there), which takes precedence over tokenizer_config.json's, as in transformers.
+#[test]
+fn a_chat_template_file_gives_the_template() {
+    let dir = bundle("tiny-llama");
+    let (onnx, tok) = (read(&dir, "model.with_past.onnx"), read(&dir, "tokenizer.json"));
+    let config = br#"{"chat_template": "config: {{ messages[0].content }}"}"#;
+    let jinja = "file: {{ messages[0].content }}";
+    let prompt = |config: Option<&[u8]>, template: Option<&str>| {
+        let engine = Engine::from_user_files("user.onnx", onnx.clone(), &tok, config, template, 64, Prepare::default()).unwrap();
+        let msg = wasmlm::text::Message { role: "user".into(), content: "hi".into() };
+        engine.text.has_chat_template().then(|| engine.text.chat_prompt(&[msg]).unwrap())
+    };
+    assert_eq!(prompt(None, None), None);
+    assert_eq!(prompt(Some(config), None).as_deref(), Some("config: hi"));
+    assert_eq!(prompt(None, Some(jinja)).as_deref(), Some("file: hi"));
+    assert_eq!(prompt(Some(config), Some(jinja)).as_deref(), Some("file: hi"));
 }
 
 /// The CLI: unknown flags are errors, every command has --help, and `bench --out` refuses to

@@ -323,13 +323,13 @@ fn bad_input_is_an_error_not_a_panic() {
     let m = message("corrupt", JsEngine::from_bundle(&b.manifest_text, file, u8a(&corrupt), &b.tokenizer, JsValue::UNDEFINED));
     assert!(m.contains("sha256"), "{m}");
     // Truncated and without a manifest to catch it: tract's parser must fail cleanly.
-    let m = message("truncated", JsEngine::from_user_files("cut.onnx", u8a(&onnx[..onnx.len() / 2]), &b.tokenizer, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
+    let m = message("truncated", JsEngine::from_user_files("cut.onnx", u8a(&onnx[..onnx.len() / 2]), &b.tokenizer, None, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
-    let m = message("not onnx", JsEngine::from_user_files("x.onnx", u8a(b"not onnx at all"), &b.tokenizer, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
+    let m = message("not onnx", JsEngine::from_user_files("x.onnx", u8a(b"not onnx at all"), &b.tokenizer, None, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
     assert!(m.contains("ONNX"), "{m}");
     // A context that is not a whole number of tokens from 1 (JS would pass -1 as 4294967295).
     for bad in [-1.0, 0.0, 2.5, f64::NAN] {
-        let m = message("context", JsEngine::from_user_files("x.onnx", u8a(&onnx), &b.tokenizer, None, bad, JsValue::UNDEFINED, JsValue::UNDEFINED));
+        let m = message("context", JsEngine::from_user_files("x.onnx", u8a(&onnx), &b.tokenizer, None, None, bad, JsValue::UNDEFINED, JsValue::UNDEFINED));
         assert!(m.contains("whole number of tokens"), "{bad}: {m}");
     }
     // Above the file size wasm32's memory can load: refused before a byte is read (25 views of
@@ -339,7 +339,7 @@ fn bad_input_is_an_error_not_a_panic() {
     for _ in 0..25 {
         views.push(&big);
     }
-    let m = message("too big", JsEngine::from_user_files("big.onnx", views.into(), &b.tokenizer, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
+    let m = message("too big", JsEngine::from_user_files("big.onnx", views.into(), &b.tokenizer, None, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED));
     assert!(m.contains("1.56 GiB") && m.contains("up to 1.5 GiB"), "{m}");
     // Not a Uint8Array (wasm-bindgen passes any JS value through).
     use wasm_bindgen::JsCast;
@@ -363,7 +363,7 @@ fn bad_input_is_an_error_not_a_panic() {
     let m = message("misspelt option", JsEngine::from_bundle(&b.manifest_text, file, u8a(&onnx), &b.tokenizer, opts));
     assert!(m.contains("unknown fold_constant"), "{m}");
     // A user's own file that works: the cache layout comes from the graph itself.
-    let engine = JsEngine::from_user_files("mine.onnx", u8a(&onnx), &b.tokenizer, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED)
+    let engine = JsEngine::from_user_files("mine.onnx", u8a(&onnx), &b.tokenizer, None, None, 64.0, JsValue::UNDEFINED, JsValue::UNDEFINED)
         .map_err(JsValue::from)
         .unwrap();
     let mut session = engine.session().map_err(JsValue::from).unwrap();

@@ -212,6 +212,7 @@ function userFiles(files) {
   const onnx = list.filter((f) => f.name.toLowerCase().endsWith(".onnx"));
   const tokenizer = list.find((f) => f.name === "tokenizer.json");
   const config = list.find((f) => f.name === "tokenizer_config.json");
+  const chatTemplate = list.find((f) => f.name === "chat_template.jinja");
   const modelConfig = list.find((f) => f.name === "config.json");
   const external = list.filter((f) => /\.onnx_data(_\d+)?$/.test(f.name) || f.name.endsWith(".onnx.data"));
   const problems = [];
@@ -222,7 +223,7 @@ function userFiles(files) {
     return;
   }
   const context = Number($("user-context").value) || 2048;
-  load({ kind: "user", name: onnx[0].name, onnx: onnx[0], tokenizer, config, modelConfig, external, context });
+  load({ kind: "user", name: onnx[0].name, onnx: onnx[0], tokenizer, config, chatTemplate, modelConfig, external, context });
 }
 
 // A Hugging Face repository (hub.js): the fields, or ?hub=owner/name&dtype=q4 (loaded at once;

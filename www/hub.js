@@ -1,5 +1,6 @@
 // Models by Hugging Face repository id, laid out as transformers.js's repositories are
-// (onnx-community/…): config.json, tokenizer.json, tokenizer_config.json at the top, and
+// (onnx-community/…): config.json, tokenizer.json, tokenizer_config.json (and chat_template.jinja,
+// where newer repositories keep the chat template) at the top, and
 // onnx/model<suffix>.onnx for each dtype, with its external data beside it where config.json's
 // "transformers.js_config" says so. Files come from `<endpoint>/<repo>/resolve/<revision>/<path>`.
 // The worker (worker.js) fetches them; the page and the client module check a source with

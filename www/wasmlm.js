@@ -34,6 +34,7 @@ import { hubSource } from "./hub.js";
  * @property {Blob} onnx
  * @property {Blob} tokenizer  tokenizer.json
  * @property {Blob} [config]  tokenizer_config.json (chat template, EOS)
+ * @property {Blob} [chatTemplate]  chat_template.jinja (the chat template, where newer repositories keep it; it takes precedence)
  * @property {Blob} [modelConfig]  config.json (the model's family, shown in `info.family`)
  * @property {File[]} [external]  The ONNX file's external data (e.g. model.onnx_data), by file name
  * @property {number} context  The context length to allow, in tokens.

@@ -393,12 +393,13 @@ async function load(request) {
     const onnx = await readUserFile(source.onnx, source.name);
     const tokenizer = await read(source.tokenizer);
     const config = source.config ? await read(source.config) : undefined;
+    const template = source.chatTemplate ? await source.chatTemplate.text() : undefined;
     const modelConfig = source.modelConfig ? JSON.parse(await source.modelConfig.text()) : undefined;
     const external = [];
     for (const f of source.external ?? []) external.push({ name: f.name, bytes: await read(f) });
     post({ type: Msg.STATUS, text: `optimizing the graph (${source.name})` });
     await yieldToEvents();
-    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, source.context, { threads: build.threadCount }, external);
+    engine = wasm.Engine.fromUserFiles(source.name, onnx, tokenizer, config, template, source.context, { threads: build.threadCount }, external);
     found = { family: modelConfig?.model_type };
   } else {
     throw new Error(`source.kind "${source.kind}": expected bundle, hub or user`);
@@ -447,6 +448,10 @@ async function readUserFile(f, name) {
 }
 
 // ---- a Hugging Face repository (hub.js) ----------------------------------------------------
+
+// The chat template, where newer repositories keep it instead of tokenizer_config.json (it takes
+// precedence, as in transformers; src/hub.rs reads the same file natively).
+const CHAT_TEMPLATE = "chat_template.jinja";
 
 // Where a repository's file list is kept once all its files are cached: a manifest in the
 // bundles' format (so `prune` keeps the files it lists), under a URL of this site that nothing
@@ -547,8 +552,10 @@ async function loadHub(s) {
     post({ type: Msg.STATUS, text: `fetching ${s.repo} (${s.dtype}) from ${s.endpoint}` });
     files["config.json"] = await fetchHubFile(s, "config.json", cache, { first: true });
     files["tokenizer.json"] = await fetchHubFile(s, "tokenizer.json", cache);
-    const tc = await fetchHubFile(s, "tokenizer_config.json", cache, { optional: true });
-    if (tc) files["tokenizer_config.json"] = tc;
+    for (const name of ["tokenizer_config.json", CHAT_TEMPLATE]) {
+      const f = await fetchHubFile(s, name, cache, { optional: true });
+      if (f) files[name] = f;
+    }
     const config = JSON.parse(new TextDecoder().decode(files["config.json"].bytes));
     const path = onnxPath(s.dtype);
     files[path] = await fetchHubFile(s, path, cache);
@@ -572,8 +579,9 @@ async function loadHub(s) {
   const external = externalDataPaths(config, path).map((p) => ({ name: p.split("/").pop(), bytes: files[p].bytes }));
   post({ type: Msg.STATUS, text: `optimizing the graph (${s.repo}, ${path}); large models take seconds` });
   await yieldToEvents();
+  const template = files[CHAT_TEMPLATE] && new TextDecoder().decode(files[CHAT_TEMPLATE].bytes);
   engine = wasm.Engine.fromUserFiles(`${s.repo}/${path}`, files[path].bytes, files["tokenizer.json"].bytes,
-    files["tokenizer_config.json"]?.bytes, context, { threads: build.threadCount }, external);
+    files["tokenizer_config.json"]?.bytes, template, context, { threads: build.threadCount }, external);
   return { model: s.repo, file: path, precision: s.dtype, family: config.model_type,
     hub: { repo: s.repo, revision: s.revision, dtype: s.dtype, file: path } };
 }

@@ -2,6 +2,7 @@
 page, the client module and the CLI load by repository id (www/hub.js, src/hub.rs):
 
     config.json  tokenizer.json  tokenizer_config.json  special_tokens_map.json
+    chat_template.jinja         the chat template, where transformers writes it since 4.43
     onnx/model.onnx             the FP32 file with a cache (with --external: its weights in
     onnx/model.onnx_data        model.onnx_data, and config.json's "transformers.js_config" says so)
     onnx/model_quantized.onnx   the ort-dynamic-qint8 file with a cache ("q8")
@@ -54,12 +55,11 @@ def build(bundle: Path, out: Path, external: bool, dtypes: list[str] = tuple(FIL
     for name in TOKENIZER:
         if name in names:
             shutil.copyfile(bundle / name, tmp / name)
-    # the chat template where a hub repository keeps it (a bundle's manifest carries it)
+    # the chat template where a newer hub repository keeps it (a bundle's manifest carries it;
+    # the loaders also read it from tokenizer_config.json, where older repositories keep it)
     template = manifest.get("tokens", {}).get("chat_template")
-    if template and (tmp / "tokenizer_config.json").exists():
-        tc = json.loads((tmp / "tokenizer_config.json").read_text())
-        tc.setdefault("chat_template", template)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+    if template:
+        (tmp / "chat_template.jinja").write_text(template)
     for path, source in (FILES[d] for d in dtypes):
         if path == "onnx/model.onnx" and external:
             model = onnx.load(str(bundle / source))

@@ -12,7 +12,7 @@
 //
 //   node tests/node/e2e.mjs [site folder]      (./build.sh test runs it after building the site)
 import { spawn } from "node:child_process";
-import { mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { createServer as createHttpServer } from "node:http";
 import { dirname, resolve } from "node:path";
@@ -518,21 +518,24 @@ async function main() {
     assert.match(bad, /ONNX file could not be read/, "a clear error for bytes that are not ONNX");
     await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
     assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
-    // 5a. A user's own files that make a model (the default bundle's file and tokenizer, from
-    //     disk): read as a stream into the engine's memory in parts, the bundle's answer (5b).
-    //     The bundle's tokenizer_config.json has no chat template (its manifest does): a
-    //     completion.
+    // 5a. A user's own files that make a model, from disk: the default bundle's file and
+    //     tokenizer, and its chat template as a chat_template.jinja (where newer repositories
+    //     keep it; the bundle's tokenizer_config.json has none). The file is read as a stream
+    //     into the engine's memory in parts; the chat answer is the bundle's.
     const bundleDir = resolve(repo, "build/models/smollm2-135m");
-    await page.setInputFiles("#files", ["model.with_past.int8.onnx", "tokenizer.json", "tokenizer_config.json"]
-      .map((f) => resolve(bundleDir, f)));
+    const jinja = resolve(out, "chat_template.jinja");
+    writeFileSync(jinja, JSON.parse(readFileSync(resolve(bundleDir, "manifest.json"), "utf8")).tokens.chat_template);
+    await page.setInputFiles("#files", [...["model.with_past.int8.onnx", "tokenizer.json", "tokenizer_config.json"]
+      .map((f) => resolve(bundleDir, f)), jinja]);
     // the load disables #load until it ends, either way
     await page.waitForFunction(() => !document.querySelector("#load").disabled, null, { timeout: 600_000 });
     const userStatus = await page.textContent("#status");
     assert.doesNotMatch(await page.getAttribute("#status", "class"), /error/, `the user's files loaded: ${userStatus}`);
     assert.match(await page.textContent("#model-info"), /model\.with_past\.int8\.onnx, 14\d\.\d MB/, "the page names the user's file");
-    await page.uncheck("#chat");
-    const mine = await generate(page, "The capital of France is", 8);
-    log("a user's own files:", userStatus, JSON.stringify(mine.text));
+    await page.check("#chat");
+    const mine = await generate(page, "What is the capital of France?", 16);
+    assert.equal(mine.text, paris.text, "the user's copy of the default model answers as the bundle does");
+    log("a user's own files:", userStatus);
 
     // 5b. Bundles from another origin: ?models=URL reads the index and the manifest there (the
     //     parts, already in the Cache API under their sha256, are not fetched again).
@@ -546,9 +549,6 @@ async function main() {
       await page.check("#chat");
       const remote = await generate(page, "What is the capital of France?", 16);
       assert.equal(remote.text, paris.text, "the same answer from the other origin's bundle");
-      await page.uncheck("#chat");
-      const completion = await generate(page, "The capital of France is", 8);
-      assert.equal(mine.text, completion.text, "the user's copy of the default file completes as the bundle does");
       log("bundles from another origin:", cdn.seen.length, "requests there");
       await open(page, `${url}?models=${encodeURIComponent("javascript:alert(1)")}`, true, false);
       await page.waitForFunction(() => document.querySelector("#status").className === "error");
