@@ -332,6 +332,10 @@ pub fn load(bytes: impl OnnxBytes, kv_hint: Option<(usize, usize)>, prep: Prepar
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true).with_ignore_output_shapes(true);
     qmatmul::register(&mut onnx);
     fused::register(&mut onnx);
+    // an empty protobuf is a valid, empty ModelProto: say what was given, not "no graph"
+    if bytes.len() == 0 {
+        return Err(Error::Onnx("the file is empty (0 bytes)".into()));
+    }
     let mut proto = bytes.decode()?;
     // external data not read in by the caller (external.rs): refused with the side files' names
     crate::external::inline(&mut proto, &vec![])?;

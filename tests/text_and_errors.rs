@@ -124,6 +124,9 @@ fn untrusted_files_are_bounded() {
     let onnx = read(&dir, "model.with_past.onnx");
     let tok = read(&dir, "tokenizer.json");
     let user = |onnx: Vec<u8>, config: Option<&[u8]>, context| Engine::from_user_files("user.onnx", onnx, &tok, config, None, context, Prepare::default());
+    // an empty file
+    let e = user(vec![], None, 64).err().unwrap();
+    assert!(matches!(e, Error::Onnx(_)) && e.to_string().contains("the file is empty"), "{e}");
     // a node renamed to one of our op types (only our rewrites write them)
     let mut proto = wasmlm::graph::decode_proto(&onnx[..]).unwrap();
     let node = proto.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "MatMul").unwrap();
