@@ -159,6 +159,13 @@ site() {
     esac
     shift
   done
+  # absolute: the model step runs from models/ (a relative DIR is the repository's)
+  out=$(realpath -m -- "$out")
+  # the folder is replaced whole: only one this command wrote, or an empty one
+  if [[ -e $out && ! -f $out/pkg/sizes.json && -n $(ls -A -- "$out" 2>/dev/null) ]]; then
+    echo "error: $out exists and is not a site this command wrote (no pkg/sizes.json); it would be replaced: remove it or pick another folder" >&2
+    exit 1
+  fi
   say "site $out/: www, wasm builds, model files in parts of <= $MAX_FILE_MIB MiB, baselines"
   [[ -f build/pkg/sizes.json ]] || { echo "error: build/pkg is missing: run ./build.sh wasm" >&2; exit 1; }
   local bundles=() ggufs=()
@@ -174,7 +181,7 @@ site() {
   # the benchmark mode's text, the native bench's: its first 2,000 characters make the prompt;
   # the context sweep reads ~2,100 tokens of it (~7,500 characters)
   head -c 16000 "$TEXT" > "$out.partial/bench-prompt.txt"
-  (cd models && ../"$PY" -m wasmlm_models site "${bundles[@]}" --out "../$out.partial/models" \
+  (cd models && ../"$PY" -m wasmlm_models site "${bundles[@]}" --out "$out.partial/models" \
       --max-part-mib "$MAX_FILE_MIB" --files "$choice" --gguf ${ggufs[@]+"${ggufs[@]}"})
   # onnxruntime-web's wasm build (pinned in tests/node/package-lock.json), run by the worker on
   # the same file in the benchmark mode
