@@ -243,12 +243,12 @@ pub fn load(f: &Fetched, context: Option<usize>, prep: Prepare) -> Result<Engine
         let name = p.rsplit('/').next().unwrap_or(&p).to_string();
         side.push((name, Box::new(read(&p)?)));
     }
-    let tokenizer_config = if f.files.iter().any(|p| p == "tokenizer_config.json") { Some(read("tokenizer_config.json")?) } else { None };
-    let chat_template = if f.files.iter().any(|p| p == CHAT_TEMPLATE) {
-        Some(String::from_utf8(read(CHAT_TEMPLATE)?).map_err(|_| Error::Tokenizer(format!("{CHAT_TEMPLATE} is not UTF-8")))?)
-    } else {
-        None
-    };
+    // the files a repository may lack: those `fetch` found
+    let optional = |p: &str| if f.files.iter().any(|x| x == p) { read(p).map(Some) } else { Ok(None) };
+    let tokenizer_config = optional("tokenizer_config.json")?;
+    let chat_template = optional(CHAT_TEMPLATE)?
+        .map(|b| String::from_utf8(b).map_err(|_| Error::Tokenizer(format!("{CHAT_TEMPLATE} is not UTF-8"))))
+        .transpose()?;
     let from_config = config_context(&f.config);
     let context = match (context, from_config) {
         (Some(c), Some(m)) => c.min(m),

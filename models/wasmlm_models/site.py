@@ -24,8 +24,9 @@ MAX_PART = 25 << 20
 
 
 # Which model files a site holds, besides the tokenizer files: `default`, each bundle's default
-# file (the site then stays under build.sh's cap with every wasm build); `int8`, every INT8 file with a
-# KV cache (the ort-dynamic-qint8 file alone is 238 MiB for SmolLM2); `all`, FP32 and no-cache too.
+# file (the site then stays under build.sh's cap with every wasm build); `int8`, every INT8 file
+# with a KV cache (the ort-dynamic-qint8 file alone is 238 MiB for SmolLM2); `all`, FP32 and
+# no-cache too.
 CHOICES = ("default", "int8", "all")
 
 

@@ -10,7 +10,8 @@
 // the page's service worker has made it cross-origin isolated. A screenshot goes to
 // $WASMLM_SCREENSHOT (default tests/out/e2e.png).
 //
-//   node tests/node/e2e.mjs [site folder]      (./build.sh test runs it after building the site)
+//   ./build.sh test-e2e      (builds the site, then runs this with build.sh's limits for a static
+//                            host in WASMLM_MAX_FILE_MIB and WASMLM_MAX_SITE_MB)
 import { spawn } from "node:child_process";
 import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
