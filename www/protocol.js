@@ -9,7 +9,10 @@
 
 /** Requests, client -> worker. */
 export const Req = Object.freeze({
-  /** {source, build?, threads?} -> progress*, status*, notice*, then ready. */
+  /**
+   * {source, build?, threads?} -> progress*, status*, notice*, then ready. While idle after it,
+   * the worker runs a short throwaway generation that any request stops (worker.js, warmUp).
+   */
   LOAD: "load",
   /**
    * {session, prompt, options, continue?} -> prefill*, token*, then done. Without `continue`

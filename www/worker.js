@@ -406,6 +406,7 @@ async function load(request) {
   }
   sessions.set(0, engine.session());
   nextSession = 1;
+  warmUpDue = true;
   post({ type: Msg.READY, info: { ...engine.info, ...found, click_to_ready_ms: performance.now() - t0 }, build });
 }
 
@@ -584,6 +585,42 @@ async function loadHub(s) {
     files["tokenizer_config.json"]?.bytes, template, context, { threads: build.threadCount }, external);
   return { model: s.repo, file: path, precision: s.dtype, family: config.model_type,
     hub: { repo: s.repo, revision: s.revision, dtype: s.dtype, file: path } };
+}
+
+// After a load, while no request runs: a short throwaway generation in a session of its own,
+// freed after. A wasm function's first calls run slower in V8 (a load's first three decode
+// steps took 1.5-2x the later ones, on first and on return visits), so without it a user's
+// first answer paid for them. A request stops it between two of its steps (the most it waits
+// is one step) and it starts again once the worker is idle, until one has run to its end or a
+// generation has run instead. docs/decisions.md has the measurements.
+const WARM_UP = { prompt: "Hello", options: { max_new_tokens: 4, ignore_eos: true } };
+let warmUpDue = false; // set by a load, cleared by a warm-up run to its end or a generation
+let warming = null; // {session} of the warm-up running
+
+async function warmUp() {
+  const w = (warming = { session: null });
+  try {
+    await yieldToEvents();
+    if (warming !== w) return;
+    w.session = engine.session();
+    w.session.begin(WARM_UP.prompt, WARM_UP.options);
+    for (let ev = w.session.next(); ev; ev = w.session.next()) {
+      await yieldToEvents();
+      if (warming !== w) return; // stopped: stopWarmUp freed the session
+    }
+    warmUpDue = false;
+  } catch (err) {
+    // the user's first request meets the same error, with a request to report it on
+    console.warn("wasmlm: the warm-up after the load failed:", err);
+    warmUpDue = false;
+  } finally {
+    if (warming === w) stopWarmUp();
+  }
+}
+
+function stopWarmUp() {
+  warming?.session?.free();
+  warming = null;
 }
 
 function sessionOf(id = 0) {
@@ -896,6 +933,8 @@ self.onmessage = async (e) => {
     return;
   }
   current = { req: m.req, type: m.type, cancelled: false };
+  stopWarmUp();
+  if ([Req.GENERATE, Req.CHAT, Req.BENCH, Req.SWEEP].includes(m.type)) warmUpDue = false;
   try {
     await run(m);
   } catch (err) {
@@ -911,5 +950,6 @@ self.onmessage = async (e) => {
     post({ type: Msg.ERROR, message, fatal, contextFull });
   } finally {
     current = null;
+    if (warmUpDue && engine) warmUp();
   }
 };
