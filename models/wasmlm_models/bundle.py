@@ -170,9 +170,12 @@ def _quantize(preset: str, shape, dst: Path) -> list[dict]:
 
 
 def _save_tokenizer(src, dst: Path) -> list[dict]:
+    """The tokenizer's files as transformers saves them. Its chat template is in
+    chat_template.jinja (transformers no longer writes it into tokenizer_config.json): kept, so
+    that the bundle's own files, picked in the page or given to the CLI, chat too."""
     src.tokenizer.save_pretrained(str(dst / "work" / "tokenizer"))
     out = []
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         path = dst / "work" / "tokenizer" / name
         if path.exists():
             shutil.copy(path, dst / name)

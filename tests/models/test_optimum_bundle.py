@@ -43,4 +43,5 @@ def test_a_failed_run_leaves_a_whole_bundle_or_none(tiny_bundles, tmp_path):
     assert (out / "manifest.json").read_text() == "{}" and (out / "model_q4.onnx").read_bytes() == b"old"
     _, entries = files.derived_bundle(tiny_bundles["tiny-llama"], out)
     assert not (out / "manifest.json").exists() and not (out / "model_q4.onnx").exists()
-    assert {e["name"] for e in entries} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {e["name"] for e in entries} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                            "chat_template.jinja"}

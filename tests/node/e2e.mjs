@@ -13,7 +13,7 @@
 //   ./build.sh test-e2e      (builds the site, then runs this with build.sh's limits for a static
 //                            host in WASMLM_MAX_FILE_MIB and WASMLM_MAX_SITE_MB)
 import { spawn } from "node:child_process";
-import { mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { createServer } from "node:net";
 import { createServer as createHttpServer } from "node:http";
 import { dirname, resolve } from "node:path";
@@ -519,15 +519,13 @@ async function main() {
     assert.match(bad, /ONNX file could not be read/, "a clear error for bytes that are not ONNX");
     await page.setInputFiles("#files", [{ name: "only.onnx", mimeType: "application/octet-stream", buffer: Buffer.from("x") }]);
     assert.match(await page.textContent("#status"), /needs its tokenizer\.json/, "a clear error without tokenizer.json");
-    // 5a. A user's own files that make a model, from disk: the default bundle's file and
-    //     tokenizer, and its chat template as a chat_template.jinja (where newer repositories
-    //     keep it; the bundle's tokenizer_config.json has none). The file is read as a stream
-    //     into the engine's memory in parts; the chat answer is the bundle's.
+    // 5a. A user's own files that make a model, from disk: the default bundle's file, tokenizer
+    //     and chat template (chat_template.jinja, as transformers saves it; the bundle's
+    //     tokenizer_config.json has none). The file is read as a stream into the engine's memory
+    //     in parts; the chat answer is the bundle's.
     const bundleDir = resolve(repo, "build/models/smollm2-135m");
-    const jinja = resolve(out, "chat_template.jinja");
-    writeFileSync(jinja, JSON.parse(readFileSync(resolve(bundleDir, "manifest.json"), "utf8")).tokens.chat_template);
-    await page.setInputFiles("#files", [...["model.with_past.int8.onnx", "tokenizer.json", "tokenizer_config.json"]
-      .map((f) => resolve(bundleDir, f)), jinja]);
+    await page.setInputFiles("#files", ["model.with_past.int8.onnx", "tokenizer.json", "tokenizer_config.json",
+      "chat_template.jinja"].map((f) => resolve(bundleDir, f)));
     // the load disables #load until it ends, either way
     await page.waitForFunction(() => !document.querySelector("#load").disabled, null, { timeout: 600_000 });
     const userStatus = await page.textContent("#status");
