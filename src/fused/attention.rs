@@ -552,11 +552,28 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
         });
         return Ok(y);
     }
-    let ys = slots(yv.as_slice_mut::<f32>()?, s * dv);
+    // A turn short enough to be one chunk of rows, whose mask is the same for every head: the
+    // `group` query heads that share a key head are one task and one product of `group * s` rows
+    // (consecutive in q and y), so that their keys and values are read, and packed by the
+    // blocked product, once, not once per query head. Each row's sums are the same either way.
+    let per = if s < CHUNK_ROWS + BLOCKED_ROWS && group > 1 && st[1] == 0 { group } else { 1 };
+    let ys = slots(yv.as_slice_mut::<f32>()?, per * s * dv);
     let next = AtomicUsize::new(0);
-    let head = |i: usize, y: &mut [f32], scores: &mut [f32]| {
+    let head = |t: usize, y: &mut [f32], scores: &mut [f32]| {
+        let i = t * per;
         let kvi = i / h * kv + i % h / group;
-        let (qh, kh, vh) = (&q[i * s * d..][..s * d], k.head(kvi), v.head(kvi));
+        let (qh, kh, vh) = (&q[i * s * d..][..per * s * d], k.head(kvi), v.head(kvi));
+        if per > 1 {
+            let rows = per * s;
+            let w = live_keys(0..s, l, |r, j| mask_row(i, r)[j * st[3]]);
+            let chunk = &mut scores[..rows * w];
+            product(qh, &[rows, d], &kh[..w * d], &[w, d], true, 1, chunk);
+            for (n, row) in chunk.chunks_exact_mut(w.max(1)).enumerate() {
+                scale_mask_softmax(i + n / s, n % s, row);
+            }
+            product(chunk, &[rows, w], &vh[..w * dv], &[w, dv], false, 1, y);
+            return;
+        }
         // rows a chunk at a time, each against the keys its mask leaves live
         let mut r0 = 0;
         while r0 < s {
@@ -573,7 +590,7 @@ fn attend(q: &Tensor, k: &Keys, v: &Keys, mask: &Tensor, scale: f32, group: usiz
     };
     let work = b * h * s * l * (d + dv) * 4;
     crate::qmatmul::split::on_threads(work, || {
-        let mut scores = vec![0f32; s.min(CHUNK_ROWS + BLOCKED_ROWS) * l];
+        let mut scores = vec![0f32; per * s.min(CHUNK_ROWS + BLOCKED_ROWS) * l];
         loop {
             let i = next.fetch_add(1, Relaxed);
             if i >= ys.len() {
@@ -830,6 +847,31 @@ mod tests {
             let three = crate::qmatmul::split::with_threads(3, || attend(&q, &k, &v, &mask, 0.125, group).unwrap());
             assert_eq!(bits(&flat(&three)), bits(&want), "{s} rows, values of {dv}, 3 threads");
         }
+    }
+
+    /// A short turn's query heads taken together by key head (one product of `group * s` rows)
+    /// give each head's bits alone: against keys and values repeated for every query head (each
+    /// head its own task), 20 rows after a past of 300 under a causal mask, three query heads per
+    /// key head; on one thread and cut across three.
+    #[test]
+    fn a_turn_by_key_head_equals_each_head_alone() {
+        let mut rnd = randoms(5u64);
+        let tensor = |shape: &[usize], v: Vec<f32>| tract_ndarray::ArrayD::from_shape_vec(shape, v).unwrap().into_tensor();
+        let (p, s, kv, group, d) = (300, 20, 2, 3, 16);
+        let (l, h) = (p + s, kv * group);
+        let q = tensor(&[1, h, s, d], rnd(h * s * d));
+        let (k, v) = (rnd(kv * l * d), rnd(kv * l * d));
+        let repeat = |x: &[f32]| -> Vec<f32> { (0..h).flat_map(|i| x[i / group * l * d..][..l * d].to_vec()).collect() };
+        let (kr, vr) = (tensor(&[1, h, l, d], repeat(&k)), tensor(&[1, h, l, d], repeat(&v)));
+        let (k, v) = (tensor(&[1, kv, l, d], k), tensor(&[1, kv, l, d], v));
+        let mask = tensor(&[1, 1, s, l], (0..s * l).map(|i| if i % l > p + i / l { f32::NEG_INFINITY } else { 0.0 }).collect());
+        let alone = attend(&q, &Keys::whole(&kr).unwrap(), &Keys::whole(&vr).unwrap(), &mask, 0.25, 1).unwrap();
+        let (k, v) = (Keys::whole(&k).unwrap(), Keys::whole(&v).unwrap());
+        let together = attend(&q, &k, &v, &mask, 0.25, group).unwrap();
+        assert_eq!(bits(&flat(&together)), bits(&flat(&alone)));
+        crate::qmatmul::split::set_min_work(0);
+        let three = crate::qmatmul::split::with_threads(3, || attend(&q, &k, &v, &mask, 0.25, group).unwrap());
+        assert_eq!(bits(&flat(&three)), bits(&flat(&alone)), "3 threads");
     }
 
     /// The cache grown in place holds what the graph's Concat made: appended to, cut to a
