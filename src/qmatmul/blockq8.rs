@@ -682,7 +682,7 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn dotr_vnni<const R: usize, const PREFETCH: bool>(x: [&[i16]; R], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; R]) {
-        const { assert!(PANEL == 4 && K_ALIGN % BLOCK == 0) };
+        const { assert!(PANEL == 4 && K_ALIGN.is_multiple_of(BLOCK)) };
         let kp = x[0].len();
         let xp = x.map(|x| x.as_ptr());
         let mut wp = panel.as_ptr();
@@ -692,7 +692,7 @@ mod x86 {
             if PREFETCH {
                 for l in 0..PANEL * K_ALIGN / 64 {
                     // wrapping_add: the address may lie past the weights (a hint, never read)
-                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES + 64 * l) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BYTES + 64 * l));
                 }
             }
             for h in 0..K_ALIGN / BLOCK {
