@@ -124,9 +124,9 @@ function hex(buffer) {
 
 // Where a file's bytes go as they arrive: a Uint8Array of the file's size (the tokenizer, the
 // peers' copies), or part `i` of a wasm.ModelFile, in the engine's own memory (the model: JS
-// never holds it whole, and each chunk is garbage once copied; src/file_parts.rs). `finish`
-// gives the sha256 (hex) of what was written, or undefined without WebCrypto (the engine then
-// hashes the array itself).
+// never holds it whole; src/file_parts.rs). `finish` gives the sha256 (hex) of what was written,
+// or undefined without WebCrypto (the engine then hashes the array itself); `written` gives the
+// bytes, for the Cache API's copy.
 function arraySink(size) {
   const bytes = new Uint8Array(size);
   let at = 0;
@@ -135,69 +135,74 @@ function arraySink(size) {
     write(chunk) { bytes.set(chunk, at); at += chunk.length; },
     restart() { at = 0; },
     finish: () => sha256(bytes),
+    written: () => bytes,
   };
 }
 
 function partSink(file, i) {
+  // a view of wasm memory, read at once by whoever takes it. WebCrypto and Response take no
+  // shared memory (the threaded build's): a copy then, made once for both
+  let copy = null;
+  const written = () => {
+    const bytes = file.part(i);
+    const shared = typeof SharedArrayBuffer !== "undefined" && bytes.buffer instanceof SharedArrayBuffer;
+    return shared ? (copy ??= bytes.slice()) : bytes;
+  };
   return {
     write: (chunk) => file.write(i, chunk),
-    restart: () => file.restart(i),
+    restart: () => { copy = null; file.restart(i); },
     async finish() {
       file.finish(i);
       if (!crypto.subtle) return undefined;
-      // a view of wasm memory, read at once; WebCrypto takes no shared memory (the threaded
-      // build's): a copy then
-      const bytes = file.part(i);
-      const shared = typeof SharedArrayBuffer !== "undefined" && bytes.buffer instanceof SharedArrayBuffer;
-      return hex(await crypto.subtle.digest("SHA-256", shared ? bytes.slice() : bytes));
+      return hex(await crypto.subtle.digest("SHA-256", written()));
     },
+    written,
   };
 }
 
-// A response body into `sink` (and `copy`), chunk by chunk, held to the manifest's size.
-async function pour(body, entry, sink, onBytes, copy = null) {
+// A response body's bytes as they arrive. A download's are read with a BYOB reader into one
+// buffer, reused: each chunk of the default reader is a new ArrayBuffer, which stays in the
+// worker after a load until a garbage collection, and nothing after a load allocates enough to
+// bring one (docs/decisions.md, "Memory at load"). Each view is valid until the next. A cached
+// entry's body takes the default reader: in Chromium 156, BYOB reads of the parts' cached
+// bodies, four at a time, stopped partway (measured once, not understood).
+const READ_BUFFER = 1 << 20;
+async function* views(body, { byob }) {
+  let reader;
+  let buffer = null;
+  try {
+    if (!byob) throw new Error("the default reader");
+    reader = body.getReader({ mode: "byob" });
+    buffer = new ArrayBuffer(READ_BUFFER);
+  } catch {
+    reader = body.getReader(); // not a byte stream
+  }
+  try {
+    for (;;) {
+      const { done, value } = buffer ? await reader.read(new Uint8Array(buffer)) : await reader.read();
+      if (done) return;
+      if (buffer) buffer = value.buffer; // the read transferred it: the same memory, a new handle
+      yield value;
+    }
+  } finally {
+    reader.cancel().catch(() => {}); // a consumer that stopped early: release the body
+  }
+}
+
+// A response body into `sink`, held to the manifest's size.
+async function pour(body, entry, sink, onBytes, { byob = false } = {}) {
   let loaded = 0;
-  const reader = body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
+  for await (const value of views(body, { byob })) {
     if (loaded + value.length > entry.bytes) {
-      reader.cancel().catch(() => {});
       throw new Error(`${entry.name}: the server sent more than the manifest's ${entry.bytes} bytes`);
     }
     sink.write(value);
-    copy?.write(value);
     loaded += value.length;
     onBytes(loaded);
   }
   if (loaded !== entry.bytes) {
     throw new Error(`${entry.name}: ${loaded} bytes arrived, the manifest says ${entry.bytes} (interrupted download?)`);
   }
-}
-
-// The Cache API's copy of a download, streamed as the download arrives: `commit` stores it,
-// `abort` drops it (a put whose body fails stores nothing).
-function cacheWriter(cache, key, name) {
-  let feed;
-  let refused = null;
-  const body = new ReadableStream({ start(controller) { feed = controller; } });
-  const put = cache.put(key, new Response(body)).catch((err) => { refused = err; });
-  return {
-    write(chunk) {
-      if (refused) return;
-      try { feed.enqueue(chunk); } catch (err) { refused = err; }
-    },
-    abort(err) {
-      try { feed.error(err); } catch { /* already closed by a refusal */ }
-    },
-    async commit() {
-      try { feed.close(); } catch { /* already errored by a refusal */ }
-      await put;
-      if (refused) {
-        post({ type: Msg.NOTICE, text: `${name} is kept in memory only: the browser refused to cache it (${refused.name}: ${refused.message}).` });
-      }
-    },
-  };
 }
 
 // One file (or part) of the manifest into `sink`: from the Cache API when there and intact,
@@ -225,22 +230,22 @@ async function fetchFile(base, entry, cache, onBytes, sink) {
   // Cache API above is keyed by content)
   const res = await fetch(base + entry.name, { cache: "no-store" });
   if (!res.ok) throw new Error(`${base}${entry.name}: HTTP ${res.status} ${res.statusText}`);
-  const copy = cache ? cacheWriter(cache, key, entry.name) : null;
-  let found;
-  try {
-    await pour(res.body, entry, sink, (n) => onBytes(n, false), copy);
-    found = await sink.finish();
-    if (found && found !== entry.sha256) {
-      throw new Error(`${entry.name}: sha256 is ${found}, the manifest says ${entry.sha256} (corrupt download?)`);
-    }
-  } catch (err) {
-    copy?.abort(err);
-    throw err;
+  await pour(res.body, entry, sink, (n) => onBytes(n, false), { byob: true });
+  const found = await sink.finish();
+  if (found && found !== entry.sha256) {
+    throw new Error(`${entry.name}: sha256 is ${found}, the manifest says ${entry.sha256} (corrupt download?)`);
   }
-  if (copy) {
-    await copy.commit();
-  } else {
+  // The Cache API's copy, once the bytes are checked, from where they were written: a copy
+  // streamed beside the download is built up in the worker and stays there until a garbage
+  // collection (docs/decisions.md, "Memory at load").
+  if (!cache) {
     post({ type: Msg.NOTICE, text: "No Cache API here (the page needs https or localhost): the model is kept in memory only." });
+  } else {
+    try {
+      await cache.put(key, new Response(sink.written()));
+    } catch (err) {
+      post({ type: Msg.NOTICE, text: `${entry.name} is kept in memory only: the browser refused to cache it (${err.name}: ${err.message}).` });
+    }
   }
   return found;
 }
