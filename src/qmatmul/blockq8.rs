@@ -315,9 +315,28 @@ impl BlockKernel {
                         store(i + 1, r1, &out1);
                     }
                 }
-                // AVX-512 VNNI: rows four by four, each weight block widened once for the four
+                // AVX-512 VNNI: rows sixteen, then eight, then four at a time, each weight block
+                // transposed and widened once for them
                 #[cfg(target_arch = "x86_64")]
                 if self == BlockKernel::Avx512Vnni {
+                    while rows.len() >= 16 {
+                        let rs: [(usize, usize); 16] = std::array::from_fn(|_| rows.next().unwrap());
+                        let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
+                        let mut out = [[0f32; PANEL]; 16];
+                        unsafe { x86::dot4x16_vnni(x, panel, ps, &mut out) };
+                        for ((i, r), out) in rs.iter().zip(&out) {
+                            store(*i, *r, out);
+                        }
+                    }
+                    while rows.len() >= 8 {
+                        let rs: [(usize, usize); 8] = std::array::from_fn(|_| rows.next().unwrap());
+                        let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
+                        let mut out = [[0f32; PANEL]; 8];
+                        unsafe { x86::dot4x8_vnni(x, panel, ps, &mut out) };
+                        for ((i, r), out) in rs.iter().zip(&out) {
+                            store(*i, *r, out);
+                        }
+                    }
                     while rows.len() >= 4 {
                         let rs: [(usize, usize); 4] = std::array::from_fn(|_| rows.next().unwrap());
                         let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
@@ -742,12 +761,24 @@ mod x86 {
     pub unsafe fn dot4x4_vnni(x: [&[i16]; 4], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 4]) {
         dotr_vnni::<4, false>(x, panel, ps, out)
     }
+
+    /// Sixteen rows, as [`dot4x4_vnni`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4x16_vnni(x: [&[i16]; 16], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 16]) {
+        dotr_vnni::<16, false>(x, panel, ps, out)
+    }
+
+    /// Eight rows, as [`dot4x4_vnni`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot4x8_vnni(x: [&[i16]; 8], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 8]) {
+        dotr_vnni::<8, false>(x, panel, ps, out)
+    }
 }
 
 /// The row quantization against its portable code, then every block kernel this process can
 /// run (the wasm builds run it on theirs: tests/wasm.rs) against an f64 reference of the same integer-and-scale arithmetic, and the whole (quantized
 /// x) product against the f32 product of the dequantized weights; cut in parts, and each row of
-/// a product of several rows (SIMD128 and AVX2 take them two by two, AVX-512 VNNI four by four) against that row alone, bit for
+/// a product of several rows (SIMD128 and AVX2 take them two by two, AVX-512 VNNI 16, 8 and 4 at a time) against that row alone, bit for
 /// bit. Returns the names of the kernels checked, or the first difference.
 #[doc(hidden)]
 pub fn check_block_kernels() -> Result<Vec<&'static str>, String> {
