@@ -319,33 +319,22 @@ impl BlockKernel {
                 // transposed and widened once for them
                 #[cfg(target_arch = "x86_64")]
                 if self == BlockKernel::Avx512Vnni {
-                    while rows.len() >= 16 {
-                        let rs: [(usize, usize); 16] = std::array::from_fn(|_| rows.next().unwrap());
-                        let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
-                        let mut out = [[0f32; PANEL]; 16];
-                        unsafe { x86::dot4x16_vnni(x, panel, ps, &mut out) };
-                        for ((i, r), out) in rs.iter().zip(&out) {
-                            store(*i, *r, out);
-                        }
+                    macro_rules! rows_at_a_time {
+                        ($n:literal) => {
+                            while rows.len() >= $n {
+                                let rs: [(usize, usize); $n] = std::array::from_fn(|_| rows.next().unwrap());
+                                let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
+                                let mut out = [[0f32; PANEL]; $n];
+                                unsafe { x86::dot4xr_vnni::<$n>(x, panel, ps, &mut out) };
+                                for ((i, r), out) in rs.iter().zip(&out) {
+                                    store(*i, *r, out);
+                                }
+                            }
+                        };
                     }
-                    while rows.len() >= 8 {
-                        let rs: [(usize, usize); 8] = std::array::from_fn(|_| rows.next().unwrap());
-                        let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
-                        let mut out = [[0f32; PANEL]; 8];
-                        unsafe { x86::dot4x8_vnni(x, panel, ps, &mut out) };
-                        for ((i, r), out) in rs.iter().zip(&out) {
-                            store(*i, *r, out);
-                        }
-                    }
-                    while rows.len() >= 4 {
-                        let rs: [(usize, usize); 4] = std::array::from_fn(|_| rows.next().unwrap());
-                        let x = rs.map(|(_, r)| &xi[r * kp..(r + 1) * kp]);
-                        let mut out = [[0f32; PANEL]; 4];
-                        unsafe { x86::dot4x4_vnni(x, panel, ps, &mut out) };
-                        for ((i, r), out) in rs.iter().zip(&out) {
-                            store(*i, *r, out);
-                        }
-                    }
+                    rows_at_a_time!(16);
+                    rows_at_a_time!(8);
+                    rows_at_a_time!(4);
                 }
                 // AVX2: rows AVX2_ROWS at a time, each weight block widened once for them
                 #[cfg(target_arch = "x86_64")]
@@ -755,23 +744,11 @@ mod x86 {
         *out = o[0];
     }
 
-    /// Four rows (a prefill's), each in [`dot4_vnni`]'s order (the same bits), each block of
-    /// weights transposed and widened once for the four.
+    /// `R` rows (a prefill's), each in [`dot4_vnni`]'s order (the same bits), each block of
+    /// weights transposed and widened once for the `R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot4x4_vnni(x: [&[i16]; 4], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 4]) {
-        dotr_vnni::<4, false>(x, panel, ps, out)
-    }
-
-    /// Sixteen rows, as [`dot4x4_vnni`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot4x16_vnni(x: [&[i16]; 16], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 16]) {
-        dotr_vnni::<16, false>(x, panel, ps, out)
-    }
-
-    /// Eight rows, as [`dot4x4_vnni`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot4x8_vnni(x: [&[i16]; 8], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; 8]) {
-        dotr_vnni::<8, false>(x, panel, ps, out)
+    pub unsafe fn dot4xr_vnni<const R: usize>(x: [&[i16]; R], panel: &[i8], ps: &[f32], out: &mut [[f32; PANEL]; R]) {
+        dotr_vnni::<R, false>(x, panel, ps, out)
     }
 }
 
