@@ -168,15 +168,15 @@ function partSink(file, i) {
 // bodies, four at a time, stopped partway (measured once, not understood).
 const READ_BUFFER = 1 << 20;
 async function* views(body, { byob }) {
-  let reader;
+  let reader = null;
   let buffer = null;
-  try {
-    if (!byob) throw new Error("the default reader");
-    reader = body.getReader({ mode: "byob" });
-    buffer = new ArrayBuffer(READ_BUFFER);
-  } catch {
-    reader = body.getReader(); // not a byte stream
+  if (byob) {
+    try {
+      reader = body.getReader({ mode: "byob" });
+      buffer = new ArrayBuffer(READ_BUFFER);
+    } catch { /* not a byte stream: the default reader */ }
   }
+  reader ??= body.getReader();
   try {
     for (;;) {
       const { done, value } = buffer ? await reader.read(new Uint8Array(buffer)) : await reader.read();
