@@ -16,6 +16,9 @@ const EXTERNAL: i32 = 1;
 /// a time (src/wasm.rs), never whole in wasm memory.
 pub trait SideFile {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Bytes `offset..offset + len`, within `len()`.
     fn read(&self, offset: u64, len: u64) -> Vec<u8>;
     /// Hex, lower case.
@@ -82,7 +85,7 @@ pub fn locations(proto: &ModelProto) -> Vec<String> {
     let mut out: Vec<String> = vec![];
     visit(proto, &mut |t| {
         if let Some(l) = location(t) {
-            if !out.iter().any(|o| *o == l) {
+            if !out.contains(&l) {
                 out.push(l);
             }
         }

@@ -150,6 +150,9 @@ fn cache_type(model: &InferenceModel, ix: usize) -> Result<DatumType> {
 /// them (wasm memory never shrinks).
 pub trait OnnxBytes {
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Hex, lower case.
     fn sha256(&self) -> String;
     fn decode(self) -> Result<tract_onnx::pb::ModelProto>;

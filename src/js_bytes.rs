@@ -86,7 +86,7 @@ impl OnnxBytes for JsBytes {
 
     fn sha256(&self) -> String {
         let mut hash = Sha256::new();
-        let mut chunks = Chunks::new(&self);
+        let mut chunks = Chunks::new(self);
         while chunks.has_remaining() {
             let n = chunks.chunk().len();
             hash.update(chunks.chunk());

@@ -327,6 +327,7 @@ impl JsEngine {
     /// side files of its external data, if it has any (`[{name, bytes}]`, names as the file
     /// gives them, e.g. "model.onnx_data").
     #[wasm_bindgen(js_name = fromUserFiles)]
+    #[allow(clippy::too_many_arguments)] // the JavaScript call's own, one per thing a user picks
     pub fn from_user_files(
         name: &str,
         onnx: JsValue,
@@ -512,6 +513,7 @@ impl JsSession {
     }
 
     /// The next token event {id, text, ms, prefill: false}, or undefined once stopped.
+    #[allow(clippy::should_implement_trait)] // JavaScript's name for it; no Rust caller iterates
     pub fn next(&mut self) -> Result<JsValue, JsError> {
         let generation = self.generation.as_mut().ok_or_else(|| JsError::new("call prefill() first"))?;
         match generation.next(&self.engine, &mut self.session).map_err(err)? {

@@ -77,10 +77,10 @@ enum Mask {
     /// Added to the scaled scores.
     Added(OutletId),
     /// GPT-2's: the scaled scores replaced by `low` where `keep` is false, then `added` added
-    /// (with a past), `Where(keep, x, low) + added`. The op takes it as `x + (Where(keep, 0, low)
-    /// + added)`: the same values where `keep` is true (`0 + m` is `m`), and scores far below the
-    /// softmax's `exp` range where it is false (low is -1e30 or below), whose weights are 0
-    /// either way.
+    /// (with a past), `Where(keep, x, low) + added`. The op takes it as
+    /// `x + (Where(keep, 0, low) + added)`: the same values where `keep` is true (`0 + m` is
+    /// `m`), and scores far below the softmax's `exp` range where it is false (low is -1e30 or
+    /// below), whose weights are 0 either way.
     Replaced { keep: OutletId, low: OutletId, added: Option<OutletId> },
 }
 
@@ -747,7 +747,12 @@ fn live_keys(rows: std::ops::Range<usize>, l: usize, mask: impl Fn(usize, usize)
     const DEAD: f32 = -1e30;
     let mut live = 0;
     for r in rows {
-        let Some(last) = (0..l).rev().find(|&j| !(mask(r, j) <= DEAD)) else { return l }; // NaN: live
+        let Some(last) = (0..l).rev().find(|&j| {
+            let m = mask(r, j);
+            m > DEAD || m.is_nan() // NaN: live
+        }) else {
+            return l;
+        };
         live = live.max(last + 1);
     }
     let w = live.div_ceil(8) * 8;

@@ -112,7 +112,6 @@ impl EvalOp for Binary {
             ensure!(ys.len() == bs.len(), "{OP_NAME}: {} values against {}", ys.len(), bs.len());
             apply(self.kind, ys, bs);
         }
-        drop(view);
         Ok(tvec!(y.into_tvalue()))
     }
 }

@@ -64,7 +64,7 @@ impl EvalOp for Rope {
         let shape: TVec<usize> = y.shape().into();
         let last = shape.len().checked_sub(1).context("rotary embedding of a scalar")?;
         let d = shape[last];
-        ensure!(d % 2 == 0, "rotary embedding over an odd last axis: {shape:?}");
+        ensure!(d.is_multiple_of(2), "rotary embedding over an odd last axis: {shape:?}");
         if y.len() == 0 {
             return Ok(tvec!(y.into_tvalue()));
         }

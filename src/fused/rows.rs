@@ -18,7 +18,7 @@ pub fn scores(q: &[f32], k: &[f32], out: &mut [f32]) {
     let d = q.len();
     debug_assert_eq!(k.len(), out.len() * d);
     #[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
-    if d % 8 == 0 && d > 0 {
+    if d.is_multiple_of(8) && d > 0 {
         // SAFETY: k holds out.len() rows of d, d a multiple of 8 (checked above).
         return unsafe { lanes::scores::<lanes::Native>(q, k, out) };
     }
@@ -52,7 +52,7 @@ pub fn mix_into(p: &[f32], v: &[f32], stride: usize, y: &mut [f32]) {
     let w = y.len();
     assert!(w <= stride && (p.is_empty() || v.len() >= (p.len() - 1) * stride + w), "mix of {} rows of {w} every {stride} from {} values", p.len(), v.len());
     #[cfg(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64"))]
-    if w % 4 == 0 {
+    if w.is_multiple_of(4) {
         // SAFETY: v holds p.len() rows of w values every `stride` (checked above), w a multiple
         // of 4.
         return unsafe { lanes::mix_into::<lanes::Native>(p, v, stride, y) };
@@ -208,6 +208,8 @@ pub fn exp_le0(x: f32) -> f32 {
     if x < EXP_LO { 0.0 } else { e * scale }
 }
 
+// the tiles index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd {
     use core::arch::wasm32::*;

@@ -102,7 +102,7 @@ pub fn from_dequantized_heads(model: &mut ModelProto) -> usize {
         // a (u)int8 scalar: its byte in raw_data, or its value in int32_data
         let zp = zp.raw_data.first().copied().or_else(|| zp.int32_data.first().map(|&v| v as u8));
         let (Some(scale), Some(zp)) = (crate::proto::scalar_f32(scale), zp) else { continue };
-        if !(1..=1 << 24).contains(&rows) || !(1..=1 << 24).contains(&cols) || cols as usize % BLOCK != 0
+        if !(1..=1 << 24).contains(&rows) || !(1..=1 << 24).contains(&cols) || !(cols as usize).is_multiple_of(BLOCK)
             || table.raw_data.len() != (rows * cols) as usize {
             continue;
         }

@@ -157,7 +157,7 @@ fn helper(team: &Team) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && now_ms() - since > SPIN_MS {
+            if spins.is_multiple_of(256) && now_ms() - since > SPIN_MS {
                 let mut guard = team.park.lock().unwrap();
                 team.sleeping.fetch_add(1, SeqCst);
                 while unpack(team.claim.load(SeqCst)).0 == seen {
