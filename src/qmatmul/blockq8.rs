@@ -140,7 +140,7 @@ impl EvalOp for BlockQ8MatMul {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
             let (w, scales, kernel) = (&*self.w, &self.scales[..], self.kernel);
-            super::split::split(rows, n, w.w.len(), ys, |part, y| kernel.run_part(&xi, &sx, w, scales, part, y));
+            super::split::split(rows, n, w.w.len(), PANEL, ys, |part, y| kernel.run_part(&xi, &sx, w, scales, part, y));
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -176,11 +176,17 @@ pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
     if let Some(scale) = simd128::quantize_row(x, out) {
         return scale;
     }
-    quantize_row_portable(x, out)
+    quantize_row_wide(x, out)
+}
+
+with_avx2! {
+    /// [`quantize_row_portable`], eight lanes wide where the CPU has AVX2.
+    fn quantize_row_wide = quantize_row_portable(x: &[f32], out: &mut [i16]) -> f32
 }
 
 /// [`quantize_row`] in scalar code: what the SIMD128 one computes, and its path for a row with a
 /// NaN or an infinity.
+#[inline(always)]
 pub fn quantize_row_portable(x: &[f32], out: &mut [i16]) -> f32 {
     // in eight lanes of compare and select, which vectorize (a fold of `f32::max` stays a chain
     // of scalar ones); NaN skipped, as `f32::max` does
@@ -397,6 +403,8 @@ fn scalar_dot4(x: &[i16], panel: &[i8], ps: &[f32], out: &mut [f32; PANEL]) {
     }
 }
 
+// the kernels index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     use super::{BLOCK, K_ALIGN, PANEL};
@@ -561,6 +569,8 @@ mod simd128 {
     }
 }
 
+// the kernels index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BLOCK, K_ALIGN, PANEL};

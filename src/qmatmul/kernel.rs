@@ -7,7 +7,8 @@
 //! - wasm SIMD128: `i16x8.load8x8_s` + `i32x4.dot_i16x8_s` (8 products per instruction);
 //! - x86_64 AVX2: `vpmovsxbw` + `vpmaddwd` (16 products);
 //! - x86_64 AVX-512 VNNI: `vpdpbusd` on the raw u8 activations (64 products), with the zero
-//!   point taken out afterwards through each column's weight sum.
+//!   point taken out through each column's weight sum, on weights in column lanes
+//!   ([`PackedI8::into_lanes`]).
 //! - wasm relaxed SIMD (the `relaxed-simd` build): `i32x4.relaxed_dot_i8x16_i7x16_add_s`
 //!   (16 products), for weights within [-64, 64] (`quantize_dynamic`'s reduce_range): see
 //!   [`PackedI8::into_relaxed`].
@@ -32,6 +33,8 @@ pub struct PackedI8 {
     pub relaxed: Option<RelaxedFix>,
     /// Set by [`Self::into_narrow`]: every weight is within [-64, 64].
     pub narrow: bool,
+    /// Set by [`Self::into_lanes`]: `w` holds panels of [`LANES`] columns in column lanes.
+    pub lanes: bool,
 }
 
 /// [`PackedI8::from_k_by_n`]'s packing of `w` ((K, N) row-major) into `packed` (its panels,
@@ -93,7 +96,7 @@ impl PackedI8 {
             pack_k_by_n(w, k, ni, &mut packed[first * kp..end * kp], &mut col_sum[first..first + ni]);
             first += ni;
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false, lanes: false }
     }
 
     /// From a (N, K) row-major table (each column's K values contiguous, as a tied embedding
@@ -113,7 +116,7 @@ impl PackedI8 {
             }
             col_sum[c] = col.iter().map(|&v| v as i32).sum();
         }
-        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false }
+        PackedI8 { k, kp, cols: n, w: packed, col_sum, relaxed: None, narrow: false, lanes: false }
     }
 
     /// [`Self::from_n_by_k`], in `w`'s own memory where the packing is as large as the table
@@ -121,7 +124,7 @@ impl PackedI8 {
     /// table's rows it replaces, interleaved through one panel's worth of scratch.
     pub fn from_n_by_k_owned(mut w: Vec<i8>, k: usize, n: usize) -> PackedI8 {
         assert_eq!(w.len(), k * n);
-        if k % K_ALIGN != 0 || n % PANEL != 0 || k == 0 {
+        if !k.is_multiple_of(K_ALIGN) || !n.is_multiple_of(PANEL) || k == 0 {
             return PackedI8::from_n_by_k(&w, k, n);
         }
         let mut col_sum = vec![0i32; n];
@@ -136,7 +139,7 @@ impl PackedI8 {
                 col_sum[p * PANEL + j] = row.iter().map(|&v| v as i32).sum();
             }
         }
-        PackedI8 { k, kp: k, cols: n, w, col_sum, relaxed: None, narrow: false }
+        PackedI8 { k, kp: k, cols: n, w, col_sum, relaxed: None, narrow: false, lanes: false }
     }
 
     /// The same packing marked for [`Kernel::Avx2Narrow`], if every weight is within [-64, 64]
@@ -184,10 +187,44 @@ impl PackedI8 {
         Ok(self)
     }
 
+    /// The same weights in column lanes, for [`Kernel::Avx512Vnni`]: panels of [`LANES`] columns
+    /// (the last padded with zero columns), and within a panel, for each four consecutive k, the
+    /// panel's columns' four bytes side by side: byte `b` of k-group `g` of column `j` of panel
+    /// `p` is at `((p * kp / 4 + g) * LANES + j) * 4 + b`. One `vpdpbusd` then takes four k of
+    /// sixteen columns against one row's four activations broadcast, each lane one column's
+    /// sum: no lanes to add up after, where the interleaved panels leave every row and column a
+    /// horizontal sum (docs/decisions.md, "INT8 products on our own kernels").
+    pub fn into_lanes(self) -> PackedI8 {
+        let (k, kp, n) = (self.k, self.kp, self.cols);
+        let panels = n.div_ceil(LANES);
+        let mut w = vec![0i8; panels * LANES * kp];
+        for c in 0..n {
+            let (p, j) = (c / LANES, c % LANES);
+            let old = &self.w[(c / PANEL) * PANEL * kp..];
+            for (kc, run) in (0..k.div_ceil(K_ALIGN)).map(|kc| (kc, &old[(kc * PANEL + c % PANEL) * K_ALIGN..][..K_ALIGN])) {
+                for (b4, four) in run.chunks_exact(4).enumerate() {
+                    let g = kc * K_ALIGN / 4 + b4;
+                    w[((p * kp / 4 + g) * LANES + j) * 4..][..4].copy_from_slice(four);
+                }
+            }
+        }
+        PackedI8 { w, lanes: true, ..self }
+    }
+
+    /// Columns per panel: what a kernel computes whole.
+    pub fn panel_columns(&self) -> usize {
+        if self.lanes { LANES } else { PANEL }
+    }
+
     fn panel(&self, p: usize) -> &[i8] {
+        debug_assert!(!self.lanes, "panels of PANEL columns read from weights in column lanes");
         &self.w[p * PANEL * self.kp..(p + 1) * PANEL * self.kp]
     }
 }
+
+/// Columns per panel of weights in column lanes ([`PackedI8::into_lanes`]): four 512-bit
+/// registers of sixteen i32 sums.
+pub const LANES: usize = 64;
 
 /// Which kernel runs: chosen once per process from the CPU (natively) or the build (wasm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +256,7 @@ pub fn pack_for_best(w: &[i8], k: usize, n: usize) -> (PackedI8, Kernel) {
             Ok(narrow) => return (narrow, Kernel::Avx2Narrow),
             Err(plain) => plain,
         },
+        Kernel::Avx512Vnni => return (packed.into_lanes(), Kernel::Avx512Vnni),
         _ => packed,
     };
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
@@ -294,6 +332,15 @@ impl Kernel {
         false
     }
 
+    /// Whether this kernel reads the weights as [`PackedI8::into_lanes`] leaves them.
+    fn wants_lanes(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512Vnni {
+            return true;
+        }
+        false
+    }
+
     /// Whether this kernel reads the weights as [`PackedI8::into_relaxed`] leaves them.
     fn wants_relaxed(self) -> bool {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
@@ -318,6 +365,7 @@ impl Kernel {
         assert!(xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
         assert_eq!(w.relaxed.is_some(), self.wants_relaxed(), "{} kernel on weights packed for another", self.name());
         assert!(w.narrow || !self.wants_narrow(), "{} kernel on weights not checked to fit it", self.name());
+        assert_eq!(w.lanes, self.wants_lanes(), "{} kernel on weights packed for another", self.name());
         let acc = &mut acc[..part.rows.len() * width];
         #[allow(unused_variables)]
         let c0 = part.panels.start * PANEL;
@@ -354,13 +402,9 @@ impl Kernel {
                           Some((AVX2_ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_avx2::<AVX2_ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => {
-                let row = |r: usize| &xq[r * kp..(r + 1) * kp];
-                // a prefill's rows ROWS at a time: each weight loaded once for all of them
-                part.each(acc, |r, panel, out| unsafe { x86::dot4_vnni(row(r), panel, out) },
-                          Some((ROWS, |r: usize, panel: &[i8], outs: &mut [[i32; PANEL]]| unsafe { x86::dot4xr_vnni::<ROWS>(std::array::from_fn(|i| row(r + i)), panel, outs) })));
-                subtract_zero_point(acc, xzp, &w.col_sum[c0..c0 + width]);
-            }
+            // SAFETY: the CPU has AVX-512 VNNI (Kernel::best, available); the slices' sizes are
+            // checked above.
+            Kernel::Avx512Vnni => unsafe { x86::lanes_part(xq, xzp, part.w, &part.part, acc) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2Narrow => {
                 let row = |r: usize| &xq[r * kp..(r + 1) * kp];
@@ -443,8 +487,11 @@ struct Panels<'a> {
     part: Part,
 }
 
+/// A kernel of several rows at a time, as [`Panels::each`] takes it.
+type Grouped = fn(usize, &[i8], &mut [[i32; PANEL]]);
+
 /// [`Panels::each`] without a grouped kernel.
-const ONE_BY_ONE: Option<(usize, fn(usize, &[i8], &mut [[i32; PANEL]]))> = None;
+const ONE_BY_ONE: Option<(usize, Grouped)> = None;
 
 impl Panels<'_> {
     /// Panel by panel, rows inside: a panel's weights stay in L1 while every row of a prefill
@@ -501,6 +548,8 @@ impl Panels<'_> {
     }
 }
 
+// the kernels index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128 {
     use core::arch::wasm32::*;
@@ -574,6 +623,8 @@ mod simd128 {
     }
 }
 
+// the kernels index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
 mod relaxed {
     use core::arch::wasm32::*;
@@ -637,9 +688,11 @@ mod relaxed {
     }
 }
 
+// the kernels index their accumulators by row and column, as the sums they stand for
+#[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{K_ALIGN, PANEL};
+    use super::{PackedI8, Part, K_ALIGN, LANES, PANEL};
     use std::arch::x86_64::*;
 
     const _: () = assert!(PANEL == 4, "the sums below take a panel's four columns at once");
@@ -652,17 +705,6 @@ mod x86 {
         let t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(acc[0], acc[1]), _mm256_unpackhi_epi32(acc[0], acc[1]));
         let t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(acc[2], acc[3]), _mm256_unpackhi_epi32(acc[2], acc[3]));
         let s = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
-        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
-        _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
-    }
-
-    /// [`sums256`] on 512-bit accumulators (13 instructions, where one at a time took 36).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn sums512(acc: &[__m512i; PANEL], out: &mut [i32; PANEL]) {
-        let t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0], acc[1]), _mm512_unpackhi_epi32(acc[0], acc[1]));
-        let t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2], acc[3]), _mm512_unpackhi_epi32(acc[2], acc[3]));
-        let s = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-        let s = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
         let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
         _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, s);
     }
@@ -769,48 +811,74 @@ mod x86 {
         }
     }
 
-    /// `x`: kp raw u8 activations; result is Σ x w (no zero point).
+    /// Rows `part.rows` of the u8 activations `xq` (rows of `w.kp`) by the columns of
+    /// `part.panels`, minus the zero point's `xzp Σ w`, into `acc` (the part's rows by its width,
+    /// row-major), on weights in column lanes ([`PackedI8::into_lanes`]): a panel of [`LANES`]
+    /// columns at a time, each taken by every row, four rows at a time (then one), each weight
+    /// loaded once for the four. A panel the part covers only in part is computed whole, and
+    /// only the part's columns are stored.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot4_vnni(x: &[u8], panel: &[i8], out: &mut [i32; PANEL]) {
-        let kp = x.len();
-        let xp = x.as_ptr();
-        let mut wp = panel.as_ptr();
-        let mut acc = [_mm512_setzero_si512(); PANEL];
-        let mut k = 0;
-        while k < kp {
-            let vx = _mm512_loadu_si512(xp.add(k) as *const _);
-            for j in 0..PANEL {
-                let vw = _mm512_loadu_si512(wp.add(j * K_ALIGN) as *const _);
-                acc[j] = _mm512_dpbusd_epi32(acc[j], vx, vw);
+    pub unsafe fn lanes_part(xq: &[u8], xzp: u8, w: &PackedI8, part: &Part, acc: &mut [i32]) {
+        let (kp, width) = (w.kp, part.width(w.cols));
+        let c0 = part.panels.start * PANEL;
+        let c1 = c0 + width;
+        assert!(w.lanes && xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
+        for p in c0 / LANES..c1.div_ceil(LANES) {
+            let panel = w.w[p * LANES * kp..(p + 1) * LANES * kp].as_ptr();
+            // the panel's columns that are the part's, counted within the panel
+            let (j0, j1) = (c0.max(p * LANES) - p * LANES, c1.min((p + 1) * LANES) - p * LANES);
+            let mut zsum = [0i32; LANES];
+            for j in j0..j1 {
+                zsum[j] = xzp as i32 * w.col_sum[p * LANES + j];
             }
-            wp = wp.add(PANEL * K_ALIGN);
-            k += K_ALIGN;
+            let base = acc.as_mut_ptr();
+            let out = |r: usize| base.add((r - part.rows.start) * width + p * LANES + j0 - c0);
+            let x = |r: usize| xq.as_ptr().add(r * kp);
+            let mut r = part.rows.start;
+            while r + 4 <= part.rows.end {
+                lanes_rows::<4>(std::array::from_fn(|i| x(r + i)), kp, panel, &zsum, std::array::from_fn(|i| out(r + i)), j0..j1);
+                r += 4;
+            }
+            for r in r..part.rows.end {
+                lanes_rows::<1>([x(r)], kp, panel, &zsum, [out(r)], j0..j1);
+            }
         }
-        sums512(&acc, out);
     }
 
-    /// [`dot4_vnni`] of `R` rows at once: each weight is loaded once for all of them.
+    /// `R` rows' sums over one panel in column lanes, minus `zsum`, each row's columns `cols`
+    /// (of the panel's [`LANES`]) stored from its `out`: four k of sixteen columns per
+    /// `vpdpbusd`, a row's four activations broadcast.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn dot4xr_vnni<const R: usize>(x: [&[u8]; R], panel: &[i8], out: &mut [[i32; PANEL]]) {
-        let kp = x[0].len();
-        debug_assert!(x.iter().all(|x| x.len() == kp) && out.len() == R);
-        let xp = x.map(|x| x.as_ptr());
-        let mut wp = panel.as_ptr();
-        let mut acc = [[_mm512_setzero_si512(); PANEL]; R];
+    unsafe fn lanes_rows<const R: usize>(x: [*const u8; R], kp: usize, panel: *const i8, zsum: &[i32; LANES], out: [*mut i32; R], cols: std::ops::Range<usize>) {
+        const Q: usize = LANES / 16;
+        let mut acc = [[_mm512_setzero_si512(); Q]; R];
+        let mut wp = panel;
         let mut k = 0;
         while k < kp {
-            let vx: [__m512i; R] = std::array::from_fn(|r| _mm512_loadu_si512(xp[r].add(k) as *const _));
-            for j in 0..PANEL {
-                let vw = _mm512_loadu_si512(wp.add(j * K_ALIGN) as *const _);
+            let vx: [__m512i; R] = std::array::from_fn(|r| _mm512_set1_epi32((x[r].add(k) as *const i32).read_unaligned()));
+            for q in 0..Q {
+                let vw = _mm512_loadu_si512(wp.add(q * 64) as *const _);
                 for r in 0..R {
-                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], vx[r], vw);
+                    acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], vx[r], vw);
                 }
             }
-            wp = wp.add(PANEL * K_ALIGN);
-            k += K_ALIGN;
+            wp = wp.add(LANES * 4);
+            k += 4;
         }
         for r in 0..R {
-            sums512(&acc[r], &mut out[r]);
+            let sums: [__m512i; Q] = std::array::from_fn(|q| _mm512_sub_epi32(acc[r][q], _mm512_loadu_si512(zsum.as_ptr().add(q * 16) as *const _)));
+            if cols.len() == LANES {
+                for (q, v) in sums.iter().enumerate() {
+                    _mm512_storeu_si512(out[r].add(q * 16) as *mut _, *v);
+                }
+            } else {
+                let mut row = [0i32; LANES];
+                for (q, v) in sums.iter().enumerate() {
+                    _mm512_storeu_si512(row.as_mut_ptr().add(q * 16) as *mut _, *v);
+                }
+                std::ptr::copy_nonoverlapping(row.as_ptr().add(cols.start), out[r], cols.len());
+            }
         }
     }
 }
@@ -865,8 +933,11 @@ fn check_kernels_on(cases: &[(usize, usize, usize)]) -> Result<Vec<&'static str>
                 }
             }
             for kernel in Kernel::available() {
-                let (relaxed, narrowed);
-                let packed = if kernel.wants_narrow() {
+                let (relaxed, narrowed, laned);
+                let packed = if kernel.wants_lanes() {
+                    laned = plain.clone().into_lanes();
+                    &laned
+                } else if kernel.wants_narrow() {
                     match plain.clone().into_narrow() {
                         Ok(p) => {
                             narrowed = p;

@@ -35,14 +35,15 @@ pub fn splits() -> usize {
 
 /// Calls `f(part, out)` on disjoint parts of the `rows x n` row-major output `out` that
 /// together cover it: one per thread of the running session ([`with_threads`]), or one part if
-/// the product is small or there is one thread. Parts are independent, so the result does not depend on the
+/// the product is small or there is one thread. A single row's columns are cut at multiples of
+/// `unit` columns (a multiple of [`PANEL`]: the weights' panel, which a kernel computes whole). Parts are independent, so the result does not depend on the
 /// split (the tests check each kernel's parts against its whole).
-pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, out: &mut [T], f: impl Fn(Part, &mut [T]) + Sync) {
+pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, unit: usize, out: &mut [T], f: impl Fn(Part, &mut [T]) + Sync) {
     let threads = if weight_bytes.saturating_mul(rows) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
     if threads <= 1 {
         return f(Part { rows: 0..rows, panels: 0..n.div_ceil(PANEL) }, &mut out[..rows * n]);
     }
-    let parts = cut(rows, n, threads, out);
+    let parts = cut(rows, n, threads, unit, out);
     if parts.len() == 1 {
         let (p, o) = parts.into_iter().next().unwrap();
         return f(p, o);
@@ -74,18 +75,18 @@ pub fn each_part(parts: usize, f: impl Fn(usize) + Sync) {
 /// `f` on the parts of a cut in `parts`, one after the other (for the kernels' tests).
 #[doc(hidden)]
 pub fn for_each_part<T>(rows: usize, n: usize, parts: usize, out: &mut [T], f: impl Fn(Part, &mut [T])) {
-    cut(rows, n, parts, out).into_iter().for_each(|(p, o)| f(p, o))
+    cut(rows, n, parts, PANEL, out).into_iter().for_each(|(p, o)| f(p, o))
 }
 
-/// At most `parts` parts: a single row is cut at panel boundaries, several rows by rows.
-fn cut<T>(rows: usize, n: usize, parts: usize, out: &mut [T]) -> Vec<(Part, &mut [T])> {
+/// At most `parts` parts: a single row is cut at multiples of `unit` columns, several rows by rows.
+fn cut<T>(rows: usize, n: usize, parts: usize, unit: usize, out: &mut [T]) -> Vec<(Part, &mut [T])> {
     let panels = n.div_ceil(PANEL);
     let out = &mut out[..rows * n];
     if parts <= 1 || (rows == 1 && panels < 2) {
         return vec![(Part { rows: 0..rows, panels: 0..panels }, out)];
     }
     if rows == 1 {
-        let per = panels.div_ceil(parts);
+        let per = panels.div_ceil(parts).next_multiple_of((unit / PANEL).max(1));
         out.chunks_mut(per * PANEL)
             .enumerate()
             .map(|(i, o)| (Part { rows: 0..1, panels: i * per..((i + 1) * per).min(panels) }, o))
