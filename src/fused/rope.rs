@@ -76,12 +76,29 @@ impl EvalOp for Rope {
         let mut row = vec![0f32; d];
         // the row's offsets in cos and sin, moved along the outer axes as an odometer
         let (mut idx, mut oc, mut os) = (tvec![0usize; last], 0, 0);
+        // cos and sin contiguous along the last axis (as every exporter writes them): each half
+        // a loop of its own that vectorizes, where one loop with the halves' branch and strided
+        // reads stayed scalar (4% of a 32-token prefill of the `ort-dynamic-qint8` file natively,
+        // `perf record`). The same products and sums either way.
+        let contiguous = sc[last] == 1 && ss[last] == 1;
         for y in view.as_slice_mut::<f32>()?.chunks_exact_mut(d) {
             row.copy_from_slice(y);
-            for j in 0..d {
-                let rotated = if j < half { -row[j + half] } else { row[j - half] };
-                let (a, b) = (row[j] * cos[oc + j * sc[last]], rotated * sin[os + j * ss[last]]);
-                y[j] = a + b;
+            if contiguous {
+                let (c, s) = (&cos[oc..][..d], &sin[os..][..d]);
+                let (lo, hi) = row.split_at(half);
+                let (ylo, yhi) = y.split_at_mut(half);
+                for j in 0..half {
+                    ylo[j] = lo[j] * c[j] + -hi[j] * s[j];
+                }
+                for j in 0..half {
+                    yhi[j] = hi[j] * c[half + j] + lo[j] * s[half + j];
+                }
+            } else {
+                for j in 0..d {
+                    let rotated = if j < half { -row[j + half] } else { row[j - half] };
+                    let (a, b) = (row[j] * cos[oc + j * sc[last]], rotated * sin[os + j * ss[last]]);
+                    y[j] = a + b;
+                }
             }
             for i in (0..last).rev() {
                 idx[i] += 1;
