@@ -692,7 +692,7 @@ mod relaxed {
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PackedI8, Part, K_ALIGN, LANES, PANEL};
+    use super::{PackedI8, Part, K_ALIGN, LANES, PANEL, ROWS};
     use std::arch::x86_64::*;
 
     const _: () = assert!(PANEL == 4, "the sums below take a panel's four columns at once");
@@ -814,8 +814,8 @@ mod x86 {
     /// Rows `part.rows` of the u8 activations `xq` (rows of `w.kp`) by the columns of
     /// `part.panels`, minus the zero point's `xzp Σ w`, into `acc` (the part's rows by its width,
     /// row-major), on weights in column lanes ([`PackedI8::into_lanes`]): a panel of [`LANES`]
-    /// columns at a time, each taken by every row, four rows at a time (then one), each weight
-    /// loaded once for the four. A panel the part covers only in part is computed whole, and
+    /// columns at a time, each taken by every row, [`ROWS`] rows at a time (then one), each
+    /// weight loaded once for them. A panel the part covers only in part is computed whole, and
     /// only the part's columns are stored.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn lanes_part(xq: &[u8], xzp: u8, w: &PackedI8, part: &Part, acc: &mut [i32]) {
@@ -835,9 +835,9 @@ mod x86 {
             let out = |r: usize| base.add((r - part.rows.start) * width + p * LANES + j0 - c0);
             let x = |r: usize| xq.as_ptr().add(r * kp);
             let mut r = part.rows.start;
-            while r + 4 <= part.rows.end {
-                lanes_rows::<4>(std::array::from_fn(|i| x(r + i)), kp, panel, &zsum, std::array::from_fn(|i| out(r + i)), j0..j1);
-                r += 4;
+            while r + ROWS <= part.rows.end {
+                lanes_rows::<ROWS>(std::array::from_fn(|i| x(r + i)), kp, panel, &zsum, std::array::from_fn(|i| out(r + i)), j0..j1);
+                r += ROWS;
             }
             for r in r..part.rows.end {
                 lanes_rows::<1>([x(r)], kp, panel, &zsum, [out(r)], j0..j1);
