@@ -172,9 +172,11 @@ impl GeluTanh {
     /// and stays on this one. On one thread, GELU was 9% of a 32-token prefill of
     /// distilgpt2-shape's `ort-dynamic-qint8` file at 2 threads (`wasmlm profile`).
     pub fn run_on_threads(&self, xs: &mut [f32]) -> TractResult<()> {
-        let (rows, n) = if xs.len().is_multiple_of(CHUNK) { (xs.len() / CHUNK, CHUNK) } else { (1, xs.len()) };
+        if !xs.len().is_multiple_of(CHUNK) {
+            return self.run(xs); // not cut: a part must start where one thread's chunk does
+        }
         let failed = std::sync::Mutex::new(None);
-        crate::qmatmul::split::split(rows, n, n * 4, n, xs, |_, part| {
+        crate::qmatmul::split::split(xs.len() / CHUNK, CHUNK, CHUNK * 4, CHUNK, xs, |_, part| {
             if let Err(e) = self.run(part) {
                 *failed.lock().unwrap() = Some(e);
             }

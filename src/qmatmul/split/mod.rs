@@ -36,8 +36,9 @@ pub fn splits() -> usize {
 /// Calls `f(part, out)` on disjoint parts of the `rows x n` row-major output `out` that
 /// together cover it: one per thread of the running session ([`with_threads`]), or one part if
 /// the product is small or there is one thread. A single row's columns are cut at multiples of
-/// `unit` columns (a multiple of [`PANEL`]: the weights' panel, which a kernel computes whole). Parts are independent, so the result does not depend on the
-/// split (the tests check each kernel's parts against its whole).
+/// `unit` columns (a multiple of [`PANEL`]: the weights' panel, which a kernel computes whole).
+/// Parts are independent, so the result does not depend on the split (the tests check each
+/// kernel's parts against its whole).
 pub fn split<T: Send>(rows: usize, n: usize, weight_bytes: usize, unit: usize, out: &mut [T], f: impl Fn(Part, &mut [T]) + Sync) {
     let threads = if weight_bytes.saturating_mul(rows) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
     if threads <= 1 {
