@@ -217,7 +217,8 @@ fn truncate_then_continue_equals_a_fresh_prefill() {
 
 /// Our products cut across threads (qmatmul/split): 2 threads, every product split however
 /// small (the tiny models' are below the size that splits by default), give the very logits
-/// of 1 thread, prefill (rows cut) and decode (columns cut), on both kinds of fused product.
+/// of 1 thread, prefill (its columns cut, or its rows where a product has fewer panels than
+/// threads) and decode (columns cut), on both kinds of fused product.
 #[test]
 fn products_split_across_threads_equal_one_thread() {
     wasmlm::qmatmul::split::set_min_work(0);

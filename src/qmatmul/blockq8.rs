@@ -140,7 +140,17 @@ impl EvalOp for BlockQ8MatMul {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
             let (w, scales, kernel) = (&*self.w, &self.scales[..], self.kernel);
-            super::split::split(rows, n, w.w.len(), PANEL, ys, |part, y| kernel.run_part(&xi, &sx, w, scales, part, y));
+            super::split::split_columns(rows, n, w.w.len(), PANEL, ys, |part, ys| {
+                if let [y] = ys {
+                    return kernel.run_part(&xi, &sx, w, scales, part, y); // one row, or all the columns
+                }
+                let width = part.width(n);
+                let mut y = vec![0f32; part.rows.len() * width];
+                kernel.run_part(&xi, &sx, w, scales, part, &mut y);
+                for (dst, src) in ys.iter_mut().zip(y.chunks_exact(width)) {
+                    dst.copy_from_slice(src);
+                }
+            });
         }
         Ok(tvec!(y.into_tvalue()))
     }

@@ -57,7 +57,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::Onnx;
 
-use kernel::{Kernel, PackedI8};
+use kernel::{Kernel, PackedI8, PANEL};
 
 /// The op name [`rewrite::fuse`] writes and [`register`] teaches tract.
 pub const OP_TYPE: &str = "WasmlmDynQMatMul";
@@ -208,9 +208,6 @@ impl EvalOp for DynQMatMul {
         for (src, dst) in taken.into_iter().zip(xq.chunks_exact_mut(kp)) {
             quantize(src, scale, zp, &mut dst[..k]);
         }
-        let mut acc = vec![0i32; rows * n];
-        let (w, kernel) = (&*self.w, self.kernel);
-        split::split(rows, n, w.w.len(), w.panel_columns(), &mut acc, |part, acc| kernel.run_part(&xq, zp, w, part, acc));
         let mut y = if self.last_row {
             let mut shape: TVec<usize> = x.shape().into();
             let rank = shape.len();
@@ -222,24 +219,39 @@ impl EvalOp for DynQMatMul {
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
-            // the graph's Mul(x_scale, W_scale), then Mul(Cast(acc), that)
-            let has_wzp = self.w_zp.iter().any(|&z| z != 0);
-            for (r, (y, acc)) in ys.chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate() {
-                if !has_wzp && self.w_scale.len() == 1 {
-                    dequantize(acc, scale * self.w_scale[0], y);
-                    continue;
+            let (w, kernel) = (&*self.w, self.kernel);
+            // each part's sums, then its outputs, on the thread that computed them
+            split::split_columns(rows, n, w.w.len(), w.panel_columns(), ys, |part, ys| {
+                let width = part.width(n);
+                let mut acc = vec![0i32; part.rows.len() * width];
+                kernel.run_part(&xq, zp, w, part.clone(), &mut acc);
+                let c0 = part.panels.start * PANEL;
+                for ((r, y), acc) in part.rows.clone().zip(ys.iter_mut()).zip(acc.chunks_exact(width)) {
+                    self.dequantize_row(&xq[r * kp..r * kp + k], zp, c0, acc, scale, y);
                 }
-                let per_col = |v: &[f32], c: usize| v[if v.len() == 1 { 0 } else { c }];
-                // Σ (xq - xzp)(w - wzp) = Σ (xq - xzp) w - wzp Σ (xq - xzp)
-                let row_sum: i32 =
-                    if has_wzp { xq[r * kp..r * kp + k].iter().map(|&q| q as i32 - zp as i32).sum() } else { 0 };
-                for c in 0..n {
-                    let z = if has_wzp { self.w_zp[if self.w_zp.len() == 1 { 0 } else { c }] } else { 0 };
-                    y[c] = (acc[c] - z * row_sum) as f32 * (scale * per_col(&self.w_scale, c));
-                }
-            }
+            });
         }
         Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl DynQMatMul {
+    /// One row's outputs from its sums over columns `c0..c0 + acc.len()`: the graph's
+    /// `Mul(x_scale, W_scale)`, then `Mul(Cast(acc), that)`, less the weights' zero points'
+    /// share. `xq`: the row's quantized activations (`zp` their zero point).
+    fn dequantize_row(&self, xq: &[u8], zp: u8, c0: usize, acc: &[i32], scale: f32, y: &mut [f32]) {
+        let has_wzp = self.w_zp.iter().any(|&z| z != 0);
+        if !has_wzp && self.w_scale.len() == 1 {
+            return dequantize(acc, scale * self.w_scale[0], y);
+        }
+        let per_col = |v: &[f32], c: usize| v[if v.len() == 1 { 0 } else { c }];
+        // Σ (xq - xzp)(w - wzp) = Σ (xq - xzp) w - wzp Σ (xq - xzp)
+        let row_sum: i32 = if has_wzp { xq.iter().map(|&q| q as i32 - zp as i32).sum() } else { 0 };
+        for (j, (y, &a)) in y.iter_mut().zip(acc).enumerate() {
+            let c = c0 + j;
+            let z = if has_wzp { self.w_zp[if self.w_zp.len() == 1 { 0 } else { c }] } else { 0 };
+            *y = (a - z * row_sum) as f32 * (scale * per_col(&self.w_scale, c));
+        }
     }
 }
 
