@@ -236,6 +236,10 @@ pub enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// [`Kernel::Avx512Vnni`], with a prefill's rows sixteen at a time on AMX's `tdpbusd` where
+    /// the CPU has AMX-INT8 and Linux grants its tiles (`x86::amx_ready`).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     /// Only on weights packed by [`PackedI8::into_narrow`]: `vpmaddubsw`, u8 activations by i8
     /// weights, whose pair sums stay within i16 (|255 × 64 × 2| < 32768): exact.
     #[cfg(target_arch = "x86_64")]
@@ -256,7 +260,7 @@ pub fn pack_for_best(w: &[i8], k: usize, n: usize) -> (PackedI8, Kernel) {
             Ok(narrow) => return (narrow, Kernel::Avx2Narrow),
             Err(plain) => plain,
         },
-        Kernel::Avx512Vnni => return (packed.into_lanes(), Kernel::Avx512Vnni),
+        best @ (Kernel::Avx512Vnni | Kernel::Amx) => return (packed.into_lanes(), best),
         _ => packed,
     };
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
@@ -271,6 +275,9 @@ impl Kernel {
     pub fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
+            if x86::amx_ready() {
+                return Kernel::Amx;
+            }
             if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw") {
                 return Kernel::Avx512Vnni;
             }
@@ -299,6 +306,9 @@ impl Kernel {
             if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw") {
                 all.push(Kernel::Avx512Vnni);
             }
+            if x86::amx_ready() {
+                all.push(Kernel::Amx);
+            }
         }
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         all.push(Kernel::Simd128);
@@ -318,6 +328,8 @@ impl Kernel {
             Kernel::Avx2Narrow => "avx2-u8",
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Vnni => "avx512vnni",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => "amx",
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128", feature = "relaxed-simd"))]
             Kernel::Relaxed => "relaxed-simd",
         }
@@ -335,7 +347,7 @@ impl Kernel {
     /// Whether this kernel reads the weights as [`PackedI8::into_lanes`] leaves them.
     fn wants_lanes(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512Vnni {
+        if matches!(self, Kernel::Avx512Vnni | Kernel::Amx) {
             return true;
         }
         false
@@ -405,6 +417,9 @@ impl Kernel {
             // SAFETY: the CPU has AVX-512 VNNI (Kernel::best, available); the slices' sizes are
             // checked above.
             Kernel::Avx512Vnni => unsafe { x86::lanes_part(xq, xzp, part.w, &part.part, acc) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, and Linux granted the AMX tiles (Kernel::Amx is chosen only then).
+            Kernel::Amx => unsafe { x86::amx_part(xq, xzp, part.w, &part.part, acc) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2Narrow => {
                 let row = |r: usize| &xq[r * kp..(r + 1) * kp];
@@ -811,6 +826,125 @@ mod x86 {
         }
     }
 
+    /// Whether AMX-INT8 runs here: the CPU has it (CPUID leaf 7: AMX-TILE, AMX-INT8), and
+    /// AVX-512 VNNI for the rows it leaves; and Linux granted this process the tiles' state
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once). Elsewhere, never.
+    pub fn amx_ready() -> bool {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(|| {
+            let id = __cpuid_count(7, 0);
+            let cpu = id.edx >> 24 & 1 == 1 && id.edx >> 25 & 1 == 1
+                && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw");
+            cpu && granted()
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn granted() -> bool {
+        const ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let r: i64;
+        // SAFETY: the arch_prctl system call, which changes no memory of ours.
+        unsafe {
+            std::arch::asm!("syscall", inlateout("rax") ARCH_PRCTL => r, in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn granted() -> bool {
+        false
+    }
+
+    /// AMX's tile configuration (palette 1): eight tiles of 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct Tiles {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// [`lanes_part`] with the part's rows sixteen at a time on AMX (then the rest on
+    /// [`lanes_rows`]): `tdpbusd` takes sixteen rows by 64 k of the activations (a tile, rows at
+    /// the stride `kp`) against 64 k of sixteen columns of a panel in column lanes (a tile whose
+    /// rows are four k of those columns, at the lanes' stride of 256 bytes), into sixteen by
+    /// sixteen i32 sums. A row block by a panel's four column blocks at a time: four sum tiles,
+    /// one of activations, three of weights. Integer sums, exact: the same results as every
+    /// kernel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn amx_part(xq: &[u8], xzp: u8, w: &PackedI8, part: &Part, acc: &mut [i32]) {
+        use std::arch::asm;
+        let (kp, width) = (w.kp, part.width(w.cols));
+        let (c0, blocks) = (part.panels.start * PANEL, part.rows.len() / 16);
+        let c1 = c0 + width;
+        assert!(w.lanes && kp % 64 == 0 && xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
+        if blocks > 0 {
+            // palette 1 has eight tiles; the other entries must be 0
+            let mut tiles = Tiles { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+            tiles.colsb[..8].fill(64);
+            tiles.rows[..8].fill(16);
+            asm!("ldtilecfg [{}]", in(reg) &tiles, options(nostack, readonly));
+            let mut sums = [[0i32; 256]; 4];
+            for p in c0 / LANES..c1.div_ceil(LANES) {
+                let panel = w.w[p * LANES * kp..(p + 1) * LANES * kp].as_ptr();
+                let (j0, j1) = (c0.max(p * LANES) - p * LANES, c1.min((p + 1) * LANES) - p * LANES);
+                let mut zsum = [0i32; LANES];
+                for j in j0..j1 {
+                    zsum[j] = xzp as i32 * w.col_sum[p * LANES + j];
+                }
+                for rb in 0..blocks {
+                    let r = part.rows.start + rb * 16;
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                    // each 64 k: the rows' tile, then the panel's four column blocks in turn, 4 KiB
+                    // of weights read in order
+                    for kc in 0..kp / 64 {
+                        let b = panel.add(kc * 16 * LANES * 4);
+                        asm!("tileloadd tmm4, [{a} + {sa}*1]",
+                             "tileloadd tmm5, [{b} + {sb}*1]", "tileloadd tmm6, [{b} + {sb}*1 + 64]",
+                             "tileloadd tmm7, [{b} + {sb}*1 + 128]",
+                             "tdpbusd tmm0, tmm4, tmm5", "tdpbusd tmm1, tmm4, tmm6", "tdpbusd tmm2, tmm4, tmm7",
+                             "tileloadd tmm5, [{b} + {sb}*1 + 192]", "tdpbusd tmm3, tmm4, tmm5",
+                             a = in(reg) xq.as_ptr().add(r * kp + kc * 64), b = in(reg) b, sa = in(reg) kp, sb = in(reg) LANES * 4,
+                             options(nostack, readonly));
+                    }
+                    asm!("tilestored [{s0} + {st}*1], tmm0", "tilestored [{s1} + {st}*1], tmm1",
+                         "tilestored [{s2} + {st}*1], tmm2", "tilestored [{s3} + {st}*1], tmm3",
+                         s0 = in(reg) sums[0].as_mut_ptr(), s1 = in(reg) sums[1].as_mut_ptr(),
+                         s2 = in(reg) sums[2].as_mut_ptr(), s3 = in(reg) sums[3].as_mut_ptr(), st = in(reg) 64usize,
+                         options(nostack));
+                    for (cb, t) in sums.iter().enumerate() {
+                        let (lo, hi) = (j0.max(cb * 16), j1.min(cb * 16 + 16));
+                        if lo >= hi {
+                            continue;
+                        }
+                        let z = _mm512_loadu_si512(zsum.as_ptr().add(cb * 16) as *const _);
+                        for i in 0..16 {
+                            let out = acc.as_mut_ptr().add((r + i - part.rows.start) * width + p * LANES + lo - c0);
+                            let v = _mm512_sub_epi32(_mm512_loadu_si512(t.as_ptr().add(i * 16) as *const _), z);
+                            if hi - lo == 16 {
+                                _mm512_storeu_si512(out as *mut _, v);
+                            } else {
+                                let mut row = [0i32; 16];
+                                _mm512_storeu_si512(row.as_mut_ptr() as *mut _, v);
+                                std::ptr::copy_nonoverlapping(row.as_ptr().add(lo - cb * 16), out, hi - lo);
+                            }
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+        let done = blocks * 16;
+        if done < part.rows.len() {
+            let rest = Part { rows: part.rows.start + done..part.rows.end, panels: part.panels.clone() };
+            lanes_part(xq, xzp, w, &rest, &mut acc[done * width..]);
+        }
+    }
+
     /// Rows `part.rows` of the u8 activations `xq` (rows of `w.kp`) by the columns of
     /// `part.panels`, minus the zero point's `xzp Σ w`, into `acc` (the part's rows by its width,
     /// row-major), on weights in column lanes ([`PackedI8::into_lanes`]): a panel of [`LANES`]
@@ -888,7 +1022,8 @@ mod x86 {
 /// padding, several zero points. Returns the names of the kernels checked, or the first difference.
 #[doc(hidden)]
 pub fn check_kernels() -> Result<Vec<&'static str>, String> {
-    check_kernels_on(&[(1, 64, 4), (1, 768, 2304), (3, 100, 7), (5, 576, 192), (2, 1, 1), (1, 130, 5), (7, 64, 192)])
+    // 33 and 16 rows: AMX's blocks of sixteen, and a row left over
+    check_kernels_on(&[(1, 64, 4), (1, 768, 2304), (3, 100, 7), (5, 576, 192), (2, 1, 1), (1, 130, 5), (7, 64, 192), (33, 576, 200), (16, 130, 64)])
 }
 
 /// [`check_kernels`] on small products only (a few milliseconds): what the page runs before it
