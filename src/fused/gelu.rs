@@ -21,6 +21,7 @@ use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto,
 use tract_onnx::tract_hir::internal::*;
 
 use crate::proto::{default_domain, drop_unread, scalar_constants, Index};
+use crate::qmatmul::with_avx2;
 
 /// The op name [`rewrite`] writes.
 pub const OP_TYPE: &str = "WasmlmGeluTanh";
@@ -163,20 +164,27 @@ impl EvalOp for GeluTanh {
     }
 }
 
-/// Values per pass of [`GeluTanh::run`].
-const CHUNK: usize = 256;
+/// Values per pass of [`GeluTanh::run`]: tract's tanh costs per call as well as per value
+/// (distilgpt2-shape's six GELUs of a 32-token prefill: 0.75-0.83 ms in chunks of 256, 0.34-0.45
+/// in 1,024, 0.23-0.24 in 4,096).
+const CHUNK: usize = 4096;
+
+/// Values a thread takes whole when a prefill's GELU is cut across threads: GPT-2's rows of
+/// 3,072 (or 768 times any multiple of 4) are whole numbers of them.
+const PART: usize = 1024;
 
 impl GeluTanh {
-    /// [`Self::run`], a prefill's values cut across the session's threads in whole chunks (the
-    /// chunks of one thread, so the same bits); a decode step's row is below `split`'s threshold
-    /// and stays on this one. On one thread, GELU was 9% of a 32-token prefill of
-    /// distilgpt2-shape's `ort-dynamic-qint8` file at 2 threads (`wasmlm profile`).
+    /// [`Self::run`], a prefill's values cut across the session's threads in whole [`PART`]s;
+    /// each value is computed alone, so the bits are those of one thread, wherever its passes
+    /// start. A decode step's row is below `split`'s threshold and stays on this one. On one
+    /// thread, GELU was 9% of a 32-token prefill of distilgpt2-shape's `ort-dynamic-qint8` file
+    /// at 2 threads (`wasmlm profile`).
     pub fn run_on_threads(&self, xs: &mut [f32]) -> TractResult<()> {
-        if !xs.len().is_multiple_of(CHUNK) {
-            return self.run(xs); // not cut: a part must start where one thread's chunk does
+        if !xs.len().is_multiple_of(PART) {
+            return self.run(xs);
         }
         let failed = std::sync::Mutex::new(None);
-        crate::qmatmul::split::split(xs.len() / CHUNK, CHUNK, CHUNK * 4, CHUNK, xs, |_, part| {
+        crate::qmatmul::split::split(xs.len() / PART, PART, PART * 4, PART, xs, |_, part| {
             if let Err(e) = self.run(part) {
                 *failed.lock().unwrap() = Some(e);
             }
@@ -191,15 +199,36 @@ impl GeluTanh {
         let mut f = [0f32; CHUNK];
         for xs in xs.chunks_mut(CHUNK) {
             let f = &mut f[..xs.len()];
-            for (f, &x) in f.iter_mut().zip(xs.iter()) {
-                *f = (x + ((x * x) * x) * c1) * c2;
-            }
+            tanh_argument(xs, f, c1, c2);
             tanh.run(f)?;
-            for (x, &g) in xs.iter_mut().zip(f.iter()) {
-                *x = (*x * c0) * (g + c3);
-            }
+            scale_by(xs, f, c0, c3);
         }
         Ok(())
+    }
+}
+
+with_avx2! {
+    /// `f = (x + x³ c1) c2`, the operations in the graph's order (no fused multiply-add: AVX2
+    /// here only widens the same operations to eight lanes).
+    fn tanh_argument = tanh_argument_lanes(xs: &[f32], f: &mut [f32], c1: f32, c2: f32)
+}
+
+#[inline(always)]
+fn tanh_argument_lanes(xs: &[f32], f: &mut [f32], c1: f32, c2: f32) {
+    for (f, &x) in f.iter_mut().zip(xs.iter()) {
+        *f = (x + ((x * x) * x) * c1) * c2;
+    }
+}
+
+with_avx2! {
+    /// `x = (x c0)(g + c3)`, `g` the tanh.
+    fn scale_by = scale_by_lanes(xs: &mut [f32], g: &[f32], c0: f32, c3: f32)
+}
+
+#[inline(always)]
+fn scale_by_lanes(xs: &mut [f32], g: &[f32], c0: f32, c3: f32) {
+    for (x, &g) in xs.iter_mut().zip(g.iter()) {
+        *x = (*x * c0) * (g + c3);
     }
 }
 
@@ -299,7 +328,8 @@ mod tests {
     fn values_cut_across_threads_equal_one_thread() {
         use crate::qmatmul::split;
         let op = GeluTanh { c: [0.5, 0.044715, 0.797_884_6, 1.0] };
-        let x: Vec<f32> = (0..CHUNK * 37).map(|i| (i as f32 - 4000.0) / 500.0).collect();
+        // 37 parts: the second thread's passes start 19 parts in, not at a multiple of CHUNK
+        let x: Vec<f32> = (0..PART * 37).map(|i| (i as f32 - 4000.0) / 500.0).collect();
         let mut one = x.clone();
         op.run(&mut one).unwrap();
         split::set_min_work(0);

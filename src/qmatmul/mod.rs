@@ -42,6 +42,8 @@ macro_rules! with_avx2 {
     };
 }
 
+pub(crate) use with_avx2;
+
 pub mod blockq8;
 pub mod gather;
 pub mod kernel;
