@@ -890,12 +890,7 @@ mod x86 {
             asm!("ldtilecfg [{}]", in(reg) &tiles, options(nostack, readonly));
             let mut sums = [[0i32; 256]; 4];
             for p in c0 / LANES..c1.div_ceil(LANES) {
-                let panel = w.w[p * LANES * kp..(p + 1) * LANES * kp].as_ptr();
-                let (j0, j1) = (c0.max(p * LANES) - p * LANES, c1.min((p + 1) * LANES) - p * LANES);
-                let mut zsum = [0i32; LANES];
-                for j in j0..j1 {
-                    zsum[j] = xzp as i32 * w.col_sum[p * LANES + j];
-                }
+                let (panel, j0, j1, zsum) = lanes_panel(w, xzp, p, c0..c1);
                 for rb in 0..blocks {
                     let r = part.rows.start + rb * 16;
                     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -945,6 +940,19 @@ mod x86 {
         }
     }
 
+    /// Panel `p` of weights in column lanes, for a part of columns `cols`: its weights, the
+    /// part's columns within it (`j0..j1`, counted within the panel), and the zero point's share
+    /// of each of those columns' sums, `xzp Σ w`.
+    fn lanes_panel(w: &PackedI8, xzp: u8, p: usize, cols: std::ops::Range<usize>) -> (*const i8, usize, usize, [i32; LANES]) {
+        let panel = w.w[p * LANES * w.kp..(p + 1) * LANES * w.kp].as_ptr();
+        let (j0, j1) = (cols.start.max(p * LANES) - p * LANES, cols.end.min((p + 1) * LANES) - p * LANES);
+        let mut zsum = [0i32; LANES];
+        for j in j0..j1 {
+            zsum[j] = xzp as i32 * w.col_sum[p * LANES + j];
+        }
+        (panel, j0, j1, zsum)
+    }
+
     /// Rows `part.rows` of the u8 activations `xq` (rows of `w.kp`) by the columns of
     /// `part.panels`, minus the zero point's `xzp Σ w`, into `acc` (the part's rows by its width,
     /// row-major), on weights in column lanes ([`PackedI8::into_lanes`]): a panel of [`LANES`]
@@ -958,13 +966,7 @@ mod x86 {
         let c1 = c0 + width;
         assert!(w.lanes && xq.len() >= part.rows.end * kp && acc.len() >= part.rows.len() * width);
         for p in c0 / LANES..c1.div_ceil(LANES) {
-            let panel = w.w[p * LANES * kp..(p + 1) * LANES * kp].as_ptr();
-            // the panel's columns that are the part's, counted within the panel
-            let (j0, j1) = (c0.max(p * LANES) - p * LANES, c1.min((p + 1) * LANES) - p * LANES);
-            let mut zsum = [0i32; LANES];
-            for j in j0..j1 {
-                zsum[j] = xzp as i32 * w.col_sum[p * LANES + j];
-            }
+            let (panel, j0, j1, zsum) = lanes_panel(w, xzp, p, c0..c1);
             let base = acc.as_mut_ptr();
             let out = |r: usize| base.add((r - part.rows.start) * width + p * LANES + j0 - c0);
             let x = |r: usize| xq.as_ptr().add(r * kp);
