@@ -335,6 +335,18 @@ impl Kernel {
         }
     }
 
+    /// The columns a product of `rows` rows on `w` is cut at across threads: the weights' panel
+    /// ([`PackedI8::panel_columns`]), or on AMX, where a prefill reads only the blocks of sixteen
+    /// columns it computes, half a panel, so that SmolLM2's 576 and 192 columns cut evenly in two.
+    pub fn column_unit(self, w: &PackedI8, rows: usize) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Amx && rows >= 16 {
+            return LANES / 2;
+        }
+        let _ = rows;
+        w.panel_columns()
+    }
+
     /// Whether this kernel needs the weights [`PackedI8::into_narrow`] accepts.
     fn wants_narrow(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -891,20 +903,26 @@ mod x86 {
             let mut sums = [[0i32; 256]; 4];
             for p in c0 / LANES..c1.div_ceil(LANES) {
                 let (panel, j0, j1, zsum) = lanes_panel(w, xzp, p, c0..c1);
+                // the column blocks of sixteen the part has in this panel: only their weights are read
+                let blocks_of_part = j0 / 16..j1.div_ceil(16);
                 for rb in 0..blocks {
                     let r = part.rows.start + rb * 16;
                     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                    // each 64 k: the rows' tile, then the panel's four column blocks in turn, 4 KiB
-                    // of weights read in order
+                    // each 64 k: the rows' tile, then the part's column blocks of the panel in
+                    // turn (all four: 4 KiB of weights read in order)
                     for kc in 0..kp / 64 {
                         let b = panel.add(kc * 16 * LANES * 4);
-                        asm!("tileloadd tmm4, [{a} + {sa}*1]",
-                             "tileloadd tmm5, [{b} + {sb}*1]", "tileloadd tmm6, [{b} + {sb}*1 + 64]",
-                             "tileloadd tmm7, [{b} + {sb}*1 + 128]",
-                             "tdpbusd tmm0, tmm4, tmm5", "tdpbusd tmm1, tmm4, tmm6", "tdpbusd tmm2, tmm4, tmm7",
-                             "tileloadd tmm5, [{b} + {sb}*1 + 192]", "tdpbusd tmm3, tmm4, tmm5",
-                             a = in(reg) xq.as_ptr().add(r * kp + kc * 64), b = in(reg) b, sa = in(reg) kp, sb = in(reg) LANES * 4,
+                        asm!("tileloadd tmm4, [{a} + {sa}*1]", a = in(reg) xq.as_ptr().add(r * kp + kc * 64), sa = in(reg) kp,
                              options(nostack, readonly));
+                        for cb in blocks_of_part.clone() {
+                            let (b, sb) = (b.add(cb * 64), LANES * 4);
+                            match cb {
+                                0 => asm!("tileloadd tmm5, [{b} + {sb}*1]", "tdpbusd tmm0, tmm4, tmm5", b = in(reg) b, sb = in(reg) sb, options(nostack, readonly)),
+                                1 => asm!("tileloadd tmm6, [{b} + {sb}*1]", "tdpbusd tmm1, tmm4, tmm6", b = in(reg) b, sb = in(reg) sb, options(nostack, readonly)),
+                                2 => asm!("tileloadd tmm7, [{b} + {sb}*1]", "tdpbusd tmm2, tmm4, tmm7", b = in(reg) b, sb = in(reg) sb, options(nostack, readonly)),
+                                _ => asm!("tileloadd tmm5, [{b} + {sb}*1]", "tdpbusd tmm3, tmm4, tmm5", b = in(reg) b, sb = in(reg) sb, options(nostack, readonly)),
+                            }
+                        }
                     }
                     asm!("tilestored [{s0} + {st}*1], tmm0", "tilestored [{s1} + {st}*1], tmm1",
                          "tilestored [{s2} + {st}*1], tmm2", "tilestored [{s3} + {st}*1], tmm3",

@@ -223,7 +223,7 @@ impl EvalOp for DynQMatMul {
             let ys = view.as_slice_mut::<f32>()?;
             let (w, kernel) = (&*self.w, self.kernel);
             // each part's sums, then its outputs, on the thread that computed them
-            split::split_columns(rows, n, w.w.len(), w.panel_columns(), ys, |part, ys| {
+            split::split_columns(rows, n, w.w.len(), kernel.column_unit(w, rows), ys, |part, ys| {
                 let width = part.width(n);
                 let mut acc = vec![0i32; part.rows.len() * width];
                 kernel.run_part(&xq, zp, w, part.clone(), &mut acc);
