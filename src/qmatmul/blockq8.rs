@@ -21,6 +21,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::kernel::{PackedI8, Part, K_ALIGN, PANEL};
 use super::packs::BlockWeights;
+use super::split::Rows;
 use super::{product_facts, product_output};
 
 /// Rows per call of the AVX2 block kernel in a prefill. x86_64 has 16 vector registers: each row
@@ -140,15 +141,16 @@ impl EvalOp for BlockQ8MatMul {
             let mut view = y.try_as_plain_ram_mut()?;
             let ys = view.as_slice_mut::<f32>()?;
             let (w, scales, kernel) = (&*self.w, &self.scales[..], self.kernel);
-            super::split::split_columns(rows, n, w.w.len(), PANEL, ys, |part, ys| {
-                if let [y] = ys {
-                    return kernel.run_part(&xi, &sx, w, scales, part, y); // one row, or all the columns
-                }
-                let width = part.width(n);
-                let mut y = vec![0f32; part.rows.len() * width];
-                kernel.run_part(&xi, &sx, w, scales, part, &mut y);
-                for (dst, src) in ys.iter_mut().zip(y.chunks_exact(width)) {
-                    dst.copy_from_slice(src);
+            super::split::split_columns(rows, n, w.w.len(), PANEL, ys, |part, ys| match ys {
+                Rows::Together(y) => kernel.run_part(&xi, &sx, w, scales, part, y),
+                Rows::Apart(rows) => {
+                    // the part's columns of each row, through a buffer of its own
+                    let width = part.width(n);
+                    let mut y = vec![0f32; rows.len() * width];
+                    kernel.run_part(&xi, &sx, w, scales, part, &mut y);
+                    for (dst, src) in rows.iter_mut().zip(y.chunks_exact(width)) {
+                        dst.copy_from_slice(src);
+                    }
                 }
             });
         }

@@ -223,13 +223,15 @@ impl EvalOp for DynQMatMul {
             let ys = view.as_slice_mut::<f32>()?;
             let (w, kernel) = (&*self.w, self.kernel);
             // each part's sums, then its outputs, on the thread that computed them
+            let has_wzp = self.w_zp.iter().any(|&z| z != 0);
             split::split_columns(rows, n, w.w.len(), kernel.column_unit(w, rows), ys, |part, ys| {
                 let width = part.width(n);
                 let mut acc = vec![0i32; part.rows.len() * width];
                 kernel.run_part(&xq, zp, w, part.clone(), &mut acc);
                 let c0 = part.panels.start * PANEL;
-                for ((r, y), acc) in part.rows.clone().zip(ys.iter_mut()).zip(acc.chunks_exact(width)) {
-                    self.dequantize_row(&xq[r * kp..r * kp + k], zp, c0, acc, scale, y);
+                for (i, acc) in acc.chunks_exact(width).enumerate() {
+                    let r = part.rows.start + i;
+                    self.dequantize_row(&xq[r * kp..r * kp + k], zp, has_wzp, c0, acc, scale, ys.row(i, width));
                 }
             });
         }
@@ -240,9 +242,10 @@ impl EvalOp for DynQMatMul {
 impl DynQMatMul {
     /// One row's outputs from its sums over columns `c0..c0 + acc.len()`: the graph's
     /// `Mul(x_scale, W_scale)`, then `Mul(Cast(acc), that)`, less the weights' zero points'
-    /// share. `xq`: the row's quantized activations (`zp` their zero point).
-    fn dequantize_row(&self, xq: &[u8], zp: u8, c0: usize, acc: &[i32], scale: f32, y: &mut [f32]) {
-        let has_wzp = self.w_zp.iter().any(|&z| z != 0);
+    /// share. `xq`: the row's quantized activations (`zp` their zero point); `has_wzp`: whether
+    /// any weight zero point is not 0.
+    #[allow(clippy::too_many_arguments)] // one row's inputs; a struct would only rename them
+    fn dequantize_row(&self, xq: &[u8], zp: u8, has_wzp: bool, c0: usize, acc: &[i32], scale: f32, y: &mut [f32]) {
         if !has_wzp && self.w_scale.len() == 1 {
             return dequantize(acc, scale * self.w_scale[0], y);
         }

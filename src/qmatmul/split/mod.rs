@@ -61,18 +61,15 @@ const COLUMN_ROWS: usize = 64;
 
 /// [`split`] for a short prefill, where the weights are the larger read: its rows stay together and
 /// its columns are cut at multiples of `unit` (as a single row's are), so each thread streams its
-/// own share of the weights instead of all of them. `f(part, rows)`: `rows[i]` is row
-/// `part.rows.start + i`'s slice of `out` over the part's columns. A product of fewer `unit`s
-/// than threads is cut as [`split`] cuts it.
-pub fn split_columns<T: Send>(rows: usize, n: usize, weight_bytes: usize, unit: usize, out: &mut [T], f: impl Fn(Part, &mut [&mut [T]]) + Sync) {
+/// own share of the weights instead of all of them. `f(part, rows)`: the part's slices of `out`
+/// ([`Rows`]). A product of fewer `unit`s than threads, or of more than [`COLUMN_ROWS`] rows, is
+/// cut as [`split`] cuts it.
+pub fn split_columns<T: Send>(rows: usize, n: usize, weight_bytes: usize, unit: usize, out: &mut [T], f: impl Fn(Part, &mut Rows<T>) + Sync) {
     let threads = if weight_bytes.saturating_mul(rows) >= MIN_WORK.load(Relaxed) { threads() } else { 1 };
     let unit_panels = (unit / PANEL).max(1);
     let units = n.div_ceil(PANEL).div_ceil(unit_panels);
     if threads <= 1 || rows <= 1 || rows > COLUMN_ROWS || units < threads {
-        return split(rows, n, weight_bytes, unit, out, |part, o| {
-            let width = part.width(n);
-            f(part, &mut o.chunks_mut(width).collect::<Vec<_>>())
-        });
+        return split(rows, n, weight_bytes, unit, out, |part, o| f(part, &mut Rows::Together(o)));
     }
     let (panels, per) = (n.div_ceil(PANEL), units.div_ceil(threads) * unit_panels);
     let mut parts: Vec<(Part, Vec<&mut [T]>)> = (0..panels.div_ceil(per))
@@ -87,7 +84,24 @@ pub fn split_columns<T: Send>(rows: usize, n: usize, weight_bytes: usize, unit: 
         }
     }
     SPLITS.fetch_add(1, Relaxed);
-    run_all(threads, parts, &|(part, mut slices): (Part, Vec<&mut [T]>)| f(part, &mut slices))
+    run_all(threads, parts, &|(part, slices): (Part, Vec<&mut [T]>)| f(part, &mut Rows::Apart(slices)))
+}
+
+/// A part's outputs in [`split_columns`]: its rows one after another (a cut by rows, or a single
+/// row), or one slice per row (a cut by columns).
+pub enum Rows<'a, T> {
+    Together(&'a mut [T]),
+    Apart(Vec<&'a mut [T]>),
+}
+
+impl<T> Rows<'_, T> {
+    /// Row `i` of the part: its `width` columns of it.
+    pub fn row(&mut self, i: usize, width: usize) -> &mut [T] {
+        match self {
+            Rows::Together(all) => &mut all[i * width..(i + 1) * width],
+            Rows::Apart(rows) => rows[i],
+        }
+    }
 }
 
 /// Calls `f` once on each thread of the running session (the caller's among them) when `bytes`
@@ -199,10 +213,13 @@ mod tests {
             let parts = std::sync::Mutex::new(vec![]);
             with_threads(2, || {
                 split_columns(rows, n, 1, unit, &mut out, |part, ys| {
-                    assert_eq!(ys.len(), part.rows.len());
-                    let c0 = part.panels.start * PANEL;
-                    for (r, y) in part.rows.clone().zip(ys.iter_mut()) {
-                        assert_eq!(y.len(), part.width(n));
+                    let (c0, width) = (part.panels.start * PANEL, part.width(n));
+                    if let Rows::Apart(apart) = ys {
+                        assert_eq!(apart.len(), part.rows.len());
+                    }
+                    for (i, r) in part.rows.clone().enumerate() {
+                        let y = ys.row(i, width);
+                        assert_eq!(y.len(), width);
                         for (j, v) in y.iter_mut().enumerate() {
                             assert_eq!(*v, FREE, "({r}, {}) written twice", c0 + j);
                             *v = (r, c0 + j);
