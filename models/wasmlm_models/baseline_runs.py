@@ -151,10 +151,27 @@ def llama_row(spec: dict) -> dict:
     a time, each the argmax of the last logits (llama.cpp's own sampler is not used, so the
     tokens are chosen as in every other row). The KV cache is cleared between runs."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low
+    # A build for a CPU with AMX-INT8 puts the weights in llama.cpp's AMX buffer, whose product
+    # crashes at the first token here (SIGSEGV in ggml_backend_amx_mul_mat: ggml-org/llama.cpp
+    # issue 20824, open, on other Sapphire Rapids machines too). There the model is loaded
+    # without extra buffer types (AMX's, and the repacked layouts), on llama.cpp's plain CPU
+    # kernels (AVX-512 VNNI), and the version says so.
+    amx = b"AMX_INT8 = 1" in low.llama_print_system_info()
+    defaults = low.llama_model_default_params
+    if amx:
+        def plain_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        low.llama_model_default_params = plain_buffers
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec["file"], n_ctx=256, n_batch=64, n_ubatch=64,
-                          n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                          logits_all=False, verbose=False)
+    try:
+        llm = llama_cpp.Llama(model_path=spec["file"], n_ctx=256, n_batch=64, n_ubatch=64,
+                              n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                              logits_all=False, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
     load_ms = (time.perf_counter() - t0) * 1e3
     prompt = list(spec["prompt_ids"])
     vocab = llm.n_vocab()
@@ -176,7 +193,8 @@ def llama_row(spec: dict) -> dict:
             steps.append((time.perf_counter() - t) * 1e3)
         return prefill, steps
     return {"load_ms": round(load_ms, 1), **decode_stats(time_runs(one_run)),
-            "prompt_tokens": len(prompt), "llama_cpp": llama_cpp.__version__}
+            "prompt_tokens": len(prompt),
+            "llama_cpp": llama_cpp.__version__ + (" (AMX buffers off: llama.cpp issue 20824)" if amx else "")}
 
 
 def run(spec: dict) -> dict:
