@@ -153,10 +153,11 @@ def llama_row(spec: dict) -> dict:
     import llama_cpp
     import llama_cpp.llama_cpp as low
     # A build for a CPU with AMX-INT8 puts the weights in llama.cpp's AMX buffer, whose product
-    # crashes at the first token here (SIGSEGV in ggml_backend_amx_mul_mat: ggml-org/llama.cpp
-    # issue 20824, open, on other Sapphire Rapids machines too). There the model is loaded
-    # without extra buffer types (AMX's, and the repacked layouts), on llama.cpp's plain CPU
-    # kernels (AVX-512 VNNI), and the version says so.
+    # crashed at the first token on an Intel Xeon VM with AMX (SIGSEGV in
+    # ggml_backend_amx_mul_mat; ggml-org/llama.cpp issue 20824, open, reports it on other
+    # Sapphire Rapids machines). Such a build loads the model without extra buffer types (AMX's,
+    # and the repacked layouts), on llama.cpp's plain CPU kernels, and the version says so
+    # (docs/decisions.md, "llama.cpp in the table").
     amx = b"AMX_INT8 = 1" in low.llama_print_system_info()
     defaults = low.llama_model_default_params
     if amx:
